@@ -1,1 +1,14 @@
+"""qhfast: quasi-hyperbolic optimizers (QHM, QHAdam, QHAdamW) for modern PyTorch.
 
+A drop-in replacement for ``qhoptim.pyt`` (same constructors, classmethods and trajectories)
+with foreach and per-tensor paths, fp32 master weights for bf16/fp16 parameters, and torch.optim's
+flags and state_dict conventions. ``qhfast.functional`` holds the update rules as functions and
+``qhfast.convert`` the hyperparameter recoveries.
+"""
+
+from . import convert, functional
+from .qhadam import QHAdam, QHAdamW
+from .qhm import QHM
+
+__all__ = ["QHM", "QHAdam", "QHAdamW", "convert", "functional"]
+__version__ = "0.1.0"

@@ -1,0 +1,345 @@
+"""Machinery shared by every qhfast optimizer.
+
+An optimizer subclass supplies three things: its hyperparameter checks (``_validate_group``),
+the state a parameter starts with (``_init_param_state``) and its update rule on lists of
+tensors (``_update``). Everything else lives here once:
+
+* flags in the torch.optim style (``foreach``, ``maximize``, ``capturable``, ``differentiable``)
+  and the precision option ``master_weights``;
+* validation, done before anything is mutated, so a step that raises changes nothing;
+* grouping of parameters by (device, dtype) for the foreach path, and the per-tensor loop;
+* low-precision parameters: fp32 master copies and fp32 state, written back once per step;
+* ``state_dict`` loading that keeps fp32 state fp32 (torch's base class would cast it to the
+  parameter's dtype) and never aliases the caller's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
+
+__all__ = ["QHOptimizer", "prepare_grads", "LOW_PRECISION_DTYPES"]
+
+#: Parameter dtypes whose update runs in fp32 (on a master copy, or on a temporary upcast).
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+
+Hyper = float | Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers: every message names the argument and its valid range
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and (value.is_floating_point() or not value.is_complex())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value: Hyper) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def check_number(value: Any, label: str, name: str, valid: str, ok: Callable[[float], bool]):
+    """Raise unless ``value`` is a real number (or 1-element tensor) with ``ok(value)``.
+
+    ``label`` is torch's wording ("learning rate"), ``name`` the argument, ``valid`` its range.
+    """
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(
+            f"Invalid {label}: a tensor {name} must have exactly one element, "
+            f"got shape {tuple(value.shape)}"
+        )
+    if not _is_number(value):
+        raise TypeError(
+            f"Invalid {label}: {name} must be a float or a 1-element tensor, "
+            f"got {type(value).__name__}"
+        )
+    number = _as_float(value)
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"Invalid {label}: {number} ({name} must be {valid})")
+
+
+def check_nonnegative(value: Any, label: str, name: str) -> None:
+    check_number(value, label, name, "a finite number >= 0", lambda x: x >= 0.0)
+
+
+def check_finite(value: Any, label: str, name: str) -> None:
+    check_number(value, label, name, "a finite number", lambda x: True)
+
+
+def check_pair(value: Any, name: str) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a pair of finite numbers)")
+
+
+def check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} value: {value!r} ({name} must be True or False)")
+
+
+# --------------------------------------------------------------------------------------------
+# the working gradient
+
+
+def prepare_grads(
+    grads: list[Tensor], params: list[Tensor], *, maximize: bool, weight_decay: float
+) -> list[Tensor]:
+    """Return the gradients the update uses: ``d = ±g + weight_decay·θ`` in ``params``' dtype.
+
+    The caller's gradients are never modified: a new list is made whenever something changes
+    (a negation, coupled decay, or an upcast of bf16/fp16 gradients to the fp32 compute dtype).
+    """
+    owned = False
+    if grads[0].dtype != params[0].dtype:
+        grads = [g.to(params[0].dtype) for g in grads]
+        owned = True
+    if maximize:
+        if owned:
+            torch._foreach_neg_(grads)
+        else:
+            grads = torch._foreach_neg(grads)
+            owned = True
+    if weight_decay != 0.0:
+        if owned:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return grads
+
+
+# --------------------------------------------------------------------------------------------
+# the base class
+
+
+class QHOptimizer(Optimizer):
+    """Base of QHM and QHAdam: flags, validation, grouping, fp32 masters, state_dict handling.
+
+    Keyword-only options shared by every qhfast optimizer:
+
+    * ``foreach`` (bool or None): run the update with ``torch._foreach_*`` ops over all
+      tensors of a (device, dtype) bucket at once. ``None`` picks torch's default: foreach when
+      every parameter is on an accelerator, else a per-tensor loop (on the CPU torch's foreach
+      kernels are a loop anyway, and one tensor at a time stays in cache). Both paths compute
+      the same function.
+    * ``maximize`` (bool): ascend instead of descend.
+    * ``capturable`` (bool): keep step counters on the parameter's device and compute the
+      step-dependent factors there, so the step makes no host-device sync and can be captured
+      in a CUDA graph.
+    * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
+    * ``master_weights`` (bool, default True): for bf16/fp16 parameters, keep an fp32 master
+      copy of each parameter (4 extra bytes per element); the update runs on the master and the
+      rounded result is written to the parameter once per step, so updates smaller than the
+      parameter's rounding step still accumulate. With ``False`` the update runs on an fp32
+      temporary made from the low-precision parameter each step and is rounded back: state
+      stays fp32 and no extra memory is kept, but an update below half a bf16 ulp is lost
+      (a bf16 weight at 1.0 stops moving once ``lr`` is below about 4e-3). fp32 and fp64
+      parameters never have a master.
+    """
+
+    #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
+    #: or 0-d tensors in the compute dtype on the parameter's device when capturable
+    _counter_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        *,
+        foreach: bool | None,
+        maximize: bool,
+        capturable: bool,
+        differentiable: bool,
+        master_weights: bool,
+    ) -> None:
+        if foreach is not None:
+            check_flag(foreach, "foreach")
+        for name, flag in (
+            ("maximize", maximize),
+            ("capturable", capturable),
+            ("differentiable", differentiable),
+            ("master_weights", master_weights),
+        ):
+            check_flag(flag, name)
+        if differentiable:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support differentiable=True yet"
+            )
+        defaults = dict(
+            defaults,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=False,
+            master_weights=master_weights,
+        )
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    # ---- what a subclass provides ------------------------------------------------------------
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError if a hyperparameter of ``group`` is out of range."""
+        raise NotImplementedError
+
+    def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
+        """Create the per-parameter state; ``like`` is a zero tensor in the compute dtype."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        """Apply the update rule to ``params`` (compute dtype) given the raw ``grads``."""
+        raise NotImplementedError
+
+    # ---- param groups ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {k: v for k, v in param_group.items() if k != "params"}
+        for key, value in self.defaults.items():
+            merged.setdefault(key, value)
+        self._validate_group(merged)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not (p.is_floating_point() and not p.is_complex()):
+                self.param_groups.pop()
+                raise TypeError(
+                    f"{type(self).__name__} only optimizes real floating-point tensors, "
+                    f"got a parameter of dtype {p.dtype}"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("master_weights", True)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every group before touching any tensor: a step that raises changes nothing.
+        with_grads = [self._params_with_grads(group) for group in self.param_groups]
+        for group, params in zip(self.param_groups, with_grads):
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            params.append(p)
+        return params
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_state(p, group)
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
+        if foreach:
+            chunks: Iterable[list[Tensor]] = _buckets(params).values()
+        else:
+            chunks = ([p] for p in params)
+        for chunk in chunks:
+            self._step_chunk(group, chunk)
+
+    def _step_chunk(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision."""
+        states = [self.state[p] for p in params]
+        low_precision = params[0].dtype in LOW_PRECISION_DTYPES
+        if not low_precision:
+            compute = params
+        elif group["master_weights"]:
+            compute = [s["master_param"] for s in states]
+        else:
+            compute = [p.to(torch.float32) for p in params]
+        self._update(group, compute, [p.grad for p in params], states)
+        if low_precision:
+            torch._foreach_copy_(params, compute)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if p.dtype in LOW_PRECISION_DTYPES and group["master_weights"]:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        for key in self._counter_keys:
+            state[key] = self._new_counter(p, group)
+        like = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
+        self._init_param_state(state, like, group)
+
+    def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
+        """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
+        device sync), or in the compute dtype on ``p``'s device when capturable."""
+        if group["capturable"]:
+            return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
+        return torch.tensor(value, dtype=torch.float64)
+
+    # ---- state_dict --------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this optimizer, by torch.optim's conventions, or by qhoptim.
+
+        Unlike torch's base class, fp32 state of bf16/fp16 parameters (masters, moments) stays
+        fp32, and the loaded state never shares storage with ``state_dict``'s tensors. The dict
+        passed in is not modified.
+        """
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            group = group_of[id(p)]
+            self.state[p] = {k: self._restore_value(p, k, v, group) for k, v in saved.items()}
+
+    def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
+        if key in self._counter_keys:
+            return self._new_counter(p, group, _as_float(value))
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_floating_point():
+            return value.to(device=p.device, dtype=compute_dtype(p), copy=True)
+        return value.to(device=p.device, copy=True)
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a parameter's update and state use: fp32 for bf16/fp16, else its own."""
+    return torch.float32 if p.dtype in LOW_PRECISION_DTYPES else p.dtype
+
+
+def _buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    return buckets

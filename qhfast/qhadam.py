@@ -1,0 +1,243 @@
+"""QHAdam and QHAdamW (Ma & Yarats, ICLR 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from . import convert
+from ._base import (
+    QHOptimizer,
+    check_finite,
+    check_flag,
+    check_nonnegative,
+    check_number,
+    check_pair,
+    prepare_grads,
+)
+
+__all__ = ["QHAdam", "QHAdamW", "qhadam"]
+
+
+def advance_debias_weights(weights: list[Tensor], beta: float) -> list[float] | list[Tensor]:
+    r"""Advance the bias-correction normalizers :math:`w \leftarrow 1 + \beta w` and return the
+    lerp fractions :math:`1/w`.
+
+    :math:`w_t = \sum_{i \le t} \prod_{i < j \le t} \beta_j` is the total weight of the
+    t gradients in the moving average (:math:`(1 - \beta^t)/(1 - \beta)` for a constant
+    :math:`\beta`), so ``x̂ ← x̂ + (y - x̂)/w`` keeps ``x̂`` the bias-corrected average even when
+    a scheduler changes :math:`\beta` (qhoptim's recursion, exactly). Floats when the
+    normalizers live on the CPU; 0-d tensors on their device (no host sync) otherwise.
+    """
+    torch._foreach_mul_(weights, beta)
+    torch._foreach_add_(weights, 1.0)
+    if weights[0].device.type == "cpu" and not torch.compiler.is_compiling():
+        return [1.0 / float(w) for w in weights]
+    return torch._foreach_reciprocal(weights)
+
+
+def qhadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    beta1_weights: list[Tensor],
+    beta2_weights: list[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    nus: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+    decouple_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    r"""Functional QHAdam: update ``params``, the moments and their normalizers in place.
+
+    .. math::
+        d &\leftarrow \pm\nabla + \lambda\theta \quad (\text{coupled}) \qquad
+        \theta \leftarrow (1 - \alpha\lambda)\,\theta \quad (\text{decoupled}) \\
+        \hat m &\leftarrow \text{bias-corrected EMA}_{\beta_1}(d) \qquad
+        \hat v \leftarrow \text{bias-corrected EMA}_{\beta_2}(d^2) \\
+        \theta &\leftarrow \theta - \alpha\,
+            \frac{(1 - \nu_1)\, d + \nu_1 \hat m}{\sqrt{(1 - \nu_2)\, d^2 + \nu_2 \hat v} + \epsilon}
+
+    ``exp_avgs``/``exp_avg_sqs`` hold the bias-corrected :math:`\hat m, \hat v` and
+    ``beta1_weights``/``beta2_weights`` their normalizers (see :func:`advance_debias_weights`), as
+    qhoptim stores them, per parameter: a parameter that first gets a gradient late starts its
+    own bias correction. ``grads`` are never modified.
+    """
+    beta1, beta2 = betas
+    nu1, nu2 = nus
+    if weight_decay != 0.0 and decouple_weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    coupled_decay = 0.0 if decouple_weight_decay else weight_decay
+    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
+
+    torch._foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1))
+    denom = torch._foreach_mul(d, d)
+    torch._foreach_lerp_(exp_avg_sqs, denom, advance_debias_weights(beta2_weights, beta2))
+    if nu2 == 1.0:
+        del denom
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        torch._foreach_mul_(denom, 1.0 - nu2)
+        torch._foreach_add_(denom, exp_avg_sqs, alpha=nu2)
+        torch._foreach_sqrt_(denom)
+    if eps != 0.0:
+        torch._foreach_add_(denom, eps)
+
+    if nu1 != 0.0:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * nu1)
+    if nu1 != 1.0:
+        torch._foreach_addcdiv_(params, d, denom, value=-lr * (1.0 - nu1))
+
+
+class QHAdam(QHOptimizer):
+    r"""QHAdam, Ma & Yarats (ICLR 2019).
+
+    With learning rate :math:`\alpha`, betas :math:`(\beta_1, \beta_2)`, immediate discounts
+    :math:`(\nu_1, \nu_2)`, and bias-corrected moving averages :math:`\hat m` of the gradient
+    :math:`d` (with :math:`\beta_1`) and :math:`\hat v` of :math:`d^2` (with :math:`\beta_2`):
+
+    .. math::
+        \theta_{t+1} \leftarrow \theta_t - \alpha\,
+            \frac{(1 - \nu_1)\, d_t + \nu_1 \hat m_{t+1}}
+                 {\sqrt{(1 - \nu_2)\, d_t^2 + \nu_2 \hat v_{t+1}} + \epsilon}
+
+    ``nus=(1, 1)`` is Adam exactly (AdamW with decoupled decay); ``QHAdam.from_nadam`` gives
+    NAdam approximately. Coupled weight decay adds :math:`\lambda\theta` to :math:`d`;
+    decoupled decay (``decouple_weight_decay=True``, or :class:`QHAdamW`) first multiplies
+    :math:`\theta` by :math:`1 - \alpha\lambda`, as :class:`torch.optim.AdamW` does.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\alpha`, a finite number >= 0 (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default (0.9, 0.999)).
+        nus: :math:`(\nu_1, \nu_2)`, two finite numbers (default (1.0, 1.0)); values outside
+            [0, 1] are accepted, as conversions produce them.
+        weight_decay: :math:`\lambda` >= 0 (default 0).
+        decouple_weight_decay: decoupled (AdamW-style) decay if True (default False).
+        eps: added to the denominator, outside the square root, >= 0 (default 1e-8).
+        foreach, maximize, capturable, differentiable, master_weights: see
+            :class:`qhfast._base.QHOptimizer`.
+
+    Same constructor and classmethod as ``qhoptim.pyt.QHAdam``; unlike it, ``p.grad`` is never
+    modified. State per parameter, named as qhoptim names it so its checkpoints load unchanged:
+    ``exp_avg`` and ``exp_avg_sq`` (the bias-corrected moments), ``beta1_weight`` and
+    ``beta2_weight`` (their normalizers, 0-d tensors that count the steps: with constant betas
+    :math:`w = (1 - \beta^t)/(1 - \beta)`), and ``master_param`` for bf16/fp16 parameters.
+
+    Example:
+        >>> optimizer = QHAdam(model.parameters(), lr=3e-4, nus=(0.8, 1.0), betas=(0.99, 0.999))
+        >>> optimizer.zero_grad()
+        >>> loss_fn(model(input), target).backward()
+        >>> optimizer.step()
+    """
+
+    _counter_keys = ("beta1_weight", "beta2_weight")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        nus: tuple[float, float] = (1.0, 1.0),
+        weight_decay: float = 0.0,
+        decouple_weight_decay: bool = False,
+        eps: float = 1e-8,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        master_weights: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            nus=nus,
+            weight_decay=weight_decay,
+            decouple_weight_decay=decouple_weight_decay,
+            eps=eps,
+        )
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            master_weights=master_weights,
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate", "lr")
+        check_nonnegative(group["eps"], "epsilon value", "eps")
+        check_pair(group["betas"], "betas")
+        for i, beta in enumerate(group["betas"]):
+            check_number(beta, f"beta parameter at index {i}", f"betas[{i}]", "in [0, 1)",
+                         lambda x: 0.0 <= x < 1.0)
+        check_pair(group["nus"], "nus")
+        for i, nu in enumerate(group["nus"]):
+            check_finite(nu, f"nu parameter at index {i}", f"nus[{i}]")
+        check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
+        check_flag(group["decouple_weight_decay"], "decouple_weight_decay")
+
+    def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
+        state["exp_avg"] = like
+        state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+
+    def _update(self, group, params, grads, states) -> None:
+        qhadam(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["beta1_weight"] for s in states],
+            [s["beta2_weight"] for s in states],
+            lr=float(group["lr"]),
+            betas=(float(group["betas"][0]), float(group["betas"][1])),
+            nus=(float(group["nus"][0]), float(group["nus"][1])),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decouple_weight_decay=group["decouple_weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    @classmethod
+    def from_nadam(cls, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999)) -> dict[str, Any]:
+        """QHAdam hyperparameters approximating NAdam; see :func:`qhfast.convert.from_nadam`."""
+        return convert.from_nadam(lr, betas)
+
+
+class QHAdamW(QHAdam):
+    r"""QHAdam with decoupled weight decay (Loshchilov & Hutter, 2019), as
+    ``qhoptim.pyt.QHAdamW`` constructs it: :math:`\theta \leftarrow (1 - \alpha\lambda)\theta`
+    before the QHAdam update, the decay multiplied by the learning rate as in
+    :class:`torch.optim.AdamW`.
+
+    Takes the arguments of :class:`QHAdam`, in the same order; ``decouple_weight_decay`` must
+    stay True (use :class:`QHAdam` for coupled decay).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        nus: tuple[float, float] = (1.0, 1.0),
+        weight_decay: float = 0.0,
+        decouple_weight_decay: bool = True,
+        eps: float = 1e-8,
+        **kwargs: Any,
+    ) -> None:
+        if decouple_weight_decay is not True:
+            raise ValueError(
+                f"Invalid decouple_weight_decay value: {decouple_weight_decay!r} "
+                "(QHAdamW always decouples weight decay; use QHAdam for coupled decay)"
+            )
+        super().__init__(params, lr, betas, nus, weight_decay, True, eps, **kwargs)

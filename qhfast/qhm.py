@@ -1,0 +1,180 @@
+"""QHM: quasi-hyperbolic momentum (Ma & Yarats, ICLR 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, required
+
+from . import convert
+from ._base import QHOptimizer, check_finite, check_nonnegative, check_number, prepare_grads
+
+__all__ = ["QHM", "qhm"]
+
+WEIGHT_DECAY_TYPES = ("grad", "direct")
+
+
+def qhm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nu: float,
+    weight_decay: float = 0.0,
+    weight_decay_type: str = "grad",
+    maximize: bool = False,
+) -> None:
+    r"""Functional QHM: update ``params`` and ``momentum_buffers`` in place.
+
+    .. math::
+        d &\leftarrow \pm\nabla + \lambda\theta \quad (\text{``grad'' decay}) \qquad
+        \theta \leftarrow (1 - \alpha\lambda)\,\theta \quad (\text{``direct'' decay}) \\
+        g &\leftarrow \beta g + (1 - \beta)\, d \\
+        \theta &\leftarrow \theta - \alpha \left[(1 - \nu)\, d + \nu g\right]
+
+    All lists hold tensors of one device; ``params`` and ``momentum_buffers`` share a dtype,
+    ``grads`` may be of lower precision (they are upcast). ``grads`` are never modified.
+    """
+    if weight_decay != 0.0 and weight_decay_type == "direct":
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    coupled_decay = weight_decay if weight_decay_type == "grad" else 0.0
+    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
+    torch._foreach_lerp_(momentum_buffers, d, 1.0 - momentum)
+    if nu != 0.0:
+        torch._foreach_add_(params, momentum_buffers, alpha=-lr * nu)
+    if nu != 1.0:
+        torch._foreach_add_(params, d, alpha=-lr * (1.0 - nu))
+
+
+class QHM(QHOptimizer):
+    r"""Quasi-hyperbolic momentum (QHM), Ma & Yarats (ICLR 2019).
+
+    With learning rate :math:`\alpha`, momentum :math:`\beta`, immediate discount :math:`\nu` and
+    a dampened momentum buffer :math:`g` that starts at zero:
+
+    .. math::
+        g_{t+1} &\leftarrow \beta\, g_t + (1 - \beta)\, d_t \\
+        \theta_{t+1} &\leftarrow \theta_t - \alpha \left[(1 - \nu)\, d_t + \nu\, g_{t+1}\right]
+
+    where :math:`d_t` is the gradient (negated with ``maximize``). :math:`\nu = 0` is plain SGD,
+    :math:`\nu = 1` is (dampened) momentum, :math:`\nu = \beta` is Nesterov momentum. Because the
+    buffer is dampened, plain momentum with learning rate :math:`\eta` corresponds to
+    :math:`\alpha = \eta / (1 - \beta)`.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\alpha`, a finite number >= 0 (float or 1-element tensor).
+        momentum: :math:`\beta`, in [0, 1] (1 is allowed: some conversions produce it).
+        nu: :math:`\nu`, any finite number (conversions produce values outside [0, 1]).
+        weight_decay: :math:`\lambda` >= 0 (default 0).
+        weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient, as
+            :class:`torch.optim.SGD` does; ``"direct"`` multiplies :math:`\theta` by
+            :math:`1 - \alpha\lambda` before the update (default ``"grad"``).
+        foreach, maximize, capturable, differentiable, master_weights: see
+            :class:`qhfast._base.QHOptimizer`.
+
+    Same constructor and classmethods as ``qhoptim.pyt.QHM``; unlike it, ``p.grad`` is never
+    modified. State per parameter: ``momentum_buffer`` (and ``master_param`` for bf16/fp16).
+
+    Example:
+        >>> optimizer = QHM(model.parameters(), lr=1.0, nu=0.7, momentum=0.999)
+        >>> optimizer.zero_grad()
+        >>> loss_fn(model(input), target).backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = required,
+        momentum: float | Tensor = required,
+        nu: float | Tensor = required,
+        weight_decay: float = 0.0,
+        weight_decay_type: str = "grad",
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        master_weights: bool = True,
+    ) -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("nu", nu)):
+            if value is required:
+                raise TypeError(f"QHM() missing required argument: '{name}'")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nu=nu,
+            weight_decay=weight_decay,
+            weight_decay_type=weight_decay_type,
+        )
+        super().__init__(
+            params,
+            defaults,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            master_weights=master_weights,
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group["lr"], "learning rate", "lr")
+        check_number(group["momentum"], "momentum value", "momentum", "in [0, 1]",
+                     lambda x: 0.0 <= x <= 1.0)
+        check_finite(group["nu"], "nu value", "nu")
+        check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
+        if group["weight_decay_type"] not in WEIGHT_DECAY_TYPES:
+            raise ValueError(
+                f"Invalid weight_decay_type value: {group['weight_decay_type']!r} "
+                f"(weight_decay_type must be 'grad' or 'direct')"
+            )
+
+    def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
+        state["momentum_buffer"] = like
+
+    def _update(self, group, params, grads, states) -> None:
+        qhm(
+            params,
+            grads,
+            [s["momentum_buffer"] for s in states],
+            lr=float(group["lr"]),
+            momentum=float(group["momentum"]),
+            nu=float(group["nu"]),
+            weight_decay=group["weight_decay"],
+            weight_decay_type=group["weight_decay_type"],
+            maximize=group["maximize"],
+        )
+
+    # ---- hyperparameter recoveries (qhoptim's classmethods), see qhfast.convert -------------
+
+    @classmethod
+    def from_pid(cls, k_p: float, k_i: float, k_d: float) -> dict[str, float]:
+        """QHM hyperparameters of a PID controller optimizer; see :func:`qhfast.convert.from_pid`."""
+        return convert.from_pid(k_p, k_i, k_d)
+
+    @classmethod
+    def from_synthesized_nesterov(cls, alpha: float, beta1: float, beta2: float) -> dict[str, float]:
+        """See :func:`qhfast.convert.from_synthesized_nesterov`."""
+        return convert.from_synthesized_nesterov(alpha, beta1, beta2)
+
+    @classmethod
+    def from_robust_momentum(cls, l: float, kappa: float, rho: float | None = None) -> dict[str, float]:  # noqa: E741
+        """See :func:`qhfast.convert.from_robust_momentum`."""
+        return convert.from_robust_momentum(l, kappa, rho)
+
+    @classmethod
+    def from_accsgd(cls, delta: float, kappa: float, xi: float, eps: float = 0.7) -> dict[str, float]:
+        """See :func:`qhfast.convert.from_accsgd`."""
+        return convert.from_accsgd(delta, kappa, xi, eps)
+
+    @classmethod
+    def from_two_state_optimizer(
+        cls, h: float, k: float, l: float, m: float, q: float, z: float  # noqa: E741
+    ) -> dict[str, float]:
+        """See :func:`qhfast.convert.from_two_state_optimizer`."""
+        return convert.from_two_state_optimizer(h, k, l, m, q, z)
