@@ -73,14 +73,15 @@ def check_finite(value: Any, label: str, name: str) -> None:
     check_number(value, label, name, "a finite number", lambda x: True)
 
 
-def check_pair(value: Any, name: str) -> None:
+def check_pair(value: Any, name: str, valid: str) -> None:
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a pair of finite numbers)")
+        raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a pair of {valid})")
 
 
-def check_flag(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name} value: {value!r} ({name} must be True or False)")
+def check_flag(value: Any, name: str, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        choices = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"Invalid {name} value: {value!r} ({name} must be {choices})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +158,7 @@ class QHOptimizer(Optimizer):
         differentiable: bool,
         master_weights: bool,
     ) -> None:
-        if foreach is not None:
-            check_flag(foreach, "foreach")
+        check_flag(foreach, "foreach", allow_none=True)
         for name, flag in (
             ("maximize", maximize),
             ("capturable", capturable),

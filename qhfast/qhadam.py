@@ -177,11 +177,11 @@ class QHAdam(QHOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_nonnegative(group["lr"], "learning rate", "lr")
         check_nonnegative(group["eps"], "epsilon value", "eps")
-        check_pair(group["betas"], "betas")
+        check_pair(group["betas"], "betas", "numbers in [0, 1)")
         for i, beta in enumerate(group["betas"]):
             check_number(beta, f"beta parameter at index {i}", f"betas[{i}]", "in [0, 1)",
                          lambda x: 0.0 <= x < 1.0)
-        check_pair(group["nus"], "nus")
+        check_pair(group["nus"], "nus", "finite numbers")
         for i, nu in enumerate(group["nus"]):
             check_finite(nu, f"nu parameter at index {i}", f"nus[{i}]")
         check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")

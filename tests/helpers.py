@@ -12,7 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
+
+import qhfast
+
+#: one representative setting of each optimizer; keyword arguments override it
+OPTIMIZERS = {
+    "QHM": lambda p, **kw: qhfast.QHM(p, **{"lr": 0.5, "momentum": 0.9, "nu": 0.7, **kw}),
+    "QHAdam": lambda p, **kw: qhfast.QHAdam(p, **{"lr": 0.01, "nus": (0.7, 1.0), **kw}),
+    "QHAdamW": lambda p, **kw: qhfast.QHAdamW(
+        p, **{"lr": 0.01, "nus": (0.7, 0.9), "weight_decay": 0.1, **kw}
+    ),
+}
+#: the two update paths, as values of the ``foreach`` flag
+PATHS = [pytest.param(False, id="per_tensor"), pytest.param(True, id="foreach")]
 
 SHAPES = [(5, 3), (7,), (2, 2, 2), (4, 1)]
 #: the index of the parameter that gets its first gradient late and then misses some steps
@@ -110,6 +124,9 @@ def assert_same(a, b) -> None:
     """Bitwise equality of nested snapshots (tensors: same dtype, shape and bits)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert a.layout == b.layout
+        if a.is_sparse:
+            a, b = a.to_dense(), b.to_dense()
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
             a.nan_to_num(), b.nan_to_num()
         )

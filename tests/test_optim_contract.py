@@ -9,16 +9,8 @@ import qhoptim.pyt as oracle
 import torch
 
 import qhfast
-from helpers import Problem, assert_same, max_relative_error, snapshot
+from helpers import PATHS, OPTIMIZERS, Problem, assert_same, max_relative_error, snapshot
 
-OPTIMIZERS = {
-    "QHM": lambda p, **kw: qhfast.QHM(p, **{"lr": 0.5, "momentum": 0.9, "nu": 0.7, **kw}),
-    "QHAdam": lambda p, **kw: qhfast.QHAdam(p, **{"lr": 0.01, "nus": (0.7, 1.0), **kw}),
-    "QHAdamW": lambda p, **kw: qhfast.QHAdamW(
-        p, **{"lr": 0.01, "nus": (0.7, 1.0), "weight_decay": 0.1, **kw}
-    ),
-}
-PATHS = [pytest.param(False, id="per_tensor"), pytest.param(True, id="foreach")]
 
 
 def _steps(optimizer, params, problem, start, count):

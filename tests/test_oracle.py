@@ -10,10 +10,9 @@ import qhoptim.pyt as oracle
 import torch
 
 import qhfast
-from helpers import INTERMITTENT, Problem, max_relative_error, run, two_groups
+from helpers import PATHS, INTERMITTENT, Problem, max_relative_error, run, two_groups
 
 STEPS = 500
-PATHS = [pytest.param(False, id="per_tensor"), pytest.param(True, id="foreach")]
 
 QHM_CASES = {
     "qh": dict(lr=0.5, momentum=0.9, nu=0.7),

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import qhfast
-from helpers import Problem, max_relative_error, run
+from helpers import PATHS, Problem, max_relative_error, run
 
 STEPS = 300
-PATHS = [pytest.param(False, id="per_tensor"), pytest.param(True, id="foreach")]
 MAXIMIZE = [pytest.param(False, id="minimize"), pytest.param(True, id="maximize")]
 
 

@@ -1,0 +1,107 @@
+"""Every bad input raises a clear error naming the argument and its range, and changes nothing."""
+
+import math
+
+import expecttest
+import pytest
+import torch
+
+import qhfast
+from helpers import OPTIMIZERS, PATHS, Problem, assert_same, snapshot
+
+
+def _param():
+    return torch.zeros(3, requires_grad=True)
+
+
+def _message(make, error=ValueError) -> str:
+    with pytest.raises(error) as info:
+        make()
+    return str(info.value)
+
+
+class TestConstructorErrors(expecttest.TestCase):
+    def test_qhm(self):
+        qhm = lambda **kw: lambda: qhfast.QHM([_param()], **{"lr": 0.1, "momentum": 0.9, "nu": 0.7, **kw})  # noqa: E731
+        self.assertExpectedInline(_message(qhm(lr=-1.0)), """Invalid learning rate: -1.0 (lr must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhm(lr=math.inf)), """Invalid learning rate: inf (lr must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhm(momentum=1.5)), """Invalid momentum value: 1.5 (momentum must be in [0, 1])""")
+        self.assertExpectedInline(_message(qhm(momentum=-0.1)), """Invalid momentum value: -0.1 (momentum must be in [0, 1])""")
+        self.assertExpectedInline(_message(qhm(nu=math.nan)), """Invalid nu value: nan (nu must be a finite number)""")
+        self.assertExpectedInline(_message(qhm(weight_decay=-1e-4)), """Invalid weight_decay value: -0.0001 (weight_decay must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhm(weight_decay_type="decoupled")), """Invalid weight_decay_type value: 'decoupled' (weight_decay_type must be 'grad' or 'direct')""")
+        self.assertExpectedInline(_message(qhm(lr=torch.tensor([0.1, 0.2]))), """Invalid learning rate: a tensor lr must have exactly one element, got shape (2,)""")
+        self.assertExpectedInline(_message(qhm(lr="0.1"), TypeError), """Invalid learning rate: lr must be a float or a 1-element tensor, got str""")
+        self.assertExpectedInline(
+            _message(lambda: qhfast.QHM([_param()], lr=0.1, momentum=0.9), TypeError), """QHM() missing required argument: 'nu'"""
+        )
+
+    def test_qhm_accepts_boundary_and_out_of_unit_values(self):
+        """momentum 1 and nu outside [0, 1] are legal (conversions produce them), as in qhoptim."""
+        for kwargs in (dict(momentum=1.0, nu=0.5), dict(momentum=0.0, nu=-0.5), dict(momentum=0.5, nu=3.0)):
+            qhfast.QHM([_param()], lr=0.1, **kwargs)
+        qhfast.QHM([_param()], lr=torch.tensor(0.1), momentum=0.9, nu=0.7)
+
+    def test_qhadam(self):
+        qhadam = lambda **kw: lambda: qhfast.QHAdam([_param()], **kw)  # noqa: E731
+        self.assertExpectedInline(_message(qhadam(lr=-1.0)), """Invalid learning rate: -1.0 (lr must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhadam(eps=-1e-8)), """Invalid epsilon value: -1e-08 (eps must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhadam(betas=(1.0, 0.999))), """Invalid beta parameter at index 0: 1.0 (betas[0] must be in [0, 1))""")
+        self.assertExpectedInline(_message(qhadam(betas=(0.9, -0.5))), """Invalid beta parameter at index 1: -0.5 (betas[1] must be in [0, 1))""")
+        self.assertExpectedInline(_message(qhadam(betas=(0.9,))), """Invalid betas value: (0.9,) (betas must be a pair of numbers in [0, 1))""")
+        self.assertExpectedInline(_message(qhadam(nus=0.7)), """Invalid nus value: 0.7 (nus must be a pair of finite numbers)""")
+        self.assertExpectedInline(_message(qhadam(nus=(0.7, 1.0, 1.0))), """Invalid nus value: (0.7, 1.0, 1.0) (nus must be a pair of finite numbers)""")
+        self.assertExpectedInline(_message(qhadam(nus=(0.7, math.inf))), """Invalid nu parameter at index 1: inf (nus[1] must be a finite number)""")
+        self.assertExpectedInline(_message(qhadam(weight_decay=-0.1)), """Invalid weight_decay value: -0.1 (weight_decay must be a finite number >= 0)""")
+        self.assertExpectedInline(_message(qhadam(lr=torch.ones(2))), """Invalid learning rate: a tensor lr must have exactly one element, got shape (2,)""")
+        self.assertExpectedInline(_message(qhadam(decouple_weight_decay="yes"), TypeError), """Invalid decouple_weight_decay value: 'yes' (decouple_weight_decay must be True or False)""")
+        self.assertExpectedInline(
+            _message(lambda: qhfast.QHAdamW([_param()], decouple_weight_decay=False)), """Invalid decouple_weight_decay value: False (QHAdamW always decouples weight decay; use QHAdam for coupled decay)"""
+        )
+        qhfast.QHAdam([_param()], nus=(-0.5, 2.0))  # legal: any finite nus
+
+    def test_flags(self):
+        make = lambda **kw: lambda: qhfast.QHAdam([_param()], **kw)  # noqa: E731
+        self.assertExpectedInline(_message(make(foreach="yes"), TypeError), """Invalid foreach value: 'yes' (foreach must be True, False or None)""")
+        self.assertExpectedInline(_message(make(master_weights=None), TypeError), """Invalid master_weights value: None (master_weights must be True or False)""")
+        self.assertExpectedInline(_message(make(differentiable=True), NotImplementedError), """QHAdam does not support differentiable=True yet""")
+
+    def test_params(self):
+        make = lambda p: lambda: qhfast.QHAdam([p])  # noqa: E731
+        self.assertExpectedInline(_message(make(torch.zeros(3, dtype=torch.long)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.int64""")
+        self.assertExpectedInline(
+            _message(make(torch.zeros(3, dtype=torch.complex64, requires_grad=True)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.complex64"""
+        )
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bad_param_group_changes_nothing(name):
+    params = Problem().params()
+    optimizer = OPTIMIZERS[name](params[:2])
+    before = [dict(g) for g in optimizer.param_groups]
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        optimizer.add_param_group({"params": params[2:], "lr": -1.0})
+    with pytest.raises(TypeError, match="real floating-point"):
+        optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
+    assert optimizer.param_groups == before
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_sparse_gradient_raises_and_changes_nothing(name, foreach):
+    """The sparse gradient sits in the second group: the first group must not have stepped
+    either when the step raises. Checked with fresh state and after some steps."""
+    problem = Problem()
+    params = problem.params(torch.float32)
+    params[0] = params[0].detach().bfloat16().requires_grad_()  # a master to protect too
+    optimizer = OPTIMIZERS[name]([{"params": params[:2]}, {"params": params[2:]}], foreach=foreach)
+    for warm_up_steps in (0, 3):
+        for t in range(warm_up_steps):
+            problem.set_grads(params, t)
+            optimizer.step()
+        problem.set_grads(params, 7)
+        params[3].grad = params[3].grad.to_sparse()
+        before = snapshot(optimizer, params)
+        with pytest.raises(RuntimeError, match=f"{name} does not support sparse gradients"):
+            optimizer.step()
+        assert_same(snapshot(optimizer, params), before)
