@@ -22,21 +22,24 @@ from ._base import (
 __all__ = ["QHAdam", "QHAdamW", "qhadam"]
 
 
-def advance_debias_weights(weights: list[Tensor], beta: float) -> list[float] | list[Tensor]:
+def advance_debias_weights(
+    weights: list[Tensor], beta: float, capturable: bool = False
+) -> list[float] | list[Tensor]:
     r"""Advance the bias-correction normalizers :math:`w \leftarrow 1 + \beta w` and return the
     lerp fractions :math:`1/w`.
 
     :math:`w_t = \sum_{i \le t} \prod_{i < j \le t} \beta_j` is the total weight of the
     t gradients in the moving average (:math:`(1 - \beta^t)/(1 - \beta)` for a constant
     :math:`\beta`), so ``x̂ ← x̂ + (y - x̂)/w`` keeps ``x̂`` the bias-corrected average even when
-    a scheduler changes :math:`\beta` (qhoptim's recursion, exactly). Floats when the
-    normalizers live on the CPU; 0-d tensors on their device (no host sync) otherwise.
+    a scheduler changes :math:`\beta` (qhoptim's recursion, exactly). Returns floats read from
+    the CPU normalizers, or, when ``capturable`` (or compiling), 0-d tensors computed where the
+    normalizers live, with no host sync.
     """
     torch._foreach_mul_(weights, beta)
     torch._foreach_add_(weights, 1.0)
-    if weights[0].device.type == "cpu" and not torch.compiler.is_compiling():
-        return [1.0 / float(w) for w in weights]
-    return torch._foreach_reciprocal(weights)
+    if capturable or torch.compiler.is_compiling():
+        return torch._foreach_reciprocal(weights)
+    return [1.0 / float(w) for w in weights]
 
 
 def qhadam(
@@ -54,6 +57,7 @@ def qhadam(
     weight_decay: float = 0.0,
     decouple_weight_decay: bool = False,
     maximize: bool = False,
+    capturable: bool = False,
 ) -> None:
     r"""Functional QHAdam: update ``params``, the moments and their normalizers in place.
 
@@ -77,9 +81,9 @@ def qhadam(
     coupled_decay = 0.0 if decouple_weight_decay else weight_decay
     d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
 
-    torch._foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1))
+    torch._foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1, capturable))
     denom = torch._foreach_mul(d, d)
-    torch._foreach_lerp_(exp_avg_sqs, denom, advance_debias_weights(beta2_weights, beta2))
+    torch._foreach_lerp_(exp_avg_sqs, denom, advance_debias_weights(beta2_weights, beta2, capturable))
     if nu2 == 1.0:
         del denom
         denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -206,6 +210,7 @@ class QHAdam(QHOptimizer):
             weight_decay=group["weight_decay"],
             decouple_weight_decay=group["decouple_weight_decay"],
             maximize=group["maximize"],
+            capturable=group["capturable"],
         )
 
     @classmethod
