@@ -1,0 +1,167 @@
+"""Optimizer step time: qhfast against torch.optim and qhoptim on one parameter set.
+
+    python perf/step_bench.py                 # ~21M params in 179 tensors, CPU
+    python perf/step_bench.py --blocks 2      # smaller, quicker
+    python perf/step_bench.py --only QHAdam   # rows whose name contains a word
+
+The parameter set is shaped like a small transformer (width 384, 11 blocks of attention and
+MLP weights, biases and norms, plus an embedding). Gradients are random and set once; every
+optimizer takes warm-up steps (state creation) and then each of ``--steps`` steps is timed
+alone. The table gives the median and the spread (25th-75th percentile) in milliseconds, and
+the median as a ratio to torch Adam's default path and to torch's fused Adam, both measured in
+the same run. QH rows use the paper's recommended settings (nu = 0.7), so the quasi-hyperbolic
+term is paid for; ``QHAdam nus=(1,1)`` rows are plain Adam through qhfast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+import qhfast
+
+WIDTH = 384
+
+
+def transformer_shapes(blocks: int, width: int = WIDTH, vocab: int = 4096) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = [(vocab, width)]
+    for _ in range(blocks):
+        shapes += [
+            (width,), (width,),  # attention norm
+            (3 * width, width), (3 * width,),  # qkv
+            (width, width), (width,),  # attention output
+            (width,), (width,),  # mlp norm
+            (4 * width, width), (4 * width,),  # mlp up
+            (width, 4 * width), (width,),  # mlp down
+            (width,), (width,), (width,), (width,),  # extra per-block scales/shifts
+        ]
+    return shapes + [(width,), (width,)]
+
+
+def make_params(shapes, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen).mul_(0.02).to(device=device, dtype=dtype)
+        p.requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def qhoptim_classes():
+    try:
+        import qhoptim.pyt
+    except ImportError:
+        return {}
+    return {"QHM": qhoptim.pyt.QHM, "QHAdam": qhoptim.pyt.QHAdam}
+
+
+def configurations(device: str) -> list[tuple[str, torch.dtype, Callable]]:
+    """(row name, param dtype, optimizer factory)."""
+    qhm = dict(lr=1.0, momentum=0.999, nu=0.7)
+    qhadam = dict(lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
+    rows: list[tuple[str, torch.dtype, Callable]] = []
+    default_foreach = device != "cpu"
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for path, foreach in (("per-tensor", False), ("foreach", True)):
+            default = " (default)" if foreach == default_foreach else ""
+            rows.append((f"qhfast QHM {tag} {path}{default}", dtype,
+                         lambda p, f=foreach: qhfast.QHM(p, **qhm, foreach=f)))
+            rows.append((f"qhfast QHAdam {tag} {path}{default}", dtype,
+                         lambda p, f=foreach: qhfast.QHAdam(p, **qhadam, foreach=f)))
+            if dtype == torch.bfloat16:
+                rows.append((f"qhfast QHAdam bf16 no-masters {path}{default}", dtype,
+                             lambda p, f=foreach: qhfast.QHAdam(p, **qhadam, foreach=f,
+                                                                master_weights=False)))
+            else:
+                rows.append((f"qhfast QHAdam nus=(1,1) fp32 {path}{default}", dtype,
+                             lambda p, f=foreach: qhfast.QHAdam(p, lr=1e-3, foreach=f)))
+        for path, kwargs in (("loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
+                             ("fused", dict(fused=True))):
+            default = " (default)" if kwargs.get("foreach") == default_foreach else ""
+            rows.append((f"torch SGD momentum {tag} {path}{default}", dtype,
+                         lambda p, k=kwargs: torch.optim.SGD(p, lr=0.1, momentum=0.9, **k)))
+            rows.append((f"torch Adam {tag} {path}{default}", dtype,
+                         lambda p, k=kwargs: torch.optim.Adam(p, lr=1e-3, **k)))
+            rows.append((f"torch AdamW {tag} {path}{default}", dtype,
+                         lambda p, k=kwargs: torch.optim.AdamW(p, lr=1e-3, **k)))
+    oracle = qhoptim_classes()
+    if oracle:
+        rows.append(("qhoptim 1.1.0 QHM fp32", torch.float32, lambda p: oracle["QHM"](p, **qhm)))
+        rows.append(("qhoptim 1.1.0 QHAdam fp32", torch.float32,
+                     lambda p: oracle["QHAdam"](p, **qhadam)))
+    return rows
+
+
+def time_steps(optimizer, steps: int, warmup: int, device: str) -> list[float]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        optimizer.step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(times: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return q1, median, q3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=11, help="transformer blocks (default 11: ~21M params)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--qhoptim-steps", type=int, default=5, help="timed steps for qhoptim (slow)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default="", help="run rows whose name contains this text")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)
+
+    shapes = transformer_shapes(args.blocks)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(f"# step time: {numel / 1e6:.1f}M params in {len(shapes)} tensors on {args.device}")
+    print(f"# torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# command: python perf/step_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    results: dict[str, float] = {}
+    lines = []
+    for name, dtype, make in configurations(args.device):
+        if args.only and args.only not in name and not name.startswith("torch Adam fp32"):
+            continue
+        params = make_params(shapes, dtype, args.device)
+        optimizer = make(params)
+        steps = args.qhoptim_steps if name.startswith("qhoptim") else args.steps
+        q1, median, q3 = quartiles(time_steps(optimizer, steps, args.warmup, args.device))
+        results[name] = median
+        lines.append((name, median, q1, q3))
+        print(f"  {name:48s} {median * 1e3:9.1f} ms", file=sys.stderr, flush=True)
+        del optimizer, params
+
+    default_adam = next(v for k, v in results.items() if k.startswith("torch Adam fp32") and "(default)" in k)
+    fused_adam = results.get("torch Adam fp32 fused")
+    print()
+    print("| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused |")
+    print("|---|---:|---:|---:|---:|")
+    for name, median, q1, q3 in lines:
+        fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
+        print(f"| {name} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
+              f"{median / default_adam:.2f} | {fused_ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
