@@ -37,7 +37,7 @@ Hyper = float | Tensor
 
 def _is_number(value: Any) -> bool:
     if isinstance(value, Tensor):
-        return value.numel() == 1 and (value.is_floating_point() or not value.is_complex())
+        return value.numel() == 1 and not value.is_complex()
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -309,9 +309,11 @@ class QHOptimizer(Optimizer):
 
         Unlike torch's base class, fp32 state of bf16/fp16 parameters (masters, moments) stays
         fp32, and the loaded state never shares storage with ``state_dict``'s tensors. The dict
-        passed in is not modified.
+        passed in is not modified. Its hyperparameters are validated first, as the constructor's.
         """
         saved_groups = state_dict["param_groups"]
+        for saved_group in saved_groups:
+            self._validate_group({**self.defaults, **saved_group})
         super().load_state_dict(state_dict)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

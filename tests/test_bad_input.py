@@ -105,3 +105,18 @@ def test_sparse_gradient_raises_and_changes_nothing(name, foreach):
         with pytest.raises(RuntimeError, match=f"{name} does not support sparse gradients"):
             optimizer.step()
         assert_same(snapshot(optimizer, params), before)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_with_an_invalid_hyperparameter_is_refused_and_changes_nothing(name):
+    problem = Problem()
+    params = problem.params()
+    optimizer = OPTIMIZERS[name](params)
+    problem.set_grads(params, 10)
+    optimizer.step()
+    corrupt = optimizer.state_dict()
+    corrupt = {"state": {}, "param_groups": [dict(corrupt["param_groups"][0], lr=-0.5)]}
+    before = snapshot(optimizer, params)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0.5 \(lr must be"):
+        optimizer.load_state_dict(corrupt)
+    assert_same(snapshot(optimizer, params), before)
