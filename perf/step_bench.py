@@ -7,9 +7,11 @@
 The parameter set is shaped like a small transformer (width 384, 11 blocks of attention and
 MLP weights, biases and norms, plus an embedding). Gradients are random and set once; every
 optimizer takes warm-up steps (state creation) and then each of ``--steps`` steps is timed
-alone. The table gives the median and the spread (25th-75th percentile) in milliseconds, and
-the median as a ratio to torch Adam's default path and to torch's fused Adam, both measured in
-the same run. QH rows use the paper's recommended settings (nu = 0.7), so the quasi-hyperbolic
+alone. Machines drift (a shared CPU, the allocator, page placement), so the whole table is
+measured ``--rounds`` times, each round timing every row once on freshly made tensors, and
+each row's statistics pool all its rounds. The table gives the median and the spread (25th-75th
+percentile) in milliseconds, and the median as a ratio to torch Adam's default path and to
+torch's fused Adam, both measured in the same run. QH rows use the paper's recommended settings (nu = 0.7), so the quasi-hyperbolic
 term is paid for; ``QHAdam nus=(1,1)`` rows are plain Adam through qhfast.
 """
 
@@ -123,9 +125,10 @@ def quartiles(times: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=11, help="transformer blocks (default 11: ~21M params)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (default 20)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--qhoptim-steps", type=int, default=5, help="timed steps for qhoptim (slow)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round")
+    parser.add_argument("--warmup", type=int, default=12,
+                        help="untimed steps first (default 12: the allocator settles after ~10)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default="", help="run rows whose name contains this text")
     args = parser.parse_args(argv)
@@ -137,26 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# command: python perf/step_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    results: dict[str, float] = {}
-    lines = []
-    for name, dtype, make in configurations(args.device):
-        if args.only and args.only not in name and not name.startswith("torch Adam fp32"):
-            continue
-        params = make_params(shapes, dtype, args.device)
-        optimizer = make(params)
-        steps = args.qhoptim_steps if name.startswith("qhoptim") else args.steps
-        q1, median, q3 = quartiles(time_steps(optimizer, steps, args.warmup, args.device))
-        results[name] = median
-        lines.append((name, median, q1, q3))
-        print(f"  {name:48s} {median * 1e3:9.1f} ms", file=sys.stderr, flush=True)
-        del optimizer, params
+    print(f"# {args.rounds} rounds x {args.steps} timed steps per row after {args.warmup} warm-up steps")
+    rows = [row for row in configurations(args.device)
+            if not args.only or args.only in row[0] or row[0].startswith("torch Adam fp32")]
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    for round_index in range(args.rounds):
+        for name, dtype, make in rows:
+            params = make_params(shapes, dtype, args.device)
+            samples[name] += time_steps(make(params), args.steps, args.warmup, args.device)
+            median = statistics.median(samples[name])
+            print(f"  round {round_index + 1}/{args.rounds}  {name:48s} {median * 1e3:8.1f} ms",
+                  file=sys.stderr, flush=True)
+            del params
+    lines = [(name, *quartiles(times)) for name, times in samples.items()]
+    results = {name: median for name, _, median, _ in lines}
 
     default_adam = next(v for k, v in results.items() if k.startswith("torch Adam fp32") and "(default)" in k)
     fused_adam = results.get("torch Adam fp32 fused")
     print()
     print("| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused |")
     print("|---|---:|---:|---:|---:|")
-    for name, median, q1, q3 in lines:
+    for name, q1, median, q3 in lines:
         fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
         print(f"| {name} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
               f"{median / default_adam:.2f} | {fused_ratio} |")

@@ -82,14 +82,17 @@ def qhadam(
     d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
 
     torch._foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1, capturable))
-    denom = torch._foreach_mul(d, d)
-    torch._foreach_lerp_(exp_avg_sqs, denom, advance_debias_weights(beta2_weights, beta2, capturable))
+    weights2 = advance_debias_weights(beta2_weights, beta2, capturable)
+    if isinstance(weights2[0], Tensor):  # device-side weights: a d² temporary, then a lerp
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(d, d), weights2)
+    else:  # float weights: in place, v ← (1 - w)·v + w·d², no temporary
+        torch._foreach_mul_(exp_avg_sqs, [1.0 - w for w in weights2])
+        torch._foreach_addcmul_(exp_avg_sqs, d, d, weights2)
     if nu2 == 1.0:
-        del denom
         denom = torch._foreach_sqrt(exp_avg_sqs)
     else:
-        torch._foreach_mul_(denom, 1.0 - nu2)
-        torch._foreach_add_(denom, exp_avg_sqs, alpha=nu2)
+        denom = torch._foreach_mul(exp_avg_sqs, nu2)
+        torch._foreach_addcmul_(denom, d, d, 1.0 - nu2)
         torch._foreach_sqrt_(denom)
     if eps != 0.0:
         torch._foreach_add_(denom, eps)

@@ -1,0 +1,15 @@
+"""The benchmark runs end to end in a tiny configuration, so it cannot rot unnoticed."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+
+import step_bench  # noqa: E402
+
+
+def test_step_bench_runs_end_to_end(capsys):
+    assert step_bench.main(["--blocks", "0", "--rounds", "1", "--steps", "2", "--warmup", "1"]) == 0
+    table = capsys.readouterr().out
+    for row in ("qhfast QHAdam fp32 per-tensor", "torch Adam fp32 fused", "qhoptim 1.1.0 QHM fp32"):
+        assert f"| {row}" in table
