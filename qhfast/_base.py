@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ __all__ = ["QHOptimizer", "prepare_grads", "LOW_PRECISION_DTYPES"]
 #: Parameter dtypes whose update runs in fp32 (on a master copy, or on a temporary upcast).
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
-Hyper = float | Tensor
+#: a hyperparameter or factor: a Python float, or a 0-d tensor
+Scalar = float | Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _as_float(value: Hyper) -> float:
+def _as_float(value: Scalar) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
@@ -85,27 +86,102 @@ def check_flag(value: Any, name: str, allow_none: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# foreach ops whose scalar is a float or a 0-d tensor
+#
+# The update rules are written once with these. A float scalar takes torch's Scalar overloads
+# (the fast eager path); a 0-d tensor on the tensors' device (a tensor hyperparameter, a
+# step-dependent factor of the capturable path, GradScaler's skip factor) takes tensor
+# overloads, never read on the host.
+
+
+def maybe_nonzero(value: Scalar) -> bool:
+    """False only for a float that is exactly 0 (a tensor's value is not read)."""
+    return isinstance(value, Tensor) or value != 0.0
+
+
+def foreach_add_scaled_(xs: list[Tensor], ys: list[Tensor], scale: Scalar) -> None:
+    """xs += scale·ys."""
+    if isinstance(scale, Tensor):
+        torch._foreach_add_(xs, torch._foreach_mul(ys, scale))
+    else:
+        torch._foreach_add_(xs, ys, alpha=scale)
+
+
+def foreach_lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scalar | Sequence[Scalar]) -> None:
+    """xs += weight·(ys - xs); ``weight`` one scalar or one per tensor.
+
+    Tensor weights take ``xs ← (1 - w)·xs + w·ys`` (``mul_`` + ``addcmul_``): torch has no
+    single-tensor overload of ``_foreach_lerp_``, and dynamo's lerp polyfill rejects weight lists.
+    """
+    if isinstance(weight, Tensor):
+        weight = [weight] * len(xs)
+    if isinstance(weight, (list, tuple)) and isinstance(weight[0], Tensor):
+        keep = torch._foreach_neg(weight)
+        torch._foreach_add_(keep, 1.0)
+        torch._foreach_mul_(xs, keep)
+        torch._foreach_addcmul_(xs, ys, list(weight))
+    else:
+        torch._foreach_lerp_(xs, ys, weight)
+
+
+def foreach_addcmul_(xs: list[Tensor], a: list[Tensor], b: list[Tensor], scale: Scalar) -> None:
+    """xs += scale·a·b."""
+    if isinstance(scale, Tensor):
+        torch._foreach_addcmul_(xs, a, torch._foreach_mul(b, scale))
+    else:
+        torch._foreach_addcmul_(xs, a, b, value=scale)
+
+
+def foreach_addcdiv_(xs: list[Tensor], num: list[Tensor], den: list[Tensor], scale: Scalar) -> None:
+    """xs += scale·num/den."""
+    if isinstance(scale, Tensor):
+        torch._foreach_addcdiv_(xs, torch._foreach_mul(num, scale), den)
+    else:
+        torch._foreach_addcdiv_(xs, num, den, value=scale)
+
+
+# --------------------------------------------------------------------------------------------
 # the working gradient
 
 
 def prepare_grads(
-    grads: list[Tensor], params: list[Tensor], *, maximize: bool, weight_decay: float
+    grads: list[Tensor],
+    params: list[Tensor],
+    *,
+    maximize: bool,
+    weight_decay: float,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> list[Tensor]:
-    """Return the gradients the update uses: ``d = ±g + weight_decay·θ`` in ``params``' dtype.
+    """Return the gradients the update uses, ``d = ±g/grad_scale + weight_decay·θ``, in
+    ``params``' dtype.
 
-    The caller's gradients are never modified: a new list is made whenever something changes
-    (a negation, coupled decay, or an upcast of bf16/fp16 gradients to the fp32 compute dtype).
+    ``grad_scale`` (GradScaler's scale, a 0-d tensor) is divided out here, so fp16 gradients
+    are unscaled in the compute dtype. With ``found_inf`` given, non-finite entries become 0:
+    the caller multiplies every update by ``1 - found_inf``, and 0·inf would be NaN.
+    The caller's gradients are never modified: a new list is made whenever anything changes.
     """
-    owned = False
-    if grads[0].dtype != params[0].dtype:
-        grads = [g.to(params[0].dtype) for g in grads]
-        owned = True
-    if maximize:
+    dtype = params[0].dtype
+    owned = grads[0].dtype != dtype
+    if owned:
+        grads = [g.to(dtype) for g in grads]
+    sign = -1.0 if maximize else 1.0
+    if grad_scale is not None:
+        factor: Scalar = grad_scale.to(device=params[0].device, dtype=dtype).reciprocal() * sign
+    else:
+        factor = sign
+    if isinstance(factor, Tensor) or factor != 1.0:
         if owned:
-            torch._foreach_neg_(grads)
+            torch._foreach_mul_(grads, factor)
         else:
-            grads = torch._foreach_neg(grads)
+            grads = torch._foreach_mul(grads, factor)
             owned = True
+    if found_inf is not None:
+        if not owned:
+            grads = [g.clone() for g in grads]
+            owned = True
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
     if weight_decay != 0.0:
         if owned:
             torch._foreach_add_(grads, params, alpha=weight_decay)
@@ -146,6 +222,11 @@ class QHOptimizer(Optimizer):
     #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
     #: or 0-d tensors in the compute dtype on the parameter's device when capturable
     _counter_keys: tuple[str, ...] = ()
+    #: group entries that may be 0-d tensors (or pairs of them)
+    _tensor_hyperparameters: tuple[str, ...] = ()
+    #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of unscaling
+    #: the gradients itself (which refuses fp16 gradients) and reading found_inf on the host
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -197,8 +278,14 @@ class QHOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         states: list[dict[str, Any]],
+        hyper: dict[str, Any],
+        amp: AmpArgs,
     ) -> None:
-        """Apply the update rule to ``params`` (compute dtype) given the raw ``grads``."""
+        """Apply the update rule to ``params`` (compute dtype) given the raw ``grads``.
+
+        ``hyper`` holds the group's ``_tensor_hyperparameters``: floats on the float path; on the
+        device path tensors stay 0-d tensors on the params' device (floats stay floats).
+        """
         raise NotImplementedError
 
     # ---- param groups ------------------------------------------------------------------------
@@ -243,9 +330,20 @@ class QHOptimizer(Optimizer):
                 loss = closure()
         # Check every group before touching any tensor: a step that raises changes nothing.
         with_grads = [self._params_with_grads(group) for group in self.param_groups]
+        # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        sync_free = torch.compiler.is_compiling() or all(
+            group["capturable"] for group, params in zip(self.param_groups, with_grads) if params
+        )
+        if found_inf is not None and not sync_free:
+            # CPU step counters cannot be advanced conditionally on a device value: read it.
+            if found_inf.item() != 0.0:
+                return loss
+            found_inf = None
         for group, params in zip(self.param_groups, with_grads):
             if params:
-                self._step_group(group, params)
+                self._step_group(group, params, AmpArgs(grad_scale, found_inf))
         return loss
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
@@ -256,9 +354,19 @@ class QHOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             params.append(p)
+        if group["capturable"] and params:
+            devices = {p.device for p in params}
+            for name in self._tensor_hyperparameters:
+                for value in _flatten(group[name]):
+                    if isinstance(value, Tensor) and {value.device} != devices:
+                        raise RuntimeError(
+                            f"{type(self).__name__} with capturable=True needs tensor "
+                            f"hyperparameters on the parameters' device: {name} is on "
+                            f"{value.device}, the parameters on {', '.join(map(str, devices))}"
+                        )
         return params
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], amp: AmpArgs) -> None:
         for p in params:
             if len(self.state[p]) == 0:
                 self._init_state(p, group)
@@ -269,10 +377,22 @@ class QHOptimizer(Optimizer):
             chunks: Iterable[list[Tensor]] = _buckets(params).values()
         else:
             chunks = ([p] for p in params)
+        device_path = group["capturable"] or torch.compiler.is_compiling()
+        hyper_by_bucket: dict[tuple[torch.device, torch.dtype], dict[str, Any]] = {}
         for chunk in chunks:
-            self._step_chunk(group, chunk)
+            device, dtype = chunk[0].device, compute_dtype(chunk[0])
+            hyper = hyper_by_bucket.get((device, dtype))
+            if hyper is None:
+                hyper = {
+                    name: _as_scalar(group[name], device, dtype, device_path)
+                    for name in self._tensor_hyperparameters
+                }
+                hyper_by_bucket[(device, dtype)] = hyper
+            self._step_chunk(group, chunk, hyper, amp)
 
-    def _step_chunk(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _step_chunk(
+        self, group: dict[str, Any], params: list[Tensor], hyper: dict[str, Any], amp: AmpArgs
+    ) -> None:
         """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision."""
         states = [self.state[p] for p in params]
         low_precision = params[0].dtype in LOW_PRECISION_DTYPES
@@ -282,7 +402,7 @@ class QHOptimizer(Optimizer):
             compute = [s["master_param"] for s in states]
         else:
             compute = [p.to(torch.float32) for p in params]
-        self._update(group, compute, [p.grad for p in params], states)
+        self._update(group, compute, [p.grad for p in params], states, hyper, amp)
         if low_precision:
             torch._foreach_copy_(params, compute)
 
@@ -333,6 +453,31 @@ class QHOptimizer(Optimizer):
         if value.is_floating_point():
             return value.to(device=p.device, dtype=compute_dtype(p), copy=True)
         return value.to(device=p.device, copy=True)
+
+
+class AmpArgs(NamedTuple):
+    """What torch.amp.GradScaler hands to step(): its scale (to divide the gradients by) and
+    found_inf (nonzero: skip the step). Either may be None."""
+
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+def _flatten(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _as_scalar(value: Any, device: torch.device, dtype: torch.dtype, device_path: bool) -> Any:
+    """A hyperparameter as the update takes it: floats stay floats; a tensor becomes a float on
+    the float path (a host read, free for a CPU tensor) or a 0-d tensor on the params' device in
+    their compute dtype on the device path. Pairs are converted element-wise."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_scalar(v, device, dtype, device_path) for v in value)
+    if not isinstance(value, Tensor):
+        return value
+    if device_path:
+        return value.reshape(()).to(device=device, dtype=dtype)
+    return float(value.item())
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

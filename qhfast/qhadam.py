@@ -10,12 +10,18 @@ from torch.optim.optimizer import ParamsT
 
 from . import convert
 from ._base import (
+    AmpArgs,
     QHOptimizer,
+    Scalar,
     check_finite,
     check_flag,
     check_nonnegative,
     check_number,
     check_pair,
+    foreach_addcdiv_,
+    foreach_addcmul_,
+    foreach_lerp_,
+    maybe_nonzero,
     prepare_grads,
 )
 
@@ -23,7 +29,7 @@ __all__ = ["QHAdam", "QHAdamW", "qhadam"]
 
 
 def advance_debias_weights(
-    weights: list[Tensor], beta: float, capturable: bool = False
+    weights: list[Tensor], beta: Scalar, on_device: bool, keep: Tensor | None = None
 ) -> list[float] | list[Tensor]:
     r"""Advance the bias-correction normalizers :math:`w \leftarrow 1 + \beta w` and return the
     lerp fractions :math:`1/w`.
@@ -31,15 +37,25 @@ def advance_debias_weights(
     :math:`w_t = \sum_{i \le t} \prod_{i < j \le t} \beta_j` is the total weight of the
     t gradients in the moving average (:math:`(1 - \beta^t)/(1 - \beta)` for a constant
     :math:`\beta`), so ``x̂ ← x̂ + (y - x̂)/w`` keeps ``x̂`` the bias-corrected average even when
-    a scheduler changes :math:`\beta` (qhoptim's recursion, exactly). Returns floats read from
-    the CPU normalizers, or, when ``capturable`` (or compiling), 0-d tensors computed where the
-    normalizers live, with no host sync.
+    a scheduler changes :math:`\beta` (qhoptim's recursion, exactly).
+
+    Off the device (``on_device`` False: CPU counters, float betas) the fractions are floats.
+    On the device they are 0-d tensors computed where the counters live, with no host read;
+    ``keep`` (0 or 1) then makes a skipped step leave the counters alone and return fractions 0.
     """
-    torch._foreach_mul_(weights, beta)
-    torch._foreach_add_(weights, 1.0)
-    if capturable or torch.compiler.is_compiling():
-        return torch._foreach_reciprocal(weights)
-    return [1.0 / float(w) for w in weights]
+    if not on_device:
+        torch._foreach_mul_(weights, beta)
+        torch._foreach_add_(weights, 1.0)
+        return [1.0 / float(w) for w in weights]
+    advanced = torch._foreach_mul(weights, beta)
+    torch._foreach_add_(advanced, 1.0)
+    if keep is None:
+        torch._foreach_copy_(weights, advanced)
+        return torch._foreach_reciprocal(advanced)
+    foreach_lerp_(weights, advanced, keep)
+    fractions = torch._foreach_reciprocal(weights)
+    torch._foreach_mul_(fractions, keep)
+    return fractions
 
 
 def qhadam(
@@ -50,14 +66,16 @@ def qhadam(
     beta1_weights: list[Tensor],
     beta2_weights: list[Tensor],
     *,
-    lr: float,
-    betas: tuple[float, float],
-    nus: tuple[float, float],
+    lr: Scalar,
+    betas: tuple[Scalar, Scalar],
+    nus: tuple[Scalar, Scalar],
     eps: float,
     weight_decay: float = 0.0,
     decouple_weight_decay: bool = False,
     maximize: bool = False,
     capturable: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     r"""Functional QHAdam: update ``params``, the moments and their normalizers in place.
 
@@ -73,34 +91,46 @@ def qhadam(
     ``beta1_weights``/``beta2_weights`` their normalizers (see :func:`advance_debias_weights`), as
     qhoptim stores them, per parameter: a parameter that first gets a gradient late starts its
     own bias correction. ``grads`` are never modified.
+
+    ``lr``, ``betas`` and ``nus`` are floats or 0-d tensors on the params' device. With
+    ``capturable`` the normalizers live on the params' device and nothing is read on the host.
+    ``grad_scale`` divides the gradients; a nonzero ``found_inf`` makes the call change nothing
+    (needs ``capturable``: off the device, the caller skips the call instead).
     """
     beta1, beta2 = betas
     nu1, nu2 = nus
+    on_device = capturable or isinstance(beta1, Tensor) or isinstance(beta2, Tensor)
+    keep = None if found_inf is None else 1.0 - found_inf.to(params[0].dtype)
+    if keep is not None:
+        lr = lr * keep
     if weight_decay != 0.0 and decouple_weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     coupled_decay = 0.0 if decouple_weight_decay else weight_decay
-    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
+    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay,
+                      grad_scale=grad_scale, found_inf=found_inf)
 
-    torch._foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1, capturable))
-    weights2 = advance_debias_weights(beta2_weights, beta2, capturable)
-    if isinstance(weights2[0], Tensor):  # device-side weights: a d² temporary, then a lerp
-        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(d, d), weights2)
-    else:  # float weights: in place, v ← (1 - w)·v + w·d², no temporary
-        torch._foreach_mul_(exp_avg_sqs, [1.0 - w for w in weights2])
-        torch._foreach_addcmul_(exp_avg_sqs, d, d, weights2)
-    if nu2 == 1.0:
+    foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1, on_device, keep))
+    fractions = advance_debias_weights(beta2_weights, beta2, on_device, keep)
+    if on_device:  # 0-d tensor fractions: a d² temporary, then a lerp
+        foreach_lerp_(exp_avg_sqs, torch._foreach_mul(d, d), fractions)
+    else:  # float fractions: in place, v ← (1 - w)·v + w·d², no temporary
+        torch._foreach_mul_(exp_avg_sqs, [1.0 - w for w in fractions])
+        torch._foreach_addcmul_(exp_avg_sqs, d, d, fractions)
+    if isinstance(nu2, float) and nu2 == 1.0:
         denom = torch._foreach_sqrt(exp_avg_sqs)
     else:
         denom = torch._foreach_mul(exp_avg_sqs, nu2)
-        torch._foreach_addcmul_(denom, d, d, 1.0 - nu2)
+        foreach_addcmul_(denom, d, d, 1.0 - nu2)
         torch._foreach_sqrt_(denom)
     if eps != 0.0:
         torch._foreach_add_(denom, eps)
+    if found_inf is not None:  # a skipped step must not compute 0/0 (eps = 0, no history)
+        torch._foreach_add_(denom, found_inf.to(params[0].dtype))
 
-    if nu1 != 0.0:
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * nu1)
-    if nu1 != 1.0:
-        torch._foreach_addcdiv_(params, d, denom, value=-lr * (1.0 - nu1))
+    if maybe_nonzero(nu1):
+        foreach_addcdiv_(params, exp_avgs, denom, -lr * nu1)
+    if isinstance(nu1, Tensor) or nu1 != 1.0:
+        foreach_addcdiv_(params, d, denom, -lr * (1.0 - nu1))
 
 
 class QHAdam(QHOptimizer):
@@ -146,6 +176,7 @@ class QHAdam(QHOptimizer):
     """
 
     _counter_keys = ("beta1_weight", "beta2_weight")
+    _tensor_hyperparameters = ("lr", "betas", "nus")
 
     def __init__(
         self,
@@ -198,7 +229,7 @@ class QHAdam(QHOptimizer):
         state["exp_avg"] = like
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states) -> None:
+    def _update(self, group, params, grads, states, hyper, amp: AmpArgs) -> None:
         qhadam(
             params,
             grads,
@@ -206,14 +237,14 @@ class QHAdam(QHOptimizer):
             [s["exp_avg_sq"] for s in states],
             [s["beta1_weight"] for s in states],
             [s["beta2_weight"] for s in states],
-            lr=float(group["lr"]),
-            betas=(float(group["betas"][0]), float(group["betas"][1])),
-            nus=(float(group["nus"][0]), float(group["nus"][1])),
+            **hyper,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decouple_weight_decay=group["decouple_weight_decay"],
             maximize=group["maximize"],
-            capturable=group["capturable"],
+            capturable=group["capturable"] or torch.compiler.is_compiling(),
+            grad_scale=amp.grad_scale,
+            found_inf=amp.found_inf,
         )
 
     @classmethod

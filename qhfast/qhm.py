@@ -9,7 +9,18 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT, required
 
 from . import convert
-from ._base import QHOptimizer, check_finite, check_nonnegative, check_number, prepare_grads
+from ._base import (
+    AmpArgs,
+    QHOptimizer,
+    Scalar,
+    check_finite,
+    check_nonnegative,
+    check_number,
+    foreach_add_scaled_,
+    foreach_lerp_,
+    maybe_nonzero,
+    prepare_grads,
+)
 
 __all__ = ["QHM", "qhm"]
 
@@ -21,12 +32,14 @@ def qhm(
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
     *,
-    lr: float,
-    momentum: float,
-    nu: float,
+    lr: Scalar,
+    momentum: Scalar,
+    nu: Scalar,
     weight_decay: float = 0.0,
     weight_decay_type: str = "grad",
     maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     r"""Functional QHM: update ``params`` and ``momentum_buffers`` in place.
 
@@ -37,17 +50,23 @@ def qhm(
         \theta &\leftarrow \theta - \alpha \left[(1 - \nu)\, d + \nu g\right]
 
     All lists hold tensors of one device; ``params`` and ``momentum_buffers`` share a dtype,
-    ``grads`` may be of lower precision (they are upcast). ``grads`` are never modified.
+    ``grads`` may be of lower precision (they are upcast) and are never modified. ``lr``,
+    ``momentum`` and ``nu`` are floats or 0-d tensors on the params' device. ``grad_scale``
+    divides the gradients; a nonzero ``found_inf`` makes the call change nothing (no host read).
     """
+    keep = None if found_inf is None else 1.0 - found_inf.to(params[0].dtype)
+    if keep is not None:
+        lr = lr * keep
     if weight_decay != 0.0 and weight_decay_type == "direct":
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     coupled_decay = weight_decay if weight_decay_type == "grad" else 0.0
-    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay)
-    torch._foreach_lerp_(momentum_buffers, d, 1.0 - momentum)
-    if nu != 0.0:
-        torch._foreach_add_(params, momentum_buffers, alpha=-lr * nu)
-    if nu != 1.0:
-        torch._foreach_add_(params, d, alpha=-lr * (1.0 - nu))
+    d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay,
+                      grad_scale=grad_scale, found_inf=found_inf)
+    foreach_lerp_(momentum_buffers, d, (1.0 - momentum) if keep is None else (1.0 - momentum) * keep)
+    if maybe_nonzero(nu):
+        foreach_add_scaled_(params, momentum_buffers, -lr * nu)
+    if isinstance(nu, Tensor) or nu != 1.0:
+        foreach_add_scaled_(params, d, -lr * (1.0 - nu))
 
 
 class QHM(QHOptimizer):
@@ -86,6 +105,8 @@ class QHM(QHOptimizer):
         >>> loss_fn(model(input), target).backward()
         >>> optimizer.step()
     """
+
+    _tensor_hyperparameters = ("lr", "momentum", "nu")
 
     def __init__(
         self,
@@ -137,17 +158,17 @@ class QHM(QHOptimizer):
     def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
         state["momentum_buffer"] = like
 
-    def _update(self, group, params, grads, states) -> None:
+    def _update(self, group, params, grads, states, hyper, amp: AmpArgs) -> None:
         qhm(
             params,
             grads,
             [s["momentum_buffer"] for s in states],
-            lr=float(group["lr"]),
-            momentum=float(group["momentum"]),
-            nu=float(group["nu"]),
+            **hyper,
             weight_decay=group["weight_decay"],
             weight_decay_type=group["weight_decay_type"],
             maximize=group["maximize"],
+            grad_scale=amp.grad_scale,
+            found_inf=amp.found_inf,
         )
 
     # ---- hyperparameter recoveries (qhoptim's classmethods), see qhfast.convert -------------

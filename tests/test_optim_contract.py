@@ -229,7 +229,8 @@ def test_foreach_default_is_per_tensor_on_cpu(monkeypatch):
     chunks = []
     original = qhfast.QHAdam._step_chunk
     monkeypatch.setattr(
-        qhfast.QHAdam, "_step_chunk", lambda self, g, ps: chunks.append(len(ps)) or original(self, g, ps)
+        qhfast.QHAdam, "_step_chunk",
+        lambda self, g, ps, *args: chunks.append(len(ps)) or original(self, g, ps, *args),
     )
     for p in params:
         p.grad = torch.ones_like(p)
