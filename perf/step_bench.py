@@ -3,6 +3,7 @@
     python perf/step_bench.py                 # ~21M params in 179 tensors, CPU
     python perf/step_bench.py --blocks 2      # smaller, quicker
     python perf/step_bench.py --only QHAdam   # rows whose name contains a word
+    python perf/step_bench.py --compiled      # also torch.compile'd steps (minutes to compile)
 
 The parameter set is shaped like a small transformer (width 384, 11 blocks of attention and
 MLP weights, biases and norms, plus an embedding). Gradients are random and set once; every
@@ -103,15 +104,29 @@ def configurations(device: str) -> list[tuple[str, torch.dtype, Callable]]:
     return rows
 
 
-def time_steps(optimizer, steps: int, warmup: int, device: str) -> list[float]:
+def compiled_configurations() -> list[tuple[str, torch.dtype, Callable, bool]]:
+    """(row name, param dtype, optimizer factory, fullgraph). Tensor lr: what a scheduled run
+    compiles. torch's Adam inserts graph breaks on purpose, so it cannot take fullgraph."""
+    qhadam = dict(lr=torch.tensor(1e-3), betas=(0.995, 0.999), nus=(0.7, 1.0))
+    return [
+        ("qhfast QHM fp32 compiled", torch.float32,
+         lambda p: qhfast.QHM(p, lr=torch.tensor(1.0), momentum=0.999, nu=0.7), True),
+        ("qhfast QHAdam fp32 compiled", torch.float32, lambda p: qhfast.QHAdam(p, **qhadam), True),
+        ("qhfast QHAdam bf16 compiled", torch.bfloat16, lambda p: qhfast.QHAdam(p, **qhadam), True),
+        ("torch Adam fp32 compiled", torch.float32,
+         lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3)), False),
+    ]
+
+
+def time_steps(step: Callable, steps: int, warmup: int, device: str) -> list[float]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
-        optimizer.step()
+        step()
     sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        optimizer.step()
+        step()
         sync()
         times.append(time.perf_counter() - start)
     return times
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed steps first (default 12: the allocator settles after ~10)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default="", help="run rows whose name contains this text")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add torch.compile'd steps (compiled once, timed in one round)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)
 
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         for name, dtype, make in rows:
             params = make_params(shapes, dtype, args.device)
-            samples[name] += time_steps(make(params), args.steps, args.warmup, args.device)
+            samples[name] += time_steps(make(params).step, args.steps, args.warmup, args.device)
             median = statistics.median(samples[name])
             print(f"  round {round_index + 1}/{args.rounds}  {name:48s} {median * 1e3:8.1f} ms",
                   file=sys.stderr, flush=True)
@@ -164,7 +181,37 @@ def main(argv: list[str] | None = None) -> int:
         fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
         print(f"| {name} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
               f"{median / default_adam:.2f} | {fused_ratio} |")
+    if args.compiled:
+        print_compiled_table(args, shapes, default_adam, fused_adam)
     return 0
+
+
+def print_compiled_table(args, shapes, default_adam: float, fused_adam: float | None) -> None:
+    """Compiled steps: the first two calls (the step that creates the state, then the steady
+    step: two graphs) are the compile time; then rounds x steps timed steps in one round."""
+    print()
+    print("| compiled optimizer | compile s (2 graphs) | median ms | p25-p75 ms "
+          "| / torch Adam default | / torch Adam fused |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, dtype, make, fullgraph in compiled_configurations():
+        if args.only and args.only not in name:
+            continue
+        torch._dynamo.reset()
+        params = make_params(shapes, dtype, args.device)
+        step = torch.compile(make(params).step, fullgraph=fullgraph)
+        start = time.perf_counter()
+        step()
+        step()
+        compile_seconds = time.perf_counter() - start
+        q1, median, q3 = quartiles(
+            time_steps(step, args.rounds * args.steps, args.warmup, args.device)
+        )
+        print(f"  compiled {name:40s} {median * 1e3:8.1f} ms (compile {compile_seconds:.0f} s)",
+              file=sys.stderr, flush=True)
+        fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
+        print(f"| {name} | {compile_seconds:.0f} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} "
+              f"| {median / default_adam:.2f} | {fused_ratio} |")
+        del step, params
 
 
 if __name__ == "__main__":

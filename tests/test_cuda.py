@@ -1,0 +1,80 @@
+"""CUDA-only checks: fp16 GradScaler on the GPU, the compiled step's kernel count, and the
+step's peak extra memory on the foreach path against the per-tensor path. They skip without
+CUDA (CUDA graph capture and replay is in test_capturable.py)."""
+
+import pytest
+import torch
+
+from helpers import OPTIMIZERS, Problem, assert_same, snapshot
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_params(dtype):
+    return [p.detach().to("cuda", dtype).requires_grad_() for p in Problem().params(torch.float32)]
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fp16_gradscaler_on_cuda_skips_inf_and_halves_the_scale(name, capturable):
+    params = _cuda_params(torch.float16)
+    optimizer = OPTIMIZERS[name](params, capturable=capturable)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+
+    def backward(poison):
+        loss = sum((p.float() * (i + 1)).sum() for i, p in enumerate(params))
+        if poison:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+
+    for poison in (False, False, True):
+        optimizer.zero_grad()
+        backward(poison)
+        before = snapshot(optimizer, params)
+        scaler.step(optimizer)
+        scaler.update()
+    assert_same(snapshot(optimizer, params)["state"], before["state"])
+    assert_same(snapshot(optimizer, params)["params"], before["params"])
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_compiled_step_fuses_into_few_kernels():
+    """fp32 QHAdam over a few tensors compiles (foreach, horizontal fusion) to a handful of
+    kernels for the steady step, not one per op per tensor (~15 ops x 4 tensors)."""
+    from torch._inductor import metrics
+
+    params = _cuda_params(torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = OPTIMIZERS["QHAdam"](params, lr=torch.tensor(0.01, device="cuda"), capturable=True)
+    step = torch.compile(optimizer.step, fullgraph=True)
+    step()  # first graph: creates the state
+    metrics.reset()
+    torch._dynamo.reset()
+    step = torch.compile(optimizer.step, fullgraph=True)
+    step()  # steady-state graph alone
+    assert 0 < metrics.generated_kernel_count <= 8
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_peak_step_memory_foreach_against_per_tensor(name):
+    """The per-tensor path holds temporaries of one tensor at a time; foreach holds them for
+    the whole bucket, bounded by a few param-sized lists (the working gradient and the
+    denominator: at most 3x the params' bytes here, with fp32 params)."""
+    params = [torch.randn(1024, 1024, device="cuda", requires_grad=True) for _ in range(8)]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    peaks = {}
+    for foreach in (False, True):
+        optimizer = OPTIMIZERS[name](params, foreach=foreach, weight_decay=0.1)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()  # state exists
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        optimizer.step()
+        torch.cuda.synchronize()
+        peaks[foreach] = torch.cuda.max_memory_allocated() - base
+    one_tensor = params[0].numel() * params[0].element_size()
+    assert peaks[False] <= 4 * one_tensor
+    assert peaks[True] <= 3 * param_bytes
