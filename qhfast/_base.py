@@ -281,13 +281,11 @@ class QHOptimizer(Optimizer):
         states: list[dict[str, Any]],
         hyper: dict[str, Any],
         amp: AmpArgs,
-        foreach: bool,
     ) -> None:
         """Apply the update rule to ``params`` (compute dtype) given the raw ``grads``.
 
         ``hyper`` holds the group's ``_tensor_hyperparameters``: floats on the float path; on the
         device path tensors stay 0-d tensors on the params' device (floats stay floats).
-        ``foreach`` is the resolved path: False means one tensor per call.
         """
         raise NotImplementedError
 
@@ -393,15 +391,10 @@ class QHOptimizer(Optimizer):
                     for name in self._tensor_hyperparameters
                 }
                 hyper_by_bucket[(device, dtype)] = hyper
-            self._step_chunk(group, chunk, hyper, amp, foreach)
+            self._step_chunk(group, chunk, hyper, amp)
 
     def _step_chunk(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        hyper: dict[str, Any],
-        amp: AmpArgs,
-        foreach: bool,
+        self, group: dict[str, Any], params: list[Tensor], hyper: dict[str, Any], amp: AmpArgs
     ) -> None:
         """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision."""
         states = [self.state[p] for p in params]
@@ -412,7 +405,7 @@ class QHOptimizer(Optimizer):
             compute = [s["master_param"] for s in states]
         else:
             compute = [p.to(torch.float32) for p in params]
-        self._update(group, compute, [p.grad for p in params], states, hyper, amp, foreach)
+        self._update(group, compute, [p.grad for p in params], states, hyper, amp)
         if low_precision:
             torch._foreach_copy_(params, compute)
 

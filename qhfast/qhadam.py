@@ -43,11 +43,10 @@ def advance_debias_weights(
     On the device they are 0-d tensors computed where the counters live, with no host read;
     ``keep`` (0 or 1) then makes a skipped step leave the counters alone and return fractions 0.
     """
-    if not on_device:  # Python float arithmetic (float64, as the counters), one fill_ each
-        advanced = [1.0 + beta * float(w) for w in weights]
-        for weight, value in zip(weights, advanced):
-            weight.fill_(value)
-        return [1.0 / value for value in advanced]
+    if not on_device:
+        torch._foreach_mul_(weights, beta)
+        torch._foreach_add_(weights, 1.0)
+        return [1.0 / float(w) for w in weights]
     advanced = torch._foreach_mul(weights, beta)
     torch._foreach_add_(advanced, 1.0)
     if keep is None:
@@ -75,7 +74,6 @@ def qhadam(
     decouple_weight_decay: bool = False,
     maximize: bool = False,
     capturable: bool = False,
-    foreach: bool = True,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
@@ -97,9 +95,7 @@ def qhadam(
     ``lr``, ``betas`` and ``nus`` are floats or 0-d tensors on the params' device. With
     ``capturable`` the normalizers live on the params' device and nothing is read on the host.
     ``grad_scale`` divides the gradients; a nonzero ``found_inf`` makes the call change nothing
-    (needs ``capturable``: off the device, the caller skips the call instead). ``foreach=False``
-    says the caller passes one tensor at a time (the per-tensor path), where a temporary is
-    cheap; the arithmetic depends on this flag only, never on the data.
+    (needs ``capturable``: off the device, the caller skips the call instead).
     """
     beta1, beta2 = betas
     nu1, nu2 = nus
@@ -131,20 +127,10 @@ def qhadam(
     if found_inf is not None:  # a skipped step must not compute 0/0 (eps = 0, no history)
         torch._foreach_add_(denom, found_inf.to(params[0].dtype))
 
-    if isinstance(nu1, float) and not foreach:
-        # the per-tensor path: the numerator (1 - ν1)·d + ν1·m̂ in one pass (a temporary of one
-        # tensor, or d's buffer when d is ours: the same values), then one addcdiv
-        if d is not grads:
-            torch._foreach_lerp_(d, exp_avgs, nu1)
-            numerator = d
-        else:
-            numerator = torch._foreach_lerp(d, exp_avgs, nu1)
-        foreach_addcdiv_(params, numerator, denom, -lr)
-    else:  # the foreach path: no param-sized temporary list, two addcdiv passes
-        if maybe_nonzero(nu1):
-            foreach_addcdiv_(params, exp_avgs, denom, -lr * nu1)
-        if isinstance(nu1, Tensor) or nu1 != 1.0:
-            foreach_addcdiv_(params, d, denom, -lr * (1.0 - nu1))
+    if maybe_nonzero(nu1):
+        foreach_addcdiv_(params, exp_avgs, denom, -lr * nu1)
+    if isinstance(nu1, Tensor) or nu1 != 1.0:
+        foreach_addcdiv_(params, d, denom, -lr * (1.0 - nu1))
 
 
 class QHAdam(QHOptimizer):
@@ -243,7 +229,7 @@ class QHAdam(QHOptimizer):
         state["exp_avg"] = like
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, hyper, amp: AmpArgs, foreach: bool) -> None:
+    def _update(self, group, params, grads, states, hyper, amp: AmpArgs) -> None:
         qhadam(
             params,
             grads,
@@ -257,7 +243,6 @@ class QHAdam(QHOptimizer):
             decouple_weight_decay=group["decouple_weight_decay"],
             maximize=group["maximize"],
             capturable=group["capturable"] or torch.compiler.is_compiling(),
-            foreach=foreach,
             grad_scale=amp.grad_scale,
             found_inf=amp.found_inf,
         )
