@@ -9,6 +9,7 @@ tensors (``_update``). Everything else lives here once:
 * validation, done before anything is mutated, so a step that raises changes nothing;
 * grouping of parameters by (device, dtype) for the foreach path, and the per-tensor loop;
 * low-precision parameters: fp32 master copies and fp32 state, written back once per step;
+* DTensor parameters (FSDP2): the update runs on local shards, state is sharded like them;
 * ``state_dict`` loading that keeps fp32 state fp32 (torch's base class would cast it to the
   parameter's dtype) and never aliases the caller's tensors.
 """
@@ -116,9 +117,9 @@ def foreach_lerp_(xs: list[Tensor], ys: list[Tensor], weight: Scalar | Sequence[
     if isinstance(weight, Tensor):
         weight = [weight] * len(xs)
     if isinstance(weight, (list, tuple)) and isinstance(weight[0], Tensor):
-        keep = torch._foreach_neg(weight)
-        torch._foreach_add_(keep, 1.0)
-        torch._foreach_mul_(xs, keep)
+        one_minus_weight = torch._foreach_neg(weight)
+        torch._foreach_add_(one_minus_weight, 1.0)
+        torch._foreach_mul_(xs, one_minus_weight)
         torch._foreach_addcmul_(xs, ys, list(weight))
     else:
         torch._foreach_lerp_(xs, ys, weight)
@@ -354,6 +355,7 @@ class QHOptimizer(Optimizer):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            _check_distributed_grad(p, type(self).__name__)
             params.append(p)
         if group["capturable"] and params:
             devices = {p.device for p in params}
@@ -374,7 +376,7 @@ class QHOptimizer(Optimizer):
         foreach = group["foreach"]
         if foreach is None:  # under torch.compile, one traced op per list compiles faster
             foreach = torch.compiler.is_compiling() or _default_to_fused_or_foreach(
-                params, differentiable=False
+                [_local(p) for p in params], differentiable=False
             )[1]
         if foreach:
             chunks: Iterable[list[Tensor]] = _buckets(params).values()
@@ -396,8 +398,13 @@ class QHOptimizer(Optimizer):
     def _step_chunk(
         self, group: dict[str, Any], params: list[Tensor], hyper: dict[str, Any], amp: AmpArgs
     ) -> None:
-        """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision."""
+        """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision,
+        on local shards for DTensors."""
         states = [self.state[p] for p in params]
+        grads = [_local(p.grad) for p in params]
+        if any(isinstance(p, DTensor) for p in params):
+            states = [{k: _local(v) for k, v in s.items()} for s in states]
+            params = [_local(p) for p in params]
         low_precision = params[0].dtype in LOW_PRECISION_DTYPES
         if not low_precision:
             compute = params
@@ -405,7 +412,7 @@ class QHOptimizer(Optimizer):
             compute = [s["master_param"] for s in states]
         else:
             compute = [p.to(torch.float32) for p in params]
-        self._update(group, compute, [p.grad for p in params], states, hyper, amp)
+        self._update(group, compute, grads, states, hyper, amp)
         if low_precision:
             torch._foreach_copy_(params, compute)
 
@@ -437,9 +444,20 @@ class QHOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         for saved_group in saved_groups:
             self._validate_group({**self.defaults, **saved_group})
-        super().load_state_dict(state_dict)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if isinstance(p, DTensor) and any(
+                isinstance(v, Tensor) and v.dim() > 0 and not isinstance(v, DTensor)
+                for v in saved.values()
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict got full tensors for sharded (DTensor) "
+                    "parameters; load a full state dict with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+                )
+        super().load_state_dict(state_dict)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
@@ -481,6 +499,39 @@ def _as_scalar(value: Any, device: torch.device, dtype: torch.dtype, device_path
     if device_path:
         return value.reshape(()).to(device=device, dtype=dtype)
     return float(value.item())
+
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Partial
+else:  # a torch build without distributed support has no DTensor
+    DTensor = Partial = ()  # type: ignore[assignment,misc]
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view of its storage, so in-place updates land in it), else t.
+
+    The update runs on local shards: elementwise rules need no communication, and this sidesteps
+    DTensor's gaps (no sharding rule for ``_foreach_copy_``, no mixed Tensor/DTensor lists)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _check_distributed_grad(p: Tensor, name: str) -> None:
+    """A DTensor param needs a DTensor grad laid out like it, else local shards do not line up."""
+    if isinstance(p, DTensor) != isinstance(p.grad, DTensor):
+        raise RuntimeError(
+            f"{name} got a {type(p).__name__} parameter with a {type(p.grad).__name__} gradient; "
+            "a DTensor parameter needs a DTensor gradient and a plain one a plain one"
+        )
+    if not isinstance(p, DTensor):
+        return
+    grad = p.grad
+    if any(isinstance(placement, Partial) for placement in grad.placements):
+        raise RuntimeError(f"{name}: a Partial (not yet reduced) gradient cannot be applied")
+    if grad.device_mesh != p.device_mesh or grad.placements != p.placements:
+        raise RuntimeError(
+            f"{name}: a gradient laid out as {grad.placements} on {grad.device_mesh} does not "
+            f"match its parameter's {p.placements} on {p.device_mesh}"
+        )
 
 
 def compute_dtype(p: Tensor) -> torch.dtype:

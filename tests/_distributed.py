@@ -1,0 +1,255 @@
+"""Shared pieces of the distributed tests: the model, the data, the single-process reference,
+and the rank workers that torch.multiprocessing spawns (2 ranks, gloo, CPU).
+
+The reference accumulates the gradients of the ranks' half batches and divides by the world
+size: what DDP's all-reduce and FSDP2's reduce-scatter compute (two terms, a power-of-two
+divisor), so fp32 results can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import qhfast
+
+WORLD = 2
+STEPS = 8
+OPTIMIZERS = {
+    "QHM": (qhfast.QHM, dict(lr=0.3, momentum=0.9, nu=0.7, weight_decay=0.01)),
+    "QHAdam": (qhfast.QHAdam, dict(lr=0.01, nus=(0.7, 1.0), weight_decay=0.01)),
+    "QHAdamW": (qhfast.QHAdamW, dict(lr=0.01, nus=(0.7, 0.9), weight_decay=0.1)),
+}
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(),
+        torch.nn.Linear(16, 15), torch.nn.Tanh(),  # 15 rows: an uneven FSDP shard
+        torch.nn.Linear(15, 2),
+    )
+    return model.to(dtype)
+
+
+def batch(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's full batch (16 rows), or one rank's half of it."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 2, generator=gen)
+    if rank is None:
+        return x, y
+    rows = slice(rank * 8, (rank + 1) * 8)
+    return x[rows], y[rows]
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+
+
+def train_reference(model, optimizer, steps: range) -> None:
+    """Single process: each step, the half-batch gradients summed, divided by the world size."""
+    for step in steps:
+        optimizer.zero_grad()
+        for rank in range(WORLD):
+            loss_of(model, *batch(step, rank)).backward()
+        for p in model.parameters():
+            p.grad.div_(WORLD)
+        optimizer.step()
+
+
+def train_rank(model, optimizer, steps: range, rank: int) -> None:
+    for step in steps:
+        optimizer.zero_grad()
+        loss_of(model, *batch(step, rank)).backward()
+        optimizer.step()
+
+
+def full_params(model) -> list[torch.Tensor]:
+    return [
+        (p.full_tensor() if isinstance(p, torch.distributed.tensor.DTensor) else p).detach().clone()
+        for p in model.parameters()
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# spawning
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, out_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, out_dir, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        del result
+        # Free what references the group (DTensors' device meshes) and destroy it while the
+        # interpreter is alive: gloo threads left for interpreter shutdown can abort the
+        # process (SIGABRT) after the work is done.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, out_dir: Path, *args, world: int = WORLD, timeout: float = 120.0) -> list:
+    """Run fn(rank, world, out_dir, *args) on `world` gloo ranks; return each rank's result."""
+    context = mp.start_processes(
+        _entry, args=(world, _free_port(), fn, str(out_dir), args), nprocs=world,
+        join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"distributed workers did not finish in {timeout} s")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# --------------------------------------------------------------------------------------------
+# rank workers (module level, so spawn can pickle them)
+
+
+def train_many(rank: int, world: int, out_dir: str) -> dict:
+    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters), ZeRO."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    results = {}
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        model = DistributedDataParallel(make_model())
+        optimizer = cls(model.parameters(), **kwargs)
+        train_rank(model, optimizer, range(STEPS), rank)
+        results[("ddp", name)] = full_params(model.module)
+
+        for foreach in (False, True):
+            model = make_model()
+            for layer in model[::2]:
+                fully_shard(layer)
+            fully_shard(model)
+            optimizer = cls(model.parameters(), **kwargs, foreach=foreach)
+            train_rank(model, optimizer, range(STEPS), rank)
+            results[("fsdp", name, foreach)] = full_params(model)
+
+        model = make_model()
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        optimizer = cls(model.parameters(), **kwargs)
+        train_rank(model, optimizer, range(STEPS), rank)
+        results[("fsdp_bf16_compute", name)] = full_params(model)
+
+        model = make_model(torch.bfloat16)
+        fully_shard(model)
+        optimizer = cls(model.parameters(), **kwargs)
+        train_rank(model, optimizer, range(STEPS), rank)
+        results[("fsdp_bf16_params", name)] = full_params(model)
+        master = optimizer.state[next(model.parameters())]["master_param"]
+        results[("fsdp_master", name)] = (type(master).__name__, master.dtype, master.placements)
+
+    results["bad_input"] = bad_distributed_input()
+
+    model = DistributedDataParallel(make_model())
+    optimizer = ZeroRedundancyOptimizer(
+        model.parameters(), optimizer_class=qhfast.QHAdam, **OPTIMIZERS["QHAdam"][1]
+    )
+    train_rank(model, optimizer, range(STEPS), rank)
+    results[("zero", "QHAdam")] = full_params(model.module)
+    return results
+
+
+def bad_distributed_input() -> dict:
+    """Gradients that do not line up with a DTensor parameter: each step must raise and leave
+    the parameter as it was. Returns {case: (error message, parameter unchanged)}."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    param = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+    optimizer = qhfast.QHAdam([param], lr=0.1)
+    local = torch.ones(2, 3)
+    cases = {
+        "plain_grad": torch.ones(4, 3),  # the global shape: torch accepts it, shards would not line up
+        "replicated_grad": distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]),
+        "partial_grad": DTensor.from_local(torch.ones(4, 3), mesh, [Partial()]),
+    }
+    outcome = {}
+    try:  # a full (plain) state dict loaded into a sharded optimizer
+        full = {"state": {0: {"exp_avg": torch.zeros(4, 3), "exp_avg_sq": torch.zeros(4, 3),
+                              "beta1_weight": torch.tensor(1.0), "beta2_weight": torch.tensor(1.0)}},
+                "param_groups": [dict(optimizer.state_dict()["param_groups"][0], params=[0])]}
+        optimizer.load_state_dict(full)
+        outcome["full_state_dict"] = (None, None)
+    except ValueError as error:
+        outcome["full_state_dict"] = (str(error), not optimizer.state)
+    for case, grad in cases.items():
+        param.grad = grad
+        try:
+            optimizer.step()
+            outcome[case] = (None, None)
+        except RuntimeError as error:
+            outcome[case] = (str(error), torch.equal(param.to_local(), local) and not optimizer.state)
+    return outcome
+
+
+def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str) -> dict:
+    """FSDP2 + QHAdamW with bf16 params and fp32 masters through DCP: save at step 3 on 2 ranks,
+    resume in a fresh model and optimizer; and load a checkpoint written by one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    cls, kwargs = OPTIMIZERS["QHAdamW"]
+
+    def sharded():
+        model = make_model(torch.bfloat16)
+        fully_shard(model)
+        return model, cls(model.parameters(), **kwargs)
+
+    def load(model, optimizer, path):
+        state = {"model": get_model_state_dict(model),
+                 "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+    results = {}
+    model, optimizer = sharded()
+    train_rank(model, optimizer, range(3), rank)
+    saved = get_optimizer_state_dict(model, optimizer)
+    results["saved_master"] = [
+        (type(v["master_param"]).__name__, v["master_param"].dtype) for v in saved["state"].values()
+    ]
+    dcp.save({"model": get_model_state_dict(model), "optim": saved},
+             checkpoint_id=Path(out_dir) / "two_ranks")
+    train_rank(model, optimizer, range(3, STEPS), rank)
+    results["uninterrupted"] = full_params(model)
+
+    model, optimizer = sharded()
+    load(model, optimizer, Path(out_dir) / "two_ranks")
+    train_rank(model, optimizer, range(3, STEPS), rank)
+    results["resumed"] = full_params(model)
+
+    model, optimizer = sharded()
+    load(model, optimizer, from_single)
+    train_rank(model, optimizer, range(3, STEPS), rank)
+    results["from_single"] = full_params(model)
+    return results
