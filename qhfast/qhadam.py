@@ -94,12 +94,14 @@ def qhadam(
 
     ``lr``, ``betas`` and ``nus`` are floats or 0-d tensors on the params' device. With
     ``capturable`` the normalizers live on the params' device and nothing is read on the host.
-    ``grad_scale`` divides the gradients; a nonzero ``found_inf`` makes the call change nothing
-    (needs ``capturable``: off the device, the caller skips the call instead).
+    ``grad_scale`` divides the gradients; a nonzero ``found_inf`` (a 0-d tensor where the
+    normalizers live) makes the call change nothing, without a host read.
     """
     beta1, beta2 = betas
     nu1, nu2 = nus
-    on_device = capturable or isinstance(beta1, Tensor) or isinstance(beta2, Tensor)
+    # step-dependent factors as tensors where the counters live: capturable, tensor betas, or a
+    # possible skip (found_inf), which must leave the counters as they were without a host read
+    on_device = capturable or found_inf is not None or any(isinstance(b, Tensor) for b in betas)
     keep = None if found_inf is None else 1.0 - found_inf.to(params[0].dtype)
     if keep is not None:
         lr = lr * keep

@@ -150,3 +150,24 @@ def test_fp16_gradients_are_unscaled_in_fp32():
     assert param.grad.dtype == torch.float16 and param.grad[2].item() == 3.0 * 2.0**14
     scaler.step(optimizer)
     assert torch.equal(param, torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_functional_qhadam_with_found_inf_on_cpu_counters(found):
+    """The functional API alone: found_inf with CPU counters and capturable=False still skips
+    exactly (the counters take the device-side path), and found_inf = 0 is a normal step."""
+    from qhfast.functional import qhadam
+
+    problem = Problem()
+    params = problem.params()
+    grads = [problem.grad(i, p, 0) for i, p in enumerate(params)]
+    state = [[torch.full_like(p, 0.1) for p in params], [torch.full_like(p, 0.2) for p in params],
+             [torch.tensor(2.0, dtype=torch.float64) for _ in params],
+             [torch.tensor(2.0, dtype=torch.float64) for _ in params]]
+    before = [[t.clone() for t in ts] for ts in [params] + state]
+    with torch.no_grad():  # the functional API updates params in place, as torch's does
+        qhadam(params, grads, *state, lr=0.01, betas=(0.9, 0.99), nus=(0.7, 1.0), eps=1e-8,
+               found_inf=torch.tensor(found))
+    after = [params] + state
+    changed = [not all(torch.equal(a, b) for a, b in zip(xs, ys)) for xs, ys in zip(after, before)]
+    assert changed == ([False] * 5 if found else [True] * 5)
