@@ -132,6 +132,14 @@ def time_steps(step: Callable, steps: int, warmup: int, device: str) -> list[flo
     return times
 
 
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Optimizer state (moments, masters, counters) in bytes per parameter element, exact."""
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                for v in s.values() if isinstance(v, torch.Tensor))
+    elements = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    return state / elements
+
+
 def quartiles(times: list[float]) -> tuple[float, float, float]:
     q1, median, q3 = statistics.quantiles(times, n=4)
     return q1, median, q3
@@ -161,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for row in configurations(args.device)
             if not args.only or args.only in row[0] or row[0].startswith("torch Adam fp32")]
     samples: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    state_bytes: dict[str, float] = {}
     for round_index in range(args.rounds):
         for name, dtype, make in rows:
             params = make_params(shapes, dtype, args.device)
-            samples[name] += time_steps(make(params).step, args.steps, args.warmup, args.device)
+            optimizer = make(params)
+            samples[name] += time_steps(optimizer.step, args.steps, args.warmup, args.device)
+            state_bytes[name] = state_bytes_per_param(optimizer)
+            del optimizer
             median = statistics.median(samples[name])
             print(f"  round {round_index + 1}/{args.rounds}  {name:48s} {median * 1e3:8.1f} ms",
                   file=sys.stderr, flush=True)
@@ -175,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     default_adam = next(v for k, v in results.items() if k.startswith("torch Adam fp32") and "(default)" in k)
     fused_adam = results.get("torch Adam fp32 fused")
     print()
-    print("| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused "
+          "| state B/param |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, q1, median, q3 in lines:
         fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
         print(f"| {name} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
-              f"{median / default_adam:.2f} | {fused_ratio} |")
+              f"{median / default_adam:.2f} | {fused_ratio} | {state_bytes[name]:.2f} |")
     if args.compiled:
         print_compiled_table(args, shapes, default_adam, fused_adam)
     return 0

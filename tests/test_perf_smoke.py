@@ -13,3 +13,10 @@ def test_step_bench_runs_end_to_end(capsys):
     table = capsys.readouterr().out
     for row in ("qhfast QHAdam fp32 per-tensor", "torch Adam fp32 fused", "qhoptim 1.1.0 QHM fp32"):
         assert f"| {row}" in table
+    # exact state sizes: two fp32 moments; bf16 params add an fp32 master; QHM one fp32 buffer
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    bytes_per_param = lambda row: float(rows[row].rstrip(" |").split(" | ")[-1])  # noqa: E731
+    assert round(bytes_per_param("qhfast QHAdam fp32 per-tensor (default)")) == 8
+    assert round(bytes_per_param("qhfast QHAdam bf16 per-tensor (default)")) == 12
+    assert round(bytes_per_param("qhfast QHAdam bf16 no-masters per-tensor (default)")) == 8
+    assert round(bytes_per_param("qhfast QHM fp32 per-tensor (default)")) == 4
