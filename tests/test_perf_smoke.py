@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
 
+import quality  # noqa: E402
 import step_bench  # noqa: E402
 
 
@@ -20,3 +21,9 @@ def test_step_bench_runs_end_to_end(capsys):
     assert round(bytes_per_param("qhfast QHAdam bf16 per-tensor (default)")) == 12
     assert round(bytes_per_param("qhfast QHAdam bf16 no-masters per-tensor (default)")) == 8
     assert round(bytes_per_param("qhfast QHM fp32 per-tensor (default)")) == 4
+
+
+def test_quality_runs_end_to_end(capsys, tmp_path):
+    assert quality.main(["--steps", "3", "--plot", str(tmp_path / "q.png")]) == 0
+    table = capsys.readouterr().out
+    assert sum(line.startswith("| qhfast") or line.startswith("| torch") for line in table.splitlines()) == 5
