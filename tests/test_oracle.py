@@ -7,7 +7,6 @@ ulps (~1e-16) and, on this contracting problem, 500 steps keep the gap far below
 
 import pytest
 import qhoptim.pyt as oracle
-import torch
 
 import qhfast
 from helpers import PATHS, INTERMITTENT, Problem, max_relative_error, run, two_groups
