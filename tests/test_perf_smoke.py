@@ -27,3 +27,13 @@ def test_quality_runs_end_to_end(capsys, tmp_path):
     assert quality.main(["--steps", "3", "--plot", str(tmp_path / "q.png")]) == 0
     table = capsys.readouterr().out
     assert sum(line.startswith("| qhfast") or line.startswith("| torch") for line in table.splitlines()) == 5
+
+
+def test_compare_runs_end_to_end(capsys):
+    import compare
+
+    assert compare.main(["--rev", "HEAD", "--blocks", "0", "--rounds", "1", "--steps", "2",
+                         "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    for name in ("qhfast@HEAD", "qhfast (working tree)", "torch Adam loop"):
+        assert name in out
