@@ -161,7 +161,7 @@ class QHAdam(QHOptimizer):
         weight_decay: :math:`\lambda` >= 0 (default 0).
         decouple_weight_decay: decoupled (AdamW-style) decay if True (default False).
         eps: added to the denominator, outside the square root, >= 0 (default 1e-8).
-        foreach, maximize, capturable, differentiable, master_weights: see
+        foreach, maximize, capturable, differentiable, fused, master_weights: see
             :class:`qhfast._base.QHOptimizer`.
 
     Same constructor and classmethod as ``qhoptim.pyt.QHAdam``; unlike it, ``p.grad`` is never
@@ -194,6 +194,7 @@ class QHAdam(QHOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
         master_weights: bool = True,
     ) -> None:
         defaults = dict(
@@ -211,6 +212,7 @@ class QHAdam(QHOptimizer):
             maximize=maximize,
             capturable=capturable,
             differentiable=differentiable,
+            fused=fused,
             master_weights=master_weights,
         )
 

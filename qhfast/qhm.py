@@ -93,7 +93,7 @@ class QHM(QHOptimizer):
         weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient, as
             :class:`torch.optim.SGD` does; ``"direct"`` multiplies :math:`\theta` by
             :math:`1 - \alpha\lambda` before the update (default ``"grad"``).
-        foreach, maximize, capturable, differentiable, master_weights: see
+        foreach, maximize, capturable, differentiable, fused, master_weights: see
             :class:`qhfast._base.QHOptimizer`.
 
     Same constructor and classmethods as ``qhoptim.pyt.QHM``; unlike it, ``p.grad`` is never
@@ -121,6 +121,7 @@ class QHM(QHOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
         master_weights: bool = True,
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("nu", nu)):
@@ -140,6 +141,7 @@ class QHM(QHOptimizer):
             maximize=maximize,
             capturable=capturable,
             differentiable=differentiable,
+            fused=fused,
             master_weights=master_weights,
         )
 

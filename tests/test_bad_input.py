@@ -63,6 +63,8 @@ class TestConstructorErrors(expecttest.TestCase):
     def test_flags(self):
         make = lambda **kw: lambda: qhfast.QHAdam([_param()], **kw)  # noqa: E731
         self.assertExpectedInline(_message(make(foreach="yes"), TypeError), """Invalid foreach value: 'yes' (foreach must be True, False or None)""")
+        self.assertExpectedInline(_message(make(fused=1), TypeError), """Invalid fused value: 1 (fused must be True, False or None)""")
+        self.assertExpectedInline(_message(make(fused=True, foreach=True), RuntimeError), """`fused` and `foreach` cannot be `True` together.""")
         self.assertExpectedInline(_message(make(master_weights=None), TypeError), """Invalid master_weights value: None (master_weights must be True or False)""")
         self.assertExpectedInline(_message(make(differentiable=True), NotImplementedError), """QHAdam does not support differentiable=True yet""")
 

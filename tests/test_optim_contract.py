@@ -271,6 +271,7 @@ Parameter Group 0
     differentiable: False
     eps: 1e-08
     foreach: None
+    fused: None
     lr: 0.0003
     master_weights: True
     maximize: False
@@ -286,6 +287,7 @@ Parameter Group 0
     capturable: False
     differentiable: False
     foreach: None
+    fused: None
     lr: 1.0
     master_weights: True
     maximize: False

@@ -1,0 +1,138 @@
+"""fused=True: each group's step runs as one torch.compile'd (inductor) function.
+
+Each test compiles small graphs (4 tensors); a few seconds each on a CPU.
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from helpers import OPTIMIZERS, Problem, assert_same, max_relative_error, run, snapshot
+
+# The scheduler wraps opt.step to notice calls; fused steps go through it normally, but the
+# warning filter keeps the schedule test independent of that wrapper's bookkeeping.
+SCHEDULER_WARNING = "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_computes_the_eager_trajectory(name):
+    """float64, 1e-12 relative (as for the capturable path: the counters are float64 device
+    tensors, and inductor only regroups float64 operations). The problem's intermittent
+    gradient changes which params have one, so the group recompiles and both graphs run."""
+    expected = run(lambda p: OPTIMIZERS[name](p, foreach=False), 40)
+    actual = run(lambda p: OPTIMIZERS[name](p, fused=True), 40)
+    assert max_relative_error(expected, actual) < 1e-12
+    assert counters["stats"]["unique_graphs"] >= 2  # it did compile
+
+
+@pytest.mark.filterwarnings(SCHEDULER_WARNING)
+def test_a_float_lr_schedule_neither_recompiles_nor_is_baked_in():
+    """StepLR halves a float lr every step: one graph for the whole run, and the trajectory is
+    the eager one with the same schedule (a constant baked into the graph would differ)."""
+
+    def scheduled(fused):
+        problem = Problem()
+        params = problem.params()
+        optimizer = OPTIMIZERS["QHAdam"](params, fused=fused)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for t in range(6):
+            for i, p in enumerate(params):
+                p.grad = problem.grad(i, p, t)
+            optimizer.step()
+            scheduler.step()
+        return [p.detach().clone() for p in params]
+
+    expected = scheduled(fused=False)
+    actual = scheduled(fused=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert max_relative_error(expected, actual) < 1e-12
+
+
+def test_bf16_params_with_masters():
+    """bf16 params: the fused step updates the fp32 masters as the eager foreach path does and
+    writes each param as its master rounded to bf16. Masters: 1e-5 relative after 20 steps,
+    fp32 rounding regrouped by inductor (~1e-7 per op) accumulating over the steps."""
+    problem = Problem()
+    results = []
+    for fused in (False, True):
+        params = problem.params(torch.bfloat16)
+        optimizer = OPTIMIZERS["QHAdamW"](params, fused=fused, foreach=None if fused else True)
+        for t in range(20):
+            problem.set_grads(params, t)
+            optimizer.step()
+        masters = [optimizer.state[p]["master_param"] for p in params]
+        for p, master in zip(params, masters):
+            assert torch.equal(p, master.to(torch.bfloat16))
+        results.append(masters)
+    assert max_relative_error(*results) < 1e-5
+
+
+def test_an_inf_gradient_under_a_grad_scaler_skips_the_step():
+    problem = Problem()
+    params = problem.params(torch.float16)
+    optimizer = OPTIMIZERS["QHAdam"](params, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def backward(t, poison=False):
+        optimizer.zero_grad()
+        loss = sum((problem.grad(i, p, t).float() * p.float()).sum() for i, p in enumerate(params))
+        if poison:
+            loss = loss + params[0].float().sum() * float("inf")
+        scaler.scale(loss).backward()
+
+    for t in range(3):
+        backward(t)
+        scaler.step(optimizer)
+        scaler.update()
+    backward(3, poison=True)
+    before = snapshot(optimizer, params)
+    scaler.step(optimizer)
+    assert_same(snapshot(optimizer, params), before)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_state_dict_moves_between_fused_and_eager():
+    """A fused optimizer's checkpoint resumes in an eager one (and back) on the same path."""
+    problem = Problem()
+    params = problem.params()
+    optimizer = OPTIMIZERS["QHAdam"](params, fused=True)
+    for t in range(5):
+        problem.set_grads(params, t)
+        optimizer.step()
+    saved = optimizer.state_dict()
+    start = [p.detach().clone() for p in params]
+    finals = []
+    for fused in (True, False):
+        resumed = [x.clone().requires_grad_() for x in start]
+        other = OPTIMIZERS["QHAdam"](resumed, fused=fused)
+        other.load_state_dict(saved)
+        for t in range(5, 10):
+            problem.set_grads(resumed, t)
+            other.step()
+        finals.append([p.detach() for p in resumed])
+    assert max_relative_error(*finals) < 1e-12
+
+
+def test_the_compiled_steps_do_not_keep_the_optimizer_alive():
+    problem = Problem()
+    params = problem.params()
+    optimizer = OPTIMIZERS["QHM"](params, fused=True)
+    problem.set_grads(params, 0)
+    optimizer.step()
+    alive = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert alive() is None
