@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -80,35 +81,48 @@ def train(make, dtype: torch.dtype, steps: int) -> tuple[list[float], float]:
     return losses, final.item()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--plot", default=None, help="write a PNG of the loss curves here")
-    args = parser.parse_args(argv)
-
-    command = " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"# training quality: MLP {INPUTS}-{WIDTH}-{WIDTH}-{OUTPUTS} regressing a teacher MLP, "
-          f"batch {BATCH}, {args.steps} steps, cosine lr to 0")
-    print(f"# torch {torch.__version__}; command: python perf/quality.py {command}")
+def quality_table(steps: int, plot_path: str | None = None,
+                  progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Train every configuration; return the markdown table's lines (and write the plot)."""
+    lines = ["| optimizer | first-50 train loss | last-50 train loss | held-out loss | seconds |",
+             "|---|---:|---:|---:|---:|"]
     curves = {}
-    print()
-    print("| optimizer | first-50 train loss | last-50 train loss | held-out loss | seconds |")
-    print("|---|---:|---:|---:|---:|")
     for name, dtype, make in configurations():
         start = time.perf_counter()
-        losses, held_out = train(make, dtype, args.steps)
+        losses, held_out = train(make, dtype, steps)
         seconds = time.perf_counter() - start
         curves[name] = losses
         window = min(50, len(losses))
         first = sum(losses[:window]) / window
         last = sum(losses[-window:]) / window
-        print(f"| {name} | {first:.5f} | {last:.5f} | {held_out:.5f} | {seconds:.1f} |", flush=True)
-    if args.plot:
-        plot(curves, args.plot)
+        lines.append(f"| {name} | {first:.5f} | {last:.5f} | {held_out:.5f} | {seconds:.1f} |")
+        progress(f"quality  {name:40s} held-out {held_out:.5f} ({seconds:.1f} s)")
+    if plot_path:
+        plot(curves, plot_path)
+    return lines
+
+
+def describe(steps: int) -> str:
+    return (f"MLP {INPUTS}-{WIDTH}-{WIDTH}-{OUTPUTS} regressing a teacher MLP, batch {BATCH}, "
+            f"{steps} steps, cosine lr to 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--plot", default=None, help="write a PNG of the loss curves here")
+    args = parser.parse_args(argv)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"# training quality: {describe(args.steps)}")
+    print(f"# torch {torch.__version__}; command: python perf/quality.py {command}")
+    print()
+    print("\n".join(quality_table(args.steps, args.plot,
+                                   lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 
 
-def plot(curves: dict[str, list[float]], path: str) -> None:
+def plot(curves: dict[str, list[float]], path: str) -> bool:
+    """Write the loss curves as a PNG; False (and no file) without matplotlib."""
     try:
         import matplotlib
 
@@ -116,7 +130,7 @@ def plot(curves: dict[str, list[float]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("(matplotlib is not installed: no plot)", file=sys.stderr)
-        return
+        return False
     from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +144,7 @@ def plot(curves: dict[str, list[float]], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot written to {path}", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":

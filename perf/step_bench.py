@@ -1,30 +1,26 @@
-"""Optimizer step time: qhfast against torch.optim and qhoptim on one parameter set.
+"""Optimizer step time and memory: qhfast against torch.optim and qhoptim on one parameter set.
 
-    python perf/step_bench.py                 # ~21M params in 179 tensors, CPU
-    python perf/step_bench.py --blocks 2      # smaller, quicker
-    python perf/step_bench.py --only QHAdam   # rows whose name contains a word
-    python perf/step_bench.py --compiled      # also torch.compile'd steps (minutes to compile)
+Used by ``python -m perf`` (the table) and ``perf/compare.py`` (A/B runs).
 
-The parameter set is shaped like a small transformer (width 384, 11 blocks of attention and
-MLP weights, biases and norms, plus an embedding). Gradients are random and set once; every
-optimizer takes warm-up steps (state creation) and then each of ``--steps`` steps is timed
-alone. Machines drift (a shared CPU, the allocator, page placement), so the whole table is
-measured ``--rounds`` times, each round timing every row once on freshly made tensors, and
-each row's statistics pool all its rounds. The table gives the median and the spread (25th-75th
-percentile) in milliseconds, and the median as a ratio to torch Adam's default path and to
-torch's fused Adam, both measured in the same run. QH rows use the paper's recommended settings (nu = 0.7), so the quasi-hyperbolic
-term is paid for; ``QHAdam nus=(1,1)`` rows are plain Adam through qhfast.
+The parameter set is shaped like a small transformer (width 384, 11 blocks of attention and MLP
+weights, biases and norms, plus an embedding: ~21M params in 179 tensors). Gradients are random
+and set once; every optimizer takes warm-up steps (state creation) and then each timed step is
+timed alone. Machines drift (a shared CPU, the allocator, page placement), so the whole table is
+measured in rounds, each round timing every row once, and a row's statistics pool its rounds.
+Eager rows get freshly made tensors each round; compiled (``fused=True``) and CUDA-graph rows
+are built once, in the first round, and reused, so their one-off cost is paid once and reported.
+
+QH rows use the paper's recommended settings (QHM ``nu=0.7, momentum=0.999``; QHAdam
+``nus=(0.7, 1.0), betas=(0.995, 0.999)``), so the quasi-hyperbolic term is paid for;
+``QHAdam nus=(1,1)`` is plain Adam through qhfast.
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import sys
 import time
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,7 +55,27 @@ def make_params(shapes, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     return params
 
 
-def qhoptim_classes():
+# --------------------------------------------------------------------------------------------
+# the rows
+
+
+@dataclass
+class Row:
+    name: str
+    dtype: torch.dtype
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    #: built once and reused across rounds (compiled or captured: a one-off cost)
+    once: bool = False
+    #: capture the step in a CUDA graph and time its replay
+    graph: bool = False
+
+
+QHM_SETTINGS = dict(lr=1.0, momentum=0.999, nu=0.7)
+QHADAM_SETTINGS = dict(lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def qhoptim_classes() -> dict[str, type]:
     try:
         import qhoptim.pyt
     except ImportError:
@@ -67,165 +83,226 @@ def qhoptim_classes():
     return {"QHM": qhoptim.pyt.QHM, "QHAdam": qhoptim.pyt.QHAdam}
 
 
-def configurations(device: str) -> list[tuple[str, torch.dtype, Callable]]:
-    """(row name, param dtype, optimizer factory)."""
-    qhm = dict(lr=1.0, momentum=0.999, nu=0.7)
-    qhadam = dict(lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
-    rows: list[tuple[str, torch.dtype, Callable]] = []
-    default_foreach = device != "cpu"
-    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        for path, foreach in (("per-tensor", False), ("foreach", True)):
-            default = " (default)" if foreach == default_foreach else ""
-            rows.append((f"qhfast QHM {tag} {path}{default}", dtype,
-                         lambda p, f=foreach: qhfast.QHM(p, **qhm, foreach=f)))
-            rows.append((f"qhfast QHAdam {tag} {path}{default}", dtype,
-                         lambda p, f=foreach: qhfast.QHAdam(p, **qhadam, foreach=f)))
-            if dtype == torch.bfloat16:
-                rows.append((f"qhfast QHAdam bf16 no-masters {path}{default}", dtype,
-                             lambda p, f=foreach: qhfast.QHAdam(p, **qhadam, foreach=f,
-                                                                master_weights=False)))
-            else:
-                rows.append((f"qhfast QHAdam nus=(1,1) fp32 {path}{default}", dtype,
-                             lambda p, f=foreach: qhfast.QHAdam(p, lr=1e-3, foreach=f)))
-        for path, kwargs in (("loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
-                             ("fused", dict(fused=True))):
-            default = " (default)" if kwargs.get("foreach") == default_foreach else ""
-            rows.append((f"torch SGD momentum {tag} {path}{default}", dtype,
-                         lambda p, k=kwargs: torch.optim.SGD(p, lr=0.1, momentum=0.9, **k)))
-            rows.append((f"torch Adam {tag} {path}{default}", dtype,
-                         lambda p, k=kwargs: torch.optim.Adam(p, lr=1e-3, **k)))
-            rows.append((f"torch AdamW {tag} {path}{default}", dtype,
-                         lambda p, k=kwargs: torch.optim.AdamW(p, lr=1e-3, **k)))
+#: the fused rows compiled by default (each compiles for about a minute on a 2-core CPU);
+#: ``every_fused`` adds the others
+DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16", "QHAdam bf16 no-masters")
+
+
+def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row]:
+    """Every row of the table. ``(default)`` marks what each library does with no flags."""
+    accelerator = device != "cpu"
+    qhfast_modes = [("per-tensor", dict(foreach=False), not accelerator),
+                    ("foreach", dict(foreach=True), accelerator)]
+    if fused:
+        qhfast_modes.append(("fused", dict(fused=True), False))
+    table: list[Row] = []
+    for tag, dtype, masters in (("fp32", torch.float32, True), ("bf16", torch.bfloat16, True),
+                                ("bf16 no-masters", torch.bfloat16, False)):
+        extra = {} if masters else dict(master_weights=False)
+        for mode, flags, default in qhfast_modes:
+            suffix = f"{tag} {mode}{' (default)' if default else ''}"
+            once = "fused" in flags
+            table.append(Row(f"qhfast QHM {suffix}", dtype, once=once,
+                             make=lambda p, k={**QHM_SETTINGS, **flags, **extra}: qhfast.QHM(p, **k)))
+            table.append(Row(f"qhfast QHAdam {suffix}", dtype, once=once,
+                             make=lambda p, k={**QHADAM_SETTINGS, **flags, **extra}: qhfast.QHAdam(p, **k)))
+            if tag == "fp32":
+                table.append(Row(f"qhfast QHAdamW {suffix}", dtype, once=once,
+                                 make=lambda p, k={**QHADAM_SETTINGS, **flags}: qhfast.QHAdamW(
+                                     p, weight_decay=0.01, **k)))
+            if tag == "fp32" and default:
+                table.append(Row(f"qhfast QHAdam nus=(1,1) {suffix}", dtype,
+                                 make=lambda p, k=flags: qhfast.QHAdam(p, lr=1e-3, **k)))
+    for tag, dtype in DTYPES.items():
+        for mode, flags in (("loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
+                            ("fused", dict(fused=True))):
+            default = " (default)" if flags.get("foreach") == accelerator else ""
+            table.append(Row(f"torch SGD momentum {tag} {mode}{default}", dtype,
+                             lambda p, k=flags: torch.optim.SGD(p, lr=0.1, momentum=0.9, **k)))
+            table.append(Row(f"torch Adam {tag} {mode}{default}", dtype,
+                             lambda p, k=flags: torch.optim.Adam(p, lr=1e-3, **k)))
+            table.append(Row(f"torch AdamW {tag} {mode}{default}", dtype,
+                             lambda p, k=flags: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, **k)))
+    if device == "cuda":
+        for tag, dtype in DTYPES.items():
+            table.append(Row(f"qhfast QHM {tag} CUDA graph", dtype, once=True, graph=True,
+                             make=lambda p: qhfast.QHM(p, **QHM_SETTINGS, capturable=True)))
+            table.append(Row(f"qhfast QHAdam {tag} CUDA graph", dtype, once=True, graph=True,
+                             make=lambda p: qhfast.QHAdam(p, **QHADAM_SETTINGS, capturable=True)))
+        table.append(Row("torch Adam fp32 fused CUDA graph", torch.float32, once=True, graph=True,
+                         make=lambda p: torch.optim.Adam(p, lr=1e-3, fused=True, capturable=True)))
+    if fused and not every_fused:
+        table = [row for row in table if not row.once or row.graph
+                 or any(row.name == f"qhfast {kind} fused" for kind in DEFAULT_FUSED)]
     oracle = qhoptim_classes()
     if oracle:
-        rows.append(("qhoptim 1.1.0 QHM fp32", torch.float32, lambda p: oracle["QHM"](p, **qhm)))
-        rows.append(("qhoptim 1.1.0 QHAdam fp32", torch.float32,
-                     lambda p: oracle["QHAdam"](p, **qhadam)))
-    return rows
+        table.append(Row("qhoptim 1.1.0 QHM fp32", torch.float32,
+                         lambda p: oracle["QHM"](p, **QHM_SETTINGS)))
+        table.append(Row("qhoptim 1.1.0 QHAdam fp32", torch.float32,
+                         lambda p: oracle["QHAdam"](p, **QHADAM_SETTINGS)))
+    return table
 
 
-def compiled_configurations() -> list[tuple[str, torch.dtype, Callable, bool]]:
-    """(row name, param dtype, optimizer factory, fullgraph). Tensor lr: what a scheduled run
-    compiles. torch's Adam inserts graph breaks on purpose, so it cannot take fullgraph."""
-    qhadam = dict(lr=torch.tensor(1e-3), betas=(0.995, 0.999), nus=(0.7, 1.0))
-    return [
-        ("qhfast QHM fp32 compiled", torch.float32,
-         lambda p: qhfast.QHM(p, lr=torch.tensor(1.0), momentum=0.999, nu=0.7), True),
-        ("qhfast QHAdam fp32 compiled", torch.float32, lambda p: qhfast.QHAdam(p, **qhadam), True),
-        ("qhfast QHAdam bf16 compiled", torch.bfloat16, lambda p: qhfast.QHAdam(p, **qhadam), True),
-        ("torch Adam fp32 compiled", torch.float32,
-         lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3)), False),
-    ]
+# --------------------------------------------------------------------------------------------
+# measuring
 
 
-def time_steps(step: Callable, steps: int, warmup: int, device: str) -> list[float]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], object], steps: int, warmup: int, device: str) -> list[float]:
     for _ in range(warmup):
         step()
-    sync()
+    synchronize(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def graphed(step: Callable[[], object]) -> Callable[[], object]:
+    """The step captured in a CUDA graph (after warm-up steps on a side stream): its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def parameter_count(optimizer: torch.optim.Optimizer) -> int:
+    return sum(p.numel() for g in optimizer.param_groups for p in g["params"])
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
     """Optimizer state (moments, masters, counters) in bytes per parameter element, exact."""
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
                 for v in s.values() if isinstance(v, torch.Tensor))
-    elements = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    return state / elements
+    return state / parameter_count(optimizer)
+
+
+def traffic_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes a step must move per parameter element, at the least: read the gradient, read and
+    write every state tensor (moments, master), write the parameter, and read it too unless an
+    fp32 master stands in for it. 0-d counters are negligible and left out."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            param_passes = 1 if "master_param" in state else 2
+            total += p.grad.numel() * p.grad.element_size() + param_passes * p.numel() * p.element_size()
+            total += 2 * sum(v.numel() * v.element_size() for v in tensors)
+    return total / parameter_count(optimizer)
+
+
+def peak_step_bytes(step: Callable[[], object], device: str) -> int | None:
+    """The most memory one step holds at once beyond what existed before it (temporaries): the
+    CUDA allocator's peak on a GPU; on a CPU, the running sum of the profiler's allocation
+    events (None where this torch's profiler does not expose them)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    sizes = []
+    pending = list(tree)
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.typed[1].alloc_size))
+    held = peak = 0
+    for _, size in sorted(sizes):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+def stream_bandwidth(device: str, megabytes: int = 256, repeats: int = 15) -> dict[str, float]:
+    """Memory bandwidth in GB/s from two streams over buffers far larger than any cache:
+    ``copy`` (dst ← src: 2 bytes moved per byte) and ``update`` (x ← x + y: 3 per byte, the
+    read-modify-write pattern of an optimizer step). A copy's destination costs the CPU a hidden
+    read (write-allocate), so the update stream is often the faster of the two."""
+    n = megabytes * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.zeros(n, device=device)
+    result = {}
+    for name, op, passes in (("copy", lambda: dst.copy_(src), 2), ("update", lambda: dst.add_(src), 3)):
+        times = time_steps(op, repeats, 3, device)
+        result[name] = passes * n * 4 / statistics.median(times) / 1e9
+    return result
+
+
+@dataclass
+class Measurement:
+    times: list[float] = field(default_factory=list)
+    state_bytes: float = 0.0
+    traffic_bytes: float = 0.0
+    peak_bytes: float | None = None
+    compile_seconds: float | None = None
+
+
+class Runner:
+    """Times rows round by round; keeps the optimizers of ``once`` rows between rounds."""
+
+    def __init__(self, shapes, device: str, steps: int, warmup: int) -> None:
+        self.shapes, self.device, self.steps, self.warmup = shapes, device, steps, warmup
+        self.kept: dict[str, tuple[list[torch.Tensor], torch.optim.Optimizer, Callable]] = {}
+        self.results: dict[str, Measurement] = {}
+
+    def measure(self, row: Row) -> Measurement:
+        result = self.results.setdefault(row.name, Measurement())
+        if row.name in self.kept:
+            params, optimizer, step = self.kept[row.name]
+            warmup = 2
+        else:
+            params = make_params(self.shapes, row.dtype, self.device)
+            optimizer = row.make(params)
+            step = optimizer.step
+            warmup = self.warmup
+            if row.once:  # the first step compiles (or captures): time it alone
+                synchronize(self.device)
+                start = time.perf_counter()
+                step()
+                if row.graph:
+                    step = graphed(step)
+                    step()
+                synchronize(self.device)
+                result.compile_seconds = time.perf_counter() - start
+                self.kept[row.name] = (params, optimizer, step)
+        first = not result.times
+        result.times += time_steps(step, self.steps, warmup, self.device)
+        if first:
+            peak = None if row.graph else peak_step_bytes(step, self.device)
+            result.peak_bytes = None if peak is None else peak / parameter_count(optimizer)
+            result.state_bytes = state_bytes_per_param(optimizer)
+            result.traffic_bytes = traffic_bytes_per_param(optimizer)
+        return result
 
 
 def quartiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) < 2:
+        return times[0], times[0], times[0]
     q1, median, q3 = statistics.quantiles(times, n=4)
     return q1, median, q3
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, default=11, help="transformer blocks (default 11: ~21M params)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (default 3)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round")
-    parser.add_argument("--warmup", type=int, default=12,
-                        help="untimed steps first (default 12: the allocator settles after ~10)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", default="", help="run rows whose name contains this text")
-    parser.add_argument("--compiled", action="store_true",
-                        help="add torch.compile'd steps (compiled once, timed in one round)")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)
-
-    shapes = transformer_shapes(args.blocks)
-    numel = sum(torch.Size(s).numel() for s in shapes)
-    print(f"# step time: {numel / 1e6:.1f}M params in {len(shapes)} tensors on {args.device}")
-    print(f"# torch {torch.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# command: python perf/step_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"# {args.rounds} rounds x {args.steps} timed steps per row after {args.warmup} warm-up steps")
-    rows = [row for row in configurations(args.device)
-            if not args.only or args.only in row[0] or row[0].startswith("torch Adam fp32")]
-    samples: dict[str, list[float]] = {name: [] for name, _, _ in rows}
-    state_bytes: dict[str, float] = {}
-    for round_index in range(args.rounds):
-        for name, dtype, make in rows:
-            params = make_params(shapes, dtype, args.device)
-            optimizer = make(params)
-            samples[name] += time_steps(optimizer.step, args.steps, args.warmup, args.device)
-            state_bytes[name] = state_bytes_per_param(optimizer)
-            del optimizer
-            median = statistics.median(samples[name])
-            print(f"  round {round_index + 1}/{args.rounds}  {name:48s} {median * 1e3:8.1f} ms",
-                  file=sys.stderr, flush=True)
-            del params
-    lines = [(name, *quartiles(times)) for name, times in samples.items()]
-    results = {name: median for name, _, median, _ in lines}
-
-    default_adam = next(v for k, v in results.items() if k.startswith("torch Adam fp32") and "(default)" in k)
-    fused_adam = results.get("torch Adam fp32 fused")
-    print()
-    print("| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused "
-          "| state B/param |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, q1, median, q3 in lines:
-        fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
-        print(f"| {name} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} | "
-              f"{median / default_adam:.2f} | {fused_ratio} | {state_bytes[name]:.2f} |")
-    if args.compiled:
-        print_compiled_table(args, shapes, default_adam, fused_adam)
-    return 0
-
-
-def print_compiled_table(args, shapes, default_adam: float, fused_adam: float | None) -> None:
-    """Compiled steps: the first two calls (the step that creates the state, then the steady
-    step: two graphs) are the compile time; then rounds x steps timed steps in one round."""
-    print()
-    print("| compiled optimizer | compile s (2 graphs) | median ms | p25-p75 ms "
-          "| / torch Adam default | / torch Adam fused |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, dtype, make, fullgraph in compiled_configurations():
-        if args.only and args.only not in name:
-            continue
-        torch._dynamo.reset()
-        params = make_params(shapes, dtype, args.device)
-        step = torch.compile(make(params).step, fullgraph=fullgraph)
-        start = time.perf_counter()
-        step()
-        step()
-        compile_seconds = time.perf_counter() - start
-        q1, median, q3 = quartiles(
-            time_steps(step, args.rounds * args.steps, args.warmup, args.device)
-        )
-        print(f"  compiled {name:40s} {median * 1e3:8.1f} ms (compile {compile_seconds:.0f} s)",
-              file=sys.stderr, flush=True)
-        fused_ratio = f"{median / fused_adam:.2f}" if fused_adam else "-"
-        print(f"| {name} | {compile_seconds:.0f} | {median * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} "
-              f"| {median / default_adam:.2f} | {fused_ratio} |")
-        del step, params
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

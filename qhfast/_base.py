@@ -1,8 +1,8 @@
 """Machinery shared by every qhfast optimizer.
 
-An optimizer subclass supplies three things: its hyperparameter checks (``_validate_group``),
-the state a parameter starts with (``_init_param_state``) and its update rule on lists of
-tensors (``_update``). Everything else lives here once:
+An optimizer subclass supplies its hyperparameter checks (``_validate_group``), the state a
+parameter starts with (``_init_param_state``), its update rule on lists of tensors
+(``_update``) and, if it counts steps, the step-dependent factors (``_step_factors``). Everything else lives here once:
 
 * flags in the torch.optim style (``foreach``, ``maximize``, ``capturable``, ``differentiable``)
   and the precision option ``master_weights``;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import types
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -296,6 +296,14 @@ class QHOptimizer(Optimizer):
         """Create the per-parameter state; ``like`` is a zero tensor in the compute dtype."""
         raise NotImplementedError
 
+    def _step_factors(
+        self, group: dict[str, Any], states: list[dict[str, Any]], hyper: dict[str, Any], amp: AmpArgs
+    ) -> dict[str, list]:
+        """Advance the step counters of a bucket's tensors, once per step for all of them, and
+        return the step-dependent factors the update needs, one list entry per tensor (the
+        per-tensor path hands each tensor its slice). None by default."""
+        return {}
+
     def _update(
         self,
         group: dict[str, Any],
@@ -303,12 +311,14 @@ class QHOptimizer(Optimizer):
         grads: list[Tensor],
         states: list[dict[str, Any]],
         hyper: dict[str, Any],
+        factors: dict[str, list],
         amp: AmpArgs,
     ) -> None:
         """Apply the update rule to ``params`` (compute dtype) given the raw ``grads``.
 
         ``hyper`` holds the group's ``_tensor_hyperparameters``: floats on the float path; on the
         device path tensors stay 0-d tensors on the params' device (floats stay floats).
+        ``factors`` is what ``_step_factors`` returned for these tensors.
         """
         raise NotImplementedError
 
@@ -416,33 +426,37 @@ class QHOptimizer(Optimizer):
             foreach = torch.compiler.is_compiling() or _default_to_fused_or_foreach(
                 [_local(p) for p in params], differentiable=False
             )[1]
-        if foreach:
-            chunks: Iterable[list[Tensor]] = _buckets(params).values()
-        else:
-            chunks = ([p] for p in params)
         device_path = group["capturable"] or torch.compiler.is_compiling()
-        hyper_by_bucket: dict[tuple[torch.device, torch.dtype], dict[str, Any]] = {}
-        for chunk in chunks:
-            device, dtype = chunk[0].device, compute_dtype(chunk[0])
-            hyper = hyper_by_bucket.get((device, dtype))
-            if hyper is None:
-                hyper = {
-                    name: _as_scalar(hyperparameters[name], device, dtype, device_path)
-                    for name in self._tensor_hyperparameters
-                }
-                hyper_by_bucket[(device, dtype)] = hyper
-            self._step_chunk(group, chunk, hyper, amp)
+        for bucket in _buckets(params).values():
+            device, dtype = bucket[0].device, compute_dtype(bucket[0])
+            hyper = {
+                name: _as_scalar(hyperparameters[name], device, dtype, device_path)
+                for name in self._tensor_hyperparameters
+            }
+            states = [self.state[p] for p in bucket]
+            if isinstance(bucket[0], DTensor):
+                states = [{k: _local(v) for k, v in s.items()} for s in states]
+            factors = self._step_factors(group, states, hyper, amp)
+            if foreach:
+                self._step_chunk(group, bucket, states, hyper, factors, amp)
+                continue
+            for i, p in enumerate(bucket):  # one tensor at a time: it stays in cache
+                one = {name: values[i : i + 1] for name, values in factors.items()}
+                self._step_chunk(group, [p], states[i : i + 1], hyper, one, amp)
 
     def _step_chunk(
-        self, group: dict[str, Any], params: list[Tensor], hyper: dict[str, Any], amp: AmpArgs
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        hyper: dict[str, Any],
+        factors: dict[str, list],
+        amp: AmpArgs,
     ) -> None:
         """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision,
         on local shards for DTensors."""
-        states = [self.state[p] for p in params]
         grads = [_local(p.grad) for p in params]
-        if any(isinstance(p, DTensor) for p in params):
-            states = [{k: _local(v) for k, v in s.items()} for s in states]
-            params = [_local(p) for p in params]
+        params = [_local(p) for p in params]
         low_precision = params[0].dtype in LOW_PRECISION_DTYPES
         if not low_precision:
             compute = params
@@ -450,7 +464,7 @@ class QHOptimizer(Optimizer):
             compute = [s["master_param"] for s in states]
         else:
             compute = [p.to(torch.float32) for p in params]
-        self._update(group, compute, grads, states, hyper, amp)
+        self._update(group, compute, grads, states, hyper, factors, amp)
         if low_precision:
             torch._foreach_copy_(params, compute)
 

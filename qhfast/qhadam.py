@@ -39,14 +39,15 @@ def advance_debias_weights(
     :math:`\beta`), so ``x̂ ← x̂ + (y - x̂)/w`` keeps ``x̂`` the bias-corrected average even when
     a scheduler changes :math:`\beta` (qhoptim's recursion, exactly).
 
-    Off the device (``on_device`` False: CPU counters, float betas) the fractions are floats.
-    On the device they are 0-d tensors computed where the counters live, with no host read;
-    ``keep`` (0 or 1) then makes a skipped step leave the counters alone and return fractions 0.
+    Off the device (``on_device`` False: CPU counters, float betas) the fractions are floats,
+    read with one host copy for the whole list. On the device they are 0-d tensors computed
+    where the counters live, with no host read; ``keep`` (0 or 1) then makes a skipped step
+    leave the counters alone and return fractions 0.
     """
     if not on_device:
         torch._foreach_mul_(weights, beta)
         torch._foreach_add_(weights, 1.0)
-        return [1.0 / float(w) for w in weights]
+        return [1.0 / w for w in torch.stack(weights).tolist()]
     advanced = torch._foreach_mul(weights, beta)
     torch._foreach_add_(advanced, 1.0)
     if keep is None:
@@ -56,6 +57,28 @@ def advance_debias_weights(
     fractions = torch._foreach_reciprocal(weights)
     torch._foreach_mul_(fractions, keep)
     return fractions
+
+
+def qhadam_step_fractions(
+    beta1_weights: list[Tensor],
+    beta2_weights: list[Tensor],
+    *,
+    betas: tuple[Scalar, Scalar],
+    capturable: bool = False,
+    found_inf: Tensor | None = None,
+) -> tuple[list, list]:
+    """Advance both normalizers of every tensor (see :func:`advance_debias_weights`) and return
+    the moments' lerp fractions: floats on the CPU counters' float path, else 0-d tensors.
+
+    Done once per step for all of a group's tensors, also when the update then runs one tensor
+    at a time: a few list ops instead of a few ops per tensor.
+    """
+    # step-dependent factors as tensors where the counters live: capturable, tensor betas, or a
+    # possible skip (found_inf), which must leave the counters as they were without a host read
+    on_device = capturable or found_inf is not None or any(isinstance(b, Tensor) for b in betas)
+    keep = None if found_inf is None else 1.0 - found_inf.to(beta1_weights[0].dtype)
+    return (advance_debias_weights(beta1_weights, betas[0], on_device, keep),
+            advance_debias_weights(beta2_weights, betas[1], on_device, keep))
 
 
 def qhadam(
@@ -97,11 +120,32 @@ def qhadam(
     ``grad_scale`` divides the gradients; a nonzero ``found_inf`` (a 0-d tensor where the
     normalizers live) makes the call change nothing, without a host read.
     """
-    beta1, beta2 = betas
+    fractions = qhadam_step_fractions(beta1_weights, beta2_weights, betas=betas,
+                                      capturable=capturable, found_inf=found_inf)
+    qhadam_apply(params, grads, exp_avgs, exp_avg_sqs, *fractions, lr=lr, nus=nus, eps=eps,
+                 weight_decay=weight_decay, decouple_weight_decay=decouple_weight_decay,
+                 maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def qhadam_apply(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    beta1_fractions: list[float] | list[Tensor],
+    beta2_fractions: list[float] | list[Tensor],
+    *,
+    lr: Scalar,
+    nus: tuple[Scalar, Scalar],
+    eps: float,
+    weight_decay: float,
+    decouple_weight_decay: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """:func:`qhadam` once the fractions are known (from :func:`qhadam_step_fractions`)."""
     nu1, nu2 = nus
-    # step-dependent factors as tensors where the counters live: capturable, tensor betas, or a
-    # possible skip (found_inf), which must leave the counters as they were without a host read
-    on_device = capturable or found_inf is not None or any(isinstance(b, Tensor) for b in betas)
     keep = None if found_inf is None else 1.0 - found_inf.to(params[0].dtype)
     if keep is not None:
         lr = lr * keep
@@ -111,13 +155,12 @@ def qhadam(
     d = prepare_grads(grads, params, maximize=maximize, weight_decay=coupled_decay,
                       grad_scale=grad_scale, found_inf=found_inf)
 
-    foreach_lerp_(exp_avgs, d, advance_debias_weights(beta1_weights, beta1, on_device, keep))
-    fractions = advance_debias_weights(beta2_weights, beta2, on_device, keep)
-    if on_device:  # 0-d tensor fractions: a d² temporary, then a lerp
-        foreach_lerp_(exp_avg_sqs, torch._foreach_mul(d, d), fractions)
+    foreach_lerp_(exp_avgs, d, beta1_fractions)
+    if isinstance(beta2_fractions[0], Tensor):  # 0-d tensor fractions: a d² temporary, a lerp
+        foreach_lerp_(exp_avg_sqs, torch._foreach_mul(d, d), beta2_fractions)
     else:  # float fractions: in place, v ← (1 - w)·v + w·d², no temporary
-        torch._foreach_mul_(exp_avg_sqs, [1.0 - w for w in fractions])
-        torch._foreach_addcmul_(exp_avg_sqs, d, d, fractions)
+        torch._foreach_mul_(exp_avg_sqs, [1.0 - w for w in beta2_fractions])
+        torch._foreach_addcmul_(exp_avg_sqs, d, d, beta2_fractions)
     if isinstance(nu2, float) and nu2 == 1.0:
         denom = torch._foreach_sqrt(exp_avg_sqs)
     else:
@@ -233,20 +276,29 @@ class QHAdam(QHOptimizer):
         state["exp_avg"] = like
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, hyper, amp: AmpArgs) -> None:
-        qhadam(
+    def _step_factors(self, group, states, hyper, amp: AmpArgs) -> dict[str, list]:
+        beta1_fractions, beta2_fractions = qhadam_step_fractions(
+            [s["beta1_weight"] for s in states],
+            [s["beta2_weight"] for s in states],
+            betas=hyper["betas"],
+            capturable=group["capturable"] or torch.compiler.is_compiling(),
+            found_inf=amp.found_inf,
+        )
+        return {"beta1_fractions": beta1_fractions, "beta2_fractions": beta2_fractions}
+
+    def _update(self, group, params, grads, states, hyper, factors, amp: AmpArgs) -> None:
+        qhadam_apply(
             params,
             grads,
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
-            [s["beta1_weight"] for s in states],
-            [s["beta2_weight"] for s in states],
-            **hyper,
+            **factors,
+            lr=hyper["lr"],
+            nus=hyper["nus"],
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decouple_weight_decay=group["decouple_weight_decay"],
             maximize=group["maximize"],
-            capturable=group["capturable"] or torch.compiler.is_compiling(),
             grad_scale=amp.grad_scale,
             found_inf=amp.found_inf,
         )

@@ -160,7 +160,7 @@ class QHM(QHOptimizer):
     def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
         state["momentum_buffer"] = like
 
-    def _update(self, group, params, grads, states, hyper, amp: AmpArgs) -> None:
+    def _update(self, group, params, grads, states, hyper, factors, amp: AmpArgs) -> None:
         qhm(
             params,
             grads,

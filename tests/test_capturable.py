@@ -54,7 +54,8 @@ def test_capturable_step_reads_no_tensor_value_on_the_host(name, foreach, monkey
     monkeypatch.undo()
     # the check is live: the default (non-capturable) QHAdam path reads its CPU counters
     if name != "QHM":
-        monkeypatch.setattr(torch.Tensor, "__float__", host_read)
+        for method in ("__float__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, method, host_read)
         with pytest.raises(AssertionError, match="host read"):
             OPTIMIZERS[name](params, foreach=foreach).step()
 

@@ -1,0 +1,193 @@
+"""The benchmark: step time, memory and training quality, for qhfast against torch.optim and
+qhoptim, in one command.
+
+    python -m perf                  # CPU (or the GPU, when there is one): ~21M params, minutes
+    python -m perf --blocks 24 --width 1024    # a larger parameter set
+    python -m perf --only QHAdam    # rows whose name contains a word (plus the reference rows)
+    python -m perf --no-fused       # skip the compiled rows (each compiles for about a minute)
+    python -m perf --all-fused      # compiled rows for every optimizer and dtype (7, not 4)
+
+It prints each table and writes them, with the machine, torch version and command, into
+perf/RESULTS.md between markers for the device (``--output`` elsewhere, ``--output -`` not at
+all); the rest of that file (analysis, attempts) is left as it is. Progress goes to stderr.
+
+Per row: the median step time and its spread over every timed step of every round; ratios to
+torch's default Adam and fused Adam from the same run; the ratio to the memory-bandwidth floor
+(the bytes the step must move, divided by the faster of two streams measured in the same run);
+the exact optimizer state per parameter; and the peak memory one step allocates beyond what
+existed before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+import step_bench  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+#: rows the ratios need, kept whatever --only says
+REFERENCE_ROWS = ("torch Adam fp32 fused", "torch Adam fp32 loop", "torch Adam fp32 foreach")
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", cpuinfo).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    memory = ""
+    try:
+        kib = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        memory = f", {kib / 2**20:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    text = (f"{cpu}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads){memory}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+    if device == "cuda":
+        text += f"; GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    return text
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=11, help="transformer blocks (default 11: ~21M params)")
+    parser.add_argument("--width", type=int, default=step_bench.WIDTH, help="model width (default 384)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round (default 10)")
+    parser.add_argument("--warmup", type=int, default=12,
+                        help="untimed steps of a fresh optimizer (default 12: the allocator settles)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default="", help="rows whose name contains this text")
+    parser.add_argument("--no-fused", dest="fused", action="store_false", help="skip fused=True rows")
+    parser.add_argument("--all-fused", action="store_true",
+                        help=f"every fused row, not only {', '.join(step_bench.DEFAULT_FUSED)}")
+    parser.add_argument("--quality-steps", type=int, default=1500,
+                        help="training steps of the quality run (0: skip it)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG of the loss curves (default perf/scratch/quality-DEVICE.png; needs matplotlib)")
+    parser.add_argument("--output", default=str(RESULTS), help="markdown file to update, '-' for none")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run (seconds, for tests): 1 block of width 64, 1 round of 2 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.width, args.rounds, args.steps, args.warmup = 1, 64, 1, 2, 1
+        args.quality_steps = min(args.quality_steps, 3)
+    if args.plot is None:
+        args.plot = str(Path(__file__).resolve().parent / "scratch" / f"quality-{args.device}.png")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    command = "python -m perf" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)
+    began = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+    shapes = step_bench.transformer_shapes(args.blocks, args.width)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused)
+            if args.only in row.name or row.name.startswith(REFERENCE_ROWS)]
+    runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
+    bandwidth: dict[str, list[float]] = {"copy": [], "update": []}
+    for round_index in range(args.rounds):
+        for name, value in step_bench.stream_bandwidth(args.device).items():
+            bandwidth[name].append(value)
+        for i, row in enumerate(rows):
+            result = runner.measure(row)
+            note = "" if result.compile_seconds is None else f" (first step {result.compile_seconds:.0f} s)"
+            progress(f"round {round_index + 1}/{args.rounds} row {i + 1}/{len(rows)} {row.name:45s} "
+                     f"{statistics.median(result.times) * 1e3:8.2f} ms{note}")
+    streams = {name: statistics.median(values) for name, values in bandwidth.items()}
+
+    lines = [
+        f"Command: `{command}`, {datetime.date.today().isoformat()}, {time.perf_counter() - began:.0f} s"
+        " (with the quality run below).",
+        "",
+        f"Machine: {machine(args.device)}.",
+        "",
+        f"Parameters: {numel / 1e6:.1f}M in {len(shapes)} tensors (transformer-like shapes, width "
+        f"{args.width}, {args.blocks} blocks) on {args.device}; {args.rounds} rounds x {args.steps} "
+        f"timed steps per row after {args.warmup} warm-up steps (fused and graph rows: built once, "
+        "2 warm-up steps in later rounds).",
+        "",
+        f"Bandwidth ({args.device}, 256 MiB buffers): copy {streams['copy']:.1f} GB/s, "
+        f"update (x += y) {streams['update']:.1f} GB/s. The floor of a row is its moved bytes "
+        f"over {max(streams.values()):.1f} GB/s, the faster of the two.",
+        "",
+    ]
+    lines += step_table(runner.results, numel, max(streams.values()))
+    lines += compile_table(runner.results)
+    if args.quality_steps > 0:
+        progress("training quality")
+        table = quality.quality_table(args.quality_steps, args.plot, progress)
+        plotted = Path(args.plot).exists()
+        lines += ["", f"Training quality: {quality.describe(args.quality_steps)}. "
+                  + (f"Loss curves: `{os.path.relpath(args.plot)}` (not committed)."
+                     if plotted else "No plot (matplotlib is not installed; `pip install -e \".[perf]\"`)."),
+                  "", *table]
+    text = "\n".join(lines)
+    print(text)
+    if args.output != "-":
+        write_block(Path(args.output), args.device, text)
+        progress(f"written to {args.output}")
+    return 0
+
+
+def step_table(results: dict[str, step_bench.Measurement], numel: int, bandwidth: float) -> list[str]:
+    medians = {name: statistics.median(r.times) for name, r in results.items()}
+    default_adam = next(v for k, v in medians.items() if k.startswith("torch Adam fp32") and "(default)" in k)
+    fused_adam = medians["torch Adam fp32 fused"]
+    lines = ["| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused "
+             "| / floor | moved B/param | state B/param | step temp B/param |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        q1, median, q3 = step_bench.quartiles(r.times)
+        floor = r.traffic_bytes * numel / (bandwidth * 1e9)
+        temp = "-" if r.peak_bytes is None else f"{r.peak_bytes:.2f}"
+        lines.append(
+            f"| {name} | {median * 1e3:.2f} | {q1 * 1e3:.2f}-{q3 * 1e3:.2f} | {median / default_adam:.2f} "
+            f"| {median / fused_adam:.2f} | {median / floor:.2f} | {r.traffic_bytes:.0f} "
+            f"| {r.state_bytes:.2f} | {temp} |"
+        )
+    return lines
+
+
+def compile_table(results: dict[str, step_bench.Measurement]) -> list[str]:
+    once = {name: r.compile_seconds for name, r in results.items() if r.compile_seconds is not None}
+    if not once:
+        return []
+    lines = ["", "One-off cost of the rows built once: the first step, which compiles (fused) or "
+             "captures (CUDA graph) it.", "", "| optimizer | first step s |", "|---|---:|"]
+    return lines + [f"| {name} | {seconds:.1f} |" for name, seconds in once.items()]
+
+
+def write_block(path: Path, device: str, text: str) -> None:
+    """Replace this device's generated block in ``path`` (or append one)."""
+    begin = f"<!-- python -m perf: {device}: begin (generated: the next run replaces this block) -->"
+    end = f"<!-- python -m perf: {device}: end -->"
+    block = f"{begin}\n## {device.upper()}: step time, memory, training quality\n\n{text}\n{end}"
+    old = path.read_text() if path.exists() else "# perf results\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
