@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     streams = {name: statistics.median(values) for name, values in bandwidth.items()}
 
     lines = [
-        f"Command: `{command}`, {datetime.date.today().isoformat()}, {time.perf_counter() - began:.0f} s"
-        " (with the quality run below).",
+        f"Command: `{command}`, {datetime.date.today().isoformat()}, DURATION.",
         "",
         f"Machine: {machine(args.device)}.",
         "",
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"Loss curves: `{os.path.relpath(args.plot)}` (not committed)."
                      if plotted else "No plot (matplotlib is not installed; `pip install -e \".[perf]\"`)."),
                   "", *table]
-    text = "\n".join(lines)
+    text = "\n".join(lines).replace("DURATION", f"{time.perf_counter() - began:.0f} s in all", 1)
     print(text)
     if args.output != "-":
         write_block(Path(args.output), args.device, text)

@@ -1,26 +1,67 @@
 """The benchmark runs end to end in a tiny configuration, so it cannot rot unnoticed."""
 
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "perf"))
 
 import quality  # noqa: E402
-import step_bench  # noqa: E402
 
 
-def test_step_bench_runs_end_to_end(capsys):
-    assert step_bench.main(["--blocks", "0", "--rounds", "1", "--steps", "2", "--warmup", "1"]) == 0
-    table = capsys.readouterr().out
-    for row in ("qhfast QHAdam fp32 per-tensor", "torch Adam fp32 fused", "qhoptim 1.1.0 QHM fp32"):
-        assert f"| {row}" in table
-    # exact state sizes: two fp32 moments; bf16 params add an fp32 master; QHM one fp32 buffer
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    bytes_per_param = lambda row: float(rows[row].rstrip(" |").split(" | ")[-1])  # noqa: E731
-    assert round(bytes_per_param("qhfast QHAdam fp32 per-tensor (default)")) == 8
-    assert round(bytes_per_param("qhfast QHAdam bf16 per-tensor (default)")) == 12
-    assert round(bytes_per_param("qhfast QHAdam bf16 no-masters per-tensor (default)")) == 8
-    assert round(bytes_per_param("qhfast QHM fp32 per-tensor (default)")) == 4
+def _rows(table: str) -> dict[str, list[str]]:
+    return {
+        cells[0]: cells[1:]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| optimizer")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+        if len(cells) == 9 or len(cells) == 5  # the step table and the quality table
+    }
+
+
+def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
+    """`python -m perf --quick` (one fused row compiles, a few seconds): the step table with
+    exact state and traffic bytes, the quality table, and its block in the output file, which
+    a second run replaces instead of appending."""
+    output = tmp_path / "RESULTS.md"
+    output.write_text("# results\n\nhand-written analysis stays\n")
+    command = [sys.executable, "-m", "perf", "--quick", "--only", "QHAdam fp32", "--output", str(output),
+               "--plot", str(tmp_path / "q.png")]
+    for _ in range(2):
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    assert "round 1/1" in done.stderr  # progress
+    rows = _rows(done.stdout)
+    # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, state, temp
+    assert rows["qhfast QHAdam fp32 per-tensor (default)"][5:7] == ["28", "8.00"]
+    assert rows["qhfast QHAdam fp32 fused"][5:7] == ["28", "8.00"]
+    assert rows["torch Adam fp32 fused"][3] == "1.00"
+    assert float(rows["qhfast QHAdam fp32 foreach"][4]) > 0  # a floor ratio was computed
+    assert "qhoptim 1.1.0 QHAdam fp32" in rows
+    assert sum(name.startswith(("qhfast QHAdamW", "torch AdamW")) for name in rows) == 5  # quality
+    text = output.read_text()
+    assert text.startswith("# results\n\nhand-written analysis stays\n")
+    assert text.count("<!-- python -m perf: cpu: begin") == 1
+    assert text.count("<!-- python -m perf: cpu: end -->") == 1
+    assert "| qhfast QHAdam fp32 fused |" in text and "Machine: " in text
+
+
+def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
+    """The profiler-based peak sees a step's temporaries: torch's foreach Adam holds a
+    denominator list (4 B/param in fp32), the fused kernel none."""
+    import step_bench
+    import torch
+
+    params = step_bench.make_params(step_bench.transformer_shapes(1, 64), torch.float32, "cpu")
+    n = sum(p.numel() for p in params)
+    peaks = {}
+    for name, flags in (("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
+        optimizer = torch.optim.Adam(params, **flags)
+        optimizer.step()
+        peaks[name] = step_bench.peak_step_bytes(optimizer.step, "cpu")
+    assert peaks["foreach"] >= 4 * n
+    assert peaks["fused"] < n
 
 
 def test_quality_runs_end_to_end(capsys, tmp_path):
