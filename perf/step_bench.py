@@ -17,9 +17,12 @@ QH rows use the paper's recommended settings (QHM ``nu=0.7, momentum=0.999``; QH
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -220,7 +223,7 @@ def peak_step_bytes(step: Callable[[], object], device: str) -> int | None:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         tree = prof.profiler.kineto_results.experimental_event_tree()
     except (ImportError, AttributeError, RuntimeError):
@@ -237,6 +240,20 @@ def peak_step_bytes(step: Callable[[], object], device: str) -> int | None:
         held += size
         peak = max(peak, held)
     return peak
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side prints a line per start and stop)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def stream_bandwidth(device: str, megabytes: int = 256, repeats: int = 15) -> dict[str, float]:

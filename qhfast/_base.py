@@ -437,12 +437,10 @@ class QHOptimizer(Optimizer):
             if isinstance(bucket[0], DTensor):
                 states = [{k: _local(v) for k, v in s.items()} for s in states]
             factors = self._step_factors(group, states, hyper, amp)
-            if foreach:
-                self._step_chunk(group, bucket, states, hyper, factors, amp)
-                continue
-            for i, p in enumerate(bucket):  # one tensor at a time: it stays in cache
-                one = {name: values[i : i + 1] for name, values in factors.items()}
-                self._step_chunk(group, [p], states[i : i + 1], hyper, one, amp)
+            spans = [(0, len(bucket))] if foreach else _cache_sized_spans(bucket)
+            for start, stop in spans:
+                part = {name: values[start:stop] for name, values in factors.items()}
+                self._step_chunk(group, bucket[start:stop], states[start:stop], hyper, part, amp)
 
     def _step_chunk(
         self,
@@ -651,6 +649,27 @@ def _check_distributed_grad(p: Tensor, name: str) -> None:
 def compute_dtype(p: Tensor) -> torch.dtype:
     """The dtype a parameter's update and state use: fp32 for bf16/fp16, else its own."""
     return torch.float32 if p.dtype in LOW_PRECISION_DTYPES else p.dtype
+
+
+#: the per-tensor path's unit of work, in elements: a tensor this large or larger is updated
+#: alone; smaller neighbours are updated together up to this size (their parameters, gradients
+#: and state then still fit in a core's L2 cache), one list op per op instead of one per tensor
+CACHE_SIZED_CHUNK = 1 << 15
+
+
+def _cache_sized_spans(params: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Split ``params`` into runs [start, stop) of consecutive tensors of at most
+    ``CACHE_SIZED_CHUNK`` elements in all (a larger tensor is a run of its own)."""
+    spans = []
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        numel = _local(p).numel()
+        if i > start and size + numel > CACHE_SIZED_CHUNK:
+            spans.append((start, i))
+            start, size = i, 0
+        size += numel
+    spans.append((start, len(params)))
+    return spans
 
 
 def _buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:

@@ -223,7 +223,9 @@ def test_grads_are_never_modified(name, foreach, dtype):
 
 
 def test_foreach_default_is_per_tensor_on_cpu(monkeypatch):
-    """torch's rule: foreach by default only when every param is on an accelerator."""
+    """torch's rule: foreach by default only when every param is on an accelerator. On the CPU,
+    tensors are updated alone or, small ones, with neighbours up to CACHE_SIZED_CHUNK elements
+    (16 in the tests: the problem's 15, 7, 8 and 4 elements make [15], [7, 8], [4])."""
     params = Problem().params()
     optimizer = qhfast.QHAdam(params)
     chunks = []
@@ -235,7 +237,7 @@ def test_foreach_default_is_per_tensor_on_cpu(monkeypatch):
     for p in params:
         p.grad = torch.ones_like(p)
     optimizer.step()
-    assert chunks == [1] * len(params)
+    assert chunks == [1, 2, 1]
     optimizer.param_groups[0]["foreach"] = True
     chunks.clear()
     optimizer.step()
@@ -296,3 +298,13 @@ Parameter Group 0
     weight_decay: 0.0
     weight_decay_type: grad
 )""")
+
+
+def test_per_tensor_chunks_keep_large_tensors_alone_and_group_small_neighbours(monkeypatch):
+    import qhfast._base as base
+
+    monkeypatch.setattr(base, "CACHE_SIZED_CHUNK", 1 << 15)
+    sizes = [1 << 20, 384, 384, 1536, 1 << 15, 100, 1 << 14, 1 << 14, 1]
+    spans = base._cache_sized_spans([torch.empty(n) for n in sizes])
+    assert spans == [(0, 1), (1, 4), (4, 5), (5, 7), (7, 9)]
+    assert base._cache_sized_spans([torch.empty(3)]) == [(0, 1)]
