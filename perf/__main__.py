@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += compile_table(runner.results)
     if args.quality_steps > 0:
         progress("training quality")
-        table = quality.quality_table(args.quality_steps, args.plot, progress)
-        plotted = Path(args.plot).exists()
+        table, plotted = quality.quality_table(args.quality_steps, args.plot, progress)
         lines += ["", f"Training quality: {quality.describe(args.quality_steps)}. "
                   + (f"Loss curves: `{os.path.relpath(args.plot)}` (not committed)."
                      if plotted else "No plot (matplotlib is not installed; `pip install -e \".[perf]\"`)."),

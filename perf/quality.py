@@ -82,8 +82,9 @@ def train(make, dtype: torch.dtype, steps: int) -> tuple[list[float], float]:
 
 
 def quality_table(steps: int, plot_path: str | None = None,
-                  progress: Callable[[str], None] = lambda line: None) -> list[str]:
-    """Train every configuration; return the markdown table's lines (and write the plot)."""
+                  progress: Callable[[str], None] = lambda line: None) -> tuple[list[str], bool]:
+    """Train every configuration; return the markdown table's lines and whether a plot of the
+    loss curves was written to ``plot_path``."""
     lines = ["| optimizer | first-50 train loss | last-50 train loss | held-out loss | seconds |",
              "|---|---:|---:|---:|---:|"]
     curves = {}
@@ -97,9 +98,8 @@ def quality_table(steps: int, plot_path: str | None = None,
         last = sum(losses[-window:]) / window
         lines.append(f"| {name} | {first:.5f} | {last:.5f} | {held_out:.5f} | {seconds:.1f} |")
         progress(f"quality  {name:40s} held-out {held_out:.5f} ({seconds:.1f} s)")
-    if plot_path:
-        plot(curves, plot_path)
-    return lines
+    plotted = bool(plot_path) and plot(curves, plot_path)
+    return lines, plotted
 
 
 def describe(steps: int) -> str:
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# training quality: {describe(args.steps)}")
     print(f"# torch {torch.__version__}; command: python perf/quality.py {command}")
     print()
-    print("\n".join(quality_table(args.steps, args.plot,
-                                   lambda line: print(line, file=sys.stderr, flush=True))))
+    lines, _ = quality_table(args.steps, args.plot, lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(lines))
     return 0
 
 

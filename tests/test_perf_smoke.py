@@ -45,6 +45,7 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     assert text.count("<!-- python -m perf: cpu: begin") == 1
     assert text.count("<!-- python -m perf: cpu: end -->") == 1
     assert "| qhfast QHAdam fp32 fused |" in text and "Machine: " in text
+    assert "Loss curves: " in text and (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
@@ -66,6 +67,7 @@ def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
 
 def test_quality_runs_end_to_end(capsys, tmp_path):
     assert quality.main(["--steps", "3", "--plot", str(tmp_path / "q.png")]) == 0
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert sum(line.startswith("| qhfast") or line.startswith("| torch") for line in table.splitlines()) == 5
 
