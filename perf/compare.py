@@ -2,6 +2,7 @@
 
     python perf/compare.py --rev HEAD~1                # QHAdam: tree vs HEAD~1 vs torch Adam loop
     python perf/compare.py --rev main --optimizer QHM  # QHM vs torch SGD momentum loop
+    python perf/compare.py --tiny                      # per-step Python overhead: 179 tensors of 4
 
 The machine's speed drifts between processes by more than most changes are worth, so
 ``step_bench.py`` tables cannot judge a small change. Here every contender steps the same
@@ -59,12 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=12)
+    parser.add_argument("--tiny", action="store_true",
+                        help="the same number of tensors with 4 elements each: what is left is overhead")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
 
     kwargs, torch_name, make_torch = SETTINGS[args.optimizer]
-    params = step_bench.make_params(step_bench.transformer_shapes(args.blocks),
-                                    getattr(torch, args.dtype), "cpu")
+    shapes = step_bench.transformer_shapes(args.blocks)
+    if args.tiny:
+        shapes = [(4,)] * len(shapes)
+    params = step_bench.make_params(shapes, getattr(torch, args.dtype), "cpu")
     contenders = {}
     if args.rev:
         contenders[f"qhfast@{args.rev}"] = getattr(qhfast_at(args.rev), args.optimizer)(params, **kwargs)
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             samples[name] += step_bench.time_steps(optimizer.step, args.steps, 0, "cpu")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# python perf/compare.py {command}")
-    print(f"# {args.rounds} rounds x {args.steps} steps, interleaved, same tensors; torch {torch.__version__}")
+    print(f"# {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M params; "
+          f"{args.rounds} rounds x {args.steps} steps, interleaved, same tensors; torch {torch.__version__}")
     for name, times in samples.items():
         q1, median, q3 = step_bench.quartiles(times)
         print(f"{name:28s} median {median * 1e3:6.1f} ms   p25-p75 {q1 * 1e3:.1f}-{q3 * 1e3:.1f}")

@@ -135,11 +135,14 @@ def plot(curves: dict[str, list[float]], path: str) -> bool:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(8, 5))
+    window = 25
     for name, losses in curves.items():
-        axes.plot(losses, label=name, linewidth=1)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+                  for i in range(len(losses))]
+        axes.plot(smooth, label=name, linewidth=1)
     axes.set_yscale("log")
     axes.set_xlabel("step")
-    axes.set_ylabel("training loss (MSE)")
+    axes.set_ylabel(f"training loss (MSE), mean of the last {window} steps")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

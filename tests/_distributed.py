@@ -125,7 +125,8 @@ def spawn(fn, out_dir: Path, *args, world: int = WORLD, timeout: float = 120.0) 
 
 
 def train_many(rank: int, world: int, out_dir: str) -> dict:
-    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters), ZeRO."""
+    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters, one fused
+    run), ZeRO."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -159,6 +160,14 @@ def train_many(rank: int, world: int, out_dir: str) -> dict:
         results[("fsdp_bf16_params", name)] = full_params(model)
         master = optimizer.state[next(model.parameters())]["master_param"]
         results[("fsdp_master", name)] = (type(master).__name__, master.dtype, master.placements)
+
+    model = make_model()
+    for layer in model[::2]:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1], fused=True)
+    train_rank(model, optimizer, range(STEPS), rank)
+    results[("fsdp_fused", "QHAdamW")] = full_params(model)
 
     results["bad_input"] = bad_distributed_input()
 
