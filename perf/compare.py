@@ -5,7 +5,7 @@
     python perf/compare.py --tiny                      # per-step Python overhead: 179 tensors of 4
 
 The machine's speed drifts between processes by more than most changes are worth, so
-``step_bench.py`` tables cannot judge a small change. Here every contender steps the same
+``python -m perf`` tables cannot judge a small change. Here every contender steps the same
 parameter tensors, in rounds that alternate between them, and the medians are comparable.
 """
 

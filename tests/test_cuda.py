@@ -96,3 +96,26 @@ def test_fused_step_on_cuda_matches_the_foreach_path(name, dtype):
             optimizer.step()
         results.append([optimizer.state[p].get("master_param", p).detach().cpu() for p in params])
     assert max_relative_error(*results) < 1e-5
+
+
+def test_python_m_perf_on_cuda_has_graph_rows_and_a_cuda_block(tmp_path):
+    """The benchmark's GPU side end to end, tiny: the CUDA table with CUDA-graph-replayed rows,
+    the allocator's peak per step, and its own `cuda` block in the results file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    output = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "perf", "--quick", "--device", "cuda", "--only", "QHAdam fp32",
+         "--quality-steps", "0", "--output", str(output)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    table = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines()
+             if line.startswith("| ")}
+    assert "qhfast QHAdam fp32 CUDA graph" in table
+    assert "torch Adam fp32 fused CUDA graph" in table
+    assert "qhfast QHAdam fp32 foreach (default)" in table
+    assert table["qhfast QHAdam fp32 foreach (default)"].rstrip(" |").split(" | ")[-1] != "-"
+    assert "<!-- python -m perf: cuda: begin" in output.read_text()

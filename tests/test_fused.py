@@ -131,3 +131,22 @@ def test_the_compiled_steps_do_not_keep_the_optimizer_alive():
     del optimizer
     gc.collect()
     assert alive() is None
+
+
+def test_fused_inside_a_compiled_step_is_the_compiled_step():
+    """torch.compile(opt.step) of a fused optimizer traces the step once (no nested compile of
+    the group function) and computes the eager trajectory."""
+    from torch._dynamo.testing import CompileCounter
+
+    problem = Problem()
+    expected = run(lambda p: OPTIMIZERS["QHM"](p, foreach=False), 6, problem)
+    params = problem.params()
+    optimizer = OPTIMIZERS["QHM"](params, fused=True)
+    backend = CompileCounter()
+    step = torch.compile(optimizer.step, backend=backend, fullgraph=True)
+    for t in range(6):
+        problem.set_grads(params, t)
+        step()
+    assert max_relative_error(expected, [p.detach() for p in params]) < 1e-12
+    assert 0 < backend.frame_count <= 3  # the step's own graphs (which params have grads)
+    assert counters["stats"]["unique_graphs"] == backend.frame_count
