@@ -50,11 +50,13 @@ def advance_debias_weights(
         return [1.0 / w for w in torch.stack(weights).tolist()]
     advanced = torch._foreach_mul(weights, beta)
     torch._foreach_add_(advanced, 1.0)
+    fractions = torch._foreach_reciprocal(advanced)  # advanced >= 1: finite
     if keep is None:
         torch._foreach_copy_(weights, advanced)
-        return torch._foreach_reciprocal(advanced)
+        return fractions
+    # a skipped step keeps the old weights, which are 0 before the first step taken: the
+    # fractions come from the advanced ones, times keep, never 1/0
     foreach_lerp_(weights, advanced, keep)
-    fractions = torch._foreach_reciprocal(weights)
     torch._foreach_mul_(fractions, keep)
     return fractions
 

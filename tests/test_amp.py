@@ -171,3 +171,36 @@ def test_functional_qhadam_with_found_inf_on_cpu_counters(found):
     after = [params] + state
     changed = [not all(torch.equal(a, b) for a, b in zip(xs, ys)) for xs, ys in zip(after, before)]
     assert changed == ([False] * 5 if found else [True] * 5)
+
+
+@pytest.mark.parametrize(
+    "mode", [{}, {"capturable": True}, {"fused": True}], ids=["float_path", "device_path", "fused"]
+)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_skipped_first_step_leaves_a_fresh_optimizer(name, mode):
+    """fp16 training often skips its very first step (the initial scale overflows). Before any
+    step QHAdam's normalizers are 0: the skip must not compute 1/0 (0·inf is NaN). After the
+    skip, training goes on exactly as if the poisoned step had never been taken."""
+    problem = Problem()
+    runs = []
+    for poisoned_first in (True, False):
+        params = problem.params(torch.float32)
+        optimizer = OPTIMIZERS[name](params, **mode)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        if poisoned_first:
+            _backward(params, problem, 0, scaler, poison=True)
+            start = [p.detach().clone() for p in params]
+            scaler.step(optimizer)
+            scaler.update()
+            assert scaler.get_scale() == 2.0**9
+            assert_same([p.detach() for p in params], start)
+            for state in optimizer.state.values():
+                for value in state.values():
+                    assert not value.any(), state  # moments and normalizers still 0
+        for t in range(1, 4):
+            optimizer.zero_grad()
+            _backward(params, problem, t, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+        runs.append([p.detach().clone() for p in params])
+    assert_same(runs[0], runs[1])
