@@ -223,9 +223,9 @@ class QHOptimizer(Optimizer):
       ``torch.compile``d function (inductor: vectorized C++ on the CPU, Triton on GPUs) that
       reads and writes each element of params, gradients and state once per step. The group's
       first step compiles it (about a minute for ~200 tensors on a CPU, see perf/RESULTS.md),
-      and again if which parameters have gradients changes; schedules of float or tensor
-      hyperparameters do not recompile. Step counters live on the parameters' device, as with
-      ``capturable``. Not with ``foreach=True``; inside a ``torch.compile``d step it changes
+      and again if which parameters have gradients changes or a hyperparameter other than
+      lr, momentum and betas (which schedulers change, and which enter the graph as tensors)
+      changes. Step counters live on the parameters' device, as with ``capturable``. Not with ``foreach=True``; inside a ``torch.compile``d step it changes
       nothing (the step is compiled anyway).
     * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
     * ``master_weights`` (bool, default True): for bf16/fp16 parameters, keep an fp32 master
@@ -243,6 +243,10 @@ class QHOptimizer(Optimizer):
     _counter_keys: tuple[str, ...] = ()
     #: group entries that may be 0-d tensors (or pairs of them)
     _tensor_hyperparameters: tuple[str, ...] = ()
+    #: those torch's schedulers change during training (lr, and momentum or betas[0] under
+    #: OneCycleLR/CyclicLR): the fused step takes them as tensors, so a change does not
+    #: recompile; the others it takes as constants (a change recompiles, a smaller graph)
+    _scheduled_hyperparameters: tuple[str, ...] = ()
     #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of unscaling
     #: the gradients itself (which refuses fp16 gradients) and reading found_inf on the host
     _step_supports_amp_scaling = True
@@ -531,6 +535,13 @@ def _counters_on_device(group: dict[str, Any]) -> bool:
     return bool(group["capturable"] or group["fused"])
 
 
+#: inductor options of the fused step. Every tensor's kernel reads the same few 0-d buffers
+#: (lr, betas, the GradScaler's found_inf), and inductor tries to fuse each node with up to 64
+#: others that read a buffer it reads: ~180 tensors x ~20 ops made that most of the compile
+#: time. Each tensor's own chain of ops (what fuses into its kernel) shares that tensor's
+#: buffers, so a few attempts per shared buffer lose nothing.
+FUSED_INDUCTOR_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 4}
+
 #: each optimizer's fused group steps, by group index; they go when the optimizer does
 _FUSED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -544,8 +555,9 @@ def _group_step(optimizer: QHOptimizer, group: dict[str, Any], params: list[Tens
 class _FusedGroupStep:
     """One param group's step, compiled (``fused=True``).
 
-    The group's tensor hyperparameters enter the graph as 0-d float64 tensors on the params'
-    device, refilled when the group's floats change, so a schedule does not recompile. Each
+    The group's scheduled hyperparameters (lr, momentum/betas) enter the graph as 0-d float64
+    tensors on the params' device, refilled when the group's floats change, so a schedule does
+    not recompile; the rest are constants of the graph (fewer ops: ν = 1 drops its term). Each
     group compiles its own copy of ``_group_step``'s code: dynamo keeps graphs per code object,
     so groups and optimizers do not share one recompile limit nor test each other's guards.
     """
@@ -553,7 +565,9 @@ class _FusedGroupStep:
     def __init__(self, index: int) -> None:
         code = _group_step.__code__.replace(co_name=f"_group_step_{index}")
         self.compiled = torch.compile(
-            types.FunctionType(code, _group_step.__globals__, code.co_name), fullgraph=True
+            types.FunctionType(code, _group_step.__globals__, code.co_name),
+            fullgraph=True,
+            options=FUSED_INDUCTOR_OPTIONS,
         )
         self.scalars: dict[str, tuple[float, Tensor]] = {}
 
@@ -562,6 +576,7 @@ class _FusedGroupStep:
         device = _local(params[0]).device
         hyperparameters = {
             name: self._as_tensor(name, group[name], device)
+            if name in optimizer._scheduled_hyperparameters else group[name]
             for name in optimizer._tensor_hyperparameters
         }
         self.compiled(optimizer, group, params, hyperparameters, amp.grad_scale, amp.found_inf)

@@ -224,6 +224,7 @@ class QHAdam(QHOptimizer):
 
     _counter_keys = ("beta1_weight", "beta2_weight")
     _tensor_hyperparameters = ("lr", "betas", "nus")
+    _scheduled_hyperparameters = ("lr", "betas")
 
     def __init__(
         self,

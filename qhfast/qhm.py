@@ -107,6 +107,7 @@ class QHM(QHOptimizer):
     """
 
     _tensor_hyperparameters = ("lr", "momentum", "nu")
+    _scheduled_hyperparameters = ("lr", "momentum")
 
     def __init__(
         self,

@@ -150,3 +150,29 @@ def test_fused_inside_a_compiled_step_is_the_compiled_step():
     assert max_relative_error(expected, [p.detach() for p in params]) < 1e-12
     assert 0 < backend.frame_count <= 3  # the step's own graphs (which params have grads)
     assert counters["stats"]["unique_graphs"] == backend.frame_count
+
+
+def test_betas_schedules_do_not_recompile_and_a_nus_change_does():
+    """betas (cycled by OneCycleLR) enter the graph as tensors like lr: no recompile; nus are
+    constants of the graph (a smaller graph), so changing them recompiles once. Either way the
+    trajectory is the eager one with the same changes."""
+
+    def changing(fused):
+        problem = Problem()
+        params = problem.params()
+        optimizer = OPTIMIZERS["QHAdam"](params, fused=fused)
+        group = optimizer.param_groups[0]
+        for t in range(8):
+            for i, p in enumerate(params):
+                p.grad = problem.grad(i, p, t)
+            if t == 3:
+                group["nus"] = (0.5, 0.9)
+            if t >= 4:
+                group["betas"] = (0.9 - 0.02 * t, 0.99)
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    expected = changing(fused=False)
+    actual = changing(fused=True)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert max_relative_error(expected, actual) < 1e-12
