@@ -13,7 +13,8 @@ all); the rest of that file (analysis, attempts) is left as it is. Progress goes
 
 Per row: the median step time and its spread over every timed step of every round; ratios to
 torch's default Adam and fused Adam from the same run; the ratio to the memory-bandwidth floor
-(the bytes the step must move, divided by the faster of two streams measured in the same run);
+(the bytes the step must move, divided by the faster of two memory streams measured next to
+the row);
 the exact optimizer state per parameter; and the peak memory one step allocates beyond what
 existed before it.
 """
@@ -105,16 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused)
             if args.only in row.name or row.name.startswith(REFERENCE_ROWS)]
     runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
-    bandwidth: dict[str, list[float]] = {"copy": [], "update": []}
     for round_index in range(args.rounds):
-        for name, value in step_bench.stream_bandwidth(args.device).items():
-            bandwidth[name].append(value)
         for i, row in enumerate(rows):
             result = runner.measure(row)
             note = "" if result.compile_seconds is None else f" (first step {result.compile_seconds:.0f} s)"
             progress(f"round {round_index + 1}/{args.rounds} row {i + 1}/{len(rows)} {row.name:45s} "
                      f"{statistics.median(result.times) * 1e3:8.2f} ms{note}")
-    streams = {name: statistics.median(values) for name, values in bandwidth.items()}
+    streams = runner.stream_samples
 
     lines = [
         f"Command: `{command}`, {datetime.date.today().isoformat()}, DURATION.",
@@ -126,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         f"timed steps per row after {args.warmup} warm-up steps (fused and graph rows: built once, "
         "2 warm-up steps in later rounds).",
         "",
-        f"Bandwidth ({args.device}, 256 MiB buffers): copy {streams['copy']:.1f} GB/s, "
-        f"update (x += y) {streams['update']:.1f} GB/s. The floor of a row is its moved bytes "
-        f"over {max(streams.values()):.1f} GB/s, the faster of the two.",
+        f"Bandwidth ({args.device}, 256 MiB buffers, measured before every row of every round): "
+        f"copy {spread(streams['copy'])} GB/s, update (x += y) {spread(streams['update'])} GB/s "
+        "(median, min-max). A row's floor is its moved bytes over the faster stream's median "
+        "in the measurements just before it.",
         "",
     ]
-    lines += step_table(runner.results, numel, max(streams.values()))
+    lines += step_table(runner.results, numel)
     lines += compile_table(runner.results)
     if args.quality_steps > 0:
         progress("training quality")
@@ -148,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def step_table(results: dict[str, step_bench.Measurement], numel: int, bandwidth: float) -> list[str]:
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def step_table(results: dict[str, step_bench.Measurement], numel: int) -> list[str]:
     medians = {name: statistics.median(r.times) for name, r in results.items()}
     default_adam = next(v for k, v in medians.items() if k.startswith("torch Adam fp32") and "(default)" in k)
     fused_adam = medians["torch Adam fp32 fused"]
@@ -157,7 +160,7 @@ def step_table(results: dict[str, step_bench.Measurement], numel: int, bandwidth
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         q1, median, q3 = step_bench.quartiles(r.times)
-        floor = r.traffic_bytes * numel / (bandwidth * 1e9)
+        floor = r.traffic_bytes * numel / (statistics.median(r.bandwidths) * 1e9)
         temp = "-" if r.peak_bytes is None else f"{r.peak_bytes:.2f}"
         lines.append(
             f"| {name} | {median * 1e3:.2f} | {q1 * 1e3:.2f}-{q3 * 1e3:.2f} | {median / default_adam:.2f} "

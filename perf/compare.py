@@ -3,6 +3,7 @@
     python perf/compare.py --rev HEAD~1                # QHAdam: tree vs HEAD~1 vs torch Adam loop
     python perf/compare.py --rev main --optimizer QHM  # QHM vs torch SGD momentum loop
     python perf/compare.py --tiny                      # per-step Python overhead: 179 tensors of 4
+    python perf/compare.py --fused                     # fused=True against torch's fused Adam
 
 The machine's speed drifts between processes by more than most changes are worth, so
 ``python -m perf`` tables cannot judge a small change. Here every contender steps the same
@@ -33,6 +34,12 @@ SETTINGS = {
 }
 
 
+FUSED_TORCH = {
+    "QHAdam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    "QHM": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+}
+
+
 def qhfast_at(rev: str | None):
     """The qhfast package of the working tree (rev None) or of a git revision."""
     for name in [m for m in sys.modules if m == "qhfast" or m.startswith("qhfast.")]:
@@ -60,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=12)
+    parser.add_argument("--fused", action="store_true",
+                        help="qhfast with fused=True (compiles first) against torch's fused kernel")
     parser.add_argument("--tiny", action="store_true",
                         help="the same number of tensors with 4 elements each: what is left is overhead")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
 
     kwargs, torch_name, make_torch = SETTINGS[args.optimizer]
+    if args.fused:
+        kwargs = dict(kwargs, fused=True)
+        torch_name = torch_name.replace("loop", "fused")
+        make_torch = FUSED_TORCH[args.optimizer]
     shapes = step_bench.transformer_shapes(args.blocks)
     if args.tiny:
         shapes = [(4,)] * len(shapes)

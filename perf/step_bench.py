@@ -256,19 +256,27 @@ def quiet_stderr() -> Iterator[None]:
         os.close(null)
 
 
-def stream_bandwidth(device: str, megabytes: int = 256, repeats: int = 15) -> dict[str, float]:
+class StreamBandwidth:
     """Memory bandwidth in GB/s from two streams over buffers far larger than any cache:
     ``copy`` (dst ← src: 2 bytes moved per byte) and ``update`` (x ← x + y: 3 per byte, the
     read-modify-write pattern of an optimizer step). A copy's destination costs the CPU a hidden
-    read (write-allocate), so the update stream is often the faster of the two."""
-    n = megabytes * 2**20 // 4
-    src = torch.ones(n, device=device)
-    dst = torch.zeros(n, device=device)
-    result = {}
-    for name, op, passes in (("copy", lambda: dst.copy_(src), 2), ("update", lambda: dst.add_(src), 3)):
-        times = time_steps(op, repeats, 3, device)
-        result[name] = passes * n * 4 / statistics.median(times) / 1e9
-    return result
+    read (write-allocate), so the update stream is often the faster of the two. The buffers are
+    made once; ``measure`` is cheap enough to run next to every row (a shared machine's
+    bandwidth drifts within a run)."""
+
+    def __init__(self, device: str, megabytes: int = 256) -> None:
+        self.device = device
+        self.n = megabytes * 2**20 // 4
+        self.src = torch.ones(self.n, device=device)
+        self.dst = torch.zeros(self.n, device=device)
+
+    def measure(self, repeats: int = 5) -> dict[str, float]:
+        result = {}
+        for name, op, passes in (("copy", lambda: self.dst.copy_(self.src), 2),
+                                 ("update", lambda: self.dst.add_(self.src), 3)):
+            times = time_steps(op, repeats, 1, self.device)
+            result[name] = passes * self.n * 4 / statistics.median(times) / 1e9
+        return result
 
 
 @dataclass
@@ -278,6 +286,8 @@ class Measurement:
     traffic_bytes: float = 0.0
     peak_bytes: float | None = None
     compile_seconds: float | None = None
+    #: the floor's bandwidth (GB/s, the faster stream) measured just before each of its rounds
+    bandwidths: list[float] = field(default_factory=list)
 
 
 class Runner:
@@ -285,11 +295,18 @@ class Runner:
 
     def __init__(self, shapes, device: str, steps: int, warmup: int) -> None:
         self.shapes, self.device, self.steps, self.warmup = shapes, device, steps, warmup
+        self.streams = StreamBandwidth(device)
+        #: every stream measurement of the run, by stream
+        self.stream_samples: dict[str, list[float]] = {"copy": [], "update": []}
         self.kept: dict[str, tuple[list[torch.Tensor], torch.optim.Optimizer, Callable]] = {}
         self.results: dict[str, Measurement] = {}
 
     def measure(self, row: Row) -> Measurement:
         result = self.results.setdefault(row.name, Measurement())
+        streams = self.streams.measure()
+        for name, value in streams.items():
+            self.stream_samples[name].append(value)
+        result.bandwidths.append(max(streams.values()))
         if row.name in self.kept:
             params, optimizer, step = self.kept[row.name]
             warmup = 2

@@ -80,3 +80,14 @@ def test_compare_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     for name in ("qhfast@HEAD", "qhfast (working tree)", "torch Adam loop"):
         assert name in out
+
+
+def test_compile_time_runs_end_to_end(capsys):
+    import compile_time
+
+    import qhfast._base
+
+    options = dict(qhfast._base.FUSED_INDUCTOR_OPTIONS)
+    assert compile_time.main(["--blocks", "0", "--width", "32", "--inductor-defaults"]) == 0
+    assert "inductor defaults: 3 tensors, first step" in capsys.readouterr().out
+    assert qhfast._base.FUSED_INDUCTOR_OPTIONS == options  # restored
