@@ -13,10 +13,6 @@ from torch._dynamo.utils import counters
 
 from helpers import OPTIMIZERS, Problem, assert_same, max_relative_error, run, snapshot
 
-# The scheduler wraps opt.step to notice calls; fused steps go through it normally, but the
-# warning filter keeps the schedule test independent of that wrapper's bookkeeping.
-SCHEDULER_WARNING = "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`"
-
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -32,25 +28,29 @@ def test_fused_computes_the_eager_trajectory(name):
     assert counters["stats"]["unique_graphs"] >= 2  # it did compile
 
 
-@pytest.mark.filterwarnings(SCHEDULER_WARNING)
+def _trajectory(fused: bool, steps: int, change) -> list[torch.Tensor]:
+    """QHAdam on the problem, every parameter with a gradient each step (one graph);
+    ``change(t, group)`` edits the param group before step t, as a scheduler would."""
+    problem = Problem()
+    params = problem.params()
+    optimizer = OPTIMIZERS["QHAdam"](params, fused=fused)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            p.grad = problem.grad(i, p, t)
+        change(t, optimizer.param_groups[0])
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
 def test_a_float_lr_schedule_neither_recompiles_nor_is_baked_in():
-    """StepLR halves a float lr every step: one graph for the whole run, and the trajectory is
-    the eager one with the same schedule (a constant baked into the graph would differ)."""
+    """The float lr halves every step (what StepLR does to the group): one graph for the whole
+    run, and the trajectory is the eager one (a constant baked into the graph would differ)."""
 
-    def scheduled(fused):
-        problem = Problem()
-        params = problem.params()
-        optimizer = OPTIMIZERS["QHAdam"](params, fused=fused)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-        for t in range(6):
-            for i, p in enumerate(params):
-                p.grad = problem.grad(i, p, t)
-            optimizer.step()
-            scheduler.step()
-        return [p.detach().clone() for p in params]
+    def halve(t, group):
+        group["lr"] = 0.01 * 0.5**t
 
-    expected = scheduled(fused=False)
-    actual = scheduled(fused=True)
+    expected = _trajectory(False, 6, halve)
+    actual = _trajectory(True, 6, halve)
     assert counters["stats"]["unique_graphs"] == 1
     assert max_relative_error(expected, actual) < 1e-12
 
@@ -157,22 +157,13 @@ def test_betas_schedules_do_not_recompile_and_a_nus_change_does():
     constants of the graph (a smaller graph), so changing them recompiles once. Either way the
     trajectory is the eager one with the same changes."""
 
-    def changing(fused):
-        problem = Problem()
-        params = problem.params()
-        optimizer = OPTIMIZERS["QHAdam"](params, fused=fused)
-        group = optimizer.param_groups[0]
-        for t in range(8):
-            for i, p in enumerate(params):
-                p.grad = problem.grad(i, p, t)
-            if t == 3:
-                group["nus"] = (0.5, 0.9)
-            if t >= 4:
-                group["betas"] = (0.9 - 0.02 * t, 0.99)
-            optimizer.step()
-        return [p.detach().clone() for p in params]
+    def change(t, group):
+        if t == 3:
+            group["nus"] = (0.5, 0.9)
+        if t >= 4:
+            group["betas"] = (0.9 - 0.02 * t, 0.99)
 
-    expected = changing(fused=False)
-    actual = changing(fused=True)
+    expected = _trajectory(False, 8, change)
+    actual = _trajectory(True, 8, change)
     assert counters["stats"]["unique_graphs"] == 2
     assert max_relative_error(expected, actual) < 1e-12
