@@ -2,10 +2,11 @@
 
 An optimizer subclass supplies its hyperparameter checks (``_validate_group``), the state a
 parameter starts with (``_init_param_state``), its update rule on lists of tensors
-(``_update``) and, if it counts steps, the step-dependent factors (``_step_factors``). Everything else lives here once:
+(``_update``) and, if it counts steps, the step-dependent factors (``_step_factors``).
+Everything else lives here once:
 
-* flags in the torch.optim style (``foreach``, ``maximize``, ``capturable``, ``differentiable``)
-  and the precision option ``master_weights``;
+* flags in the torch.optim style (``foreach``, ``fused``, ``maximize``, ``capturable``,
+  ``differentiable``) and the precision option ``master_weights``;
 * validation, done before anything is mutated, so a step that raises changes nothing;
 * grouping of parameters by (device, dtype) for the foreach path, and the per-tensor loop;
 * low-precision parameters: fp32 master copies and fp32 state, written back once per step;
@@ -212,21 +213,15 @@ class QHOptimizer(Optimizer):
     * ``capturable`` (bool): keep step counters on the parameter's device and compute the
       step-dependent factors there, so the step makes no host-device sync and can be captured
       in a CUDA graph.
-    * ``fused`` (bool or None, default None: off): run each param group's update as one
-      ``torch.compile``d function (inductor: vectorized C++ on the CPU, Triton on GPUs), so each
-      element of params, gradients and state is read and written once per step. The first step
-      of each group compiles it (about a minute for ~200 tensors on a CPU; see perf/RESULTS.md),
-      and again if the set of parameters with gradients changes; learning-rate schedules do not
-      recompile. Step counters live on the parameters' device, as with ``capturable``. Not with
-      ``foreach=True``, nor needed inside a ``torch.compile``d step (it compiles anyway).
     * ``fused`` (bool or None; None, the default, is off): run each param group's update as one
       ``torch.compile``d function (inductor: vectorized C++ on the CPU, Triton on GPUs) that
       reads and writes each element of params, gradients and state once per step. The group's
       first step compiles it (about a minute for ~200 tensors on a CPU, see perf/RESULTS.md),
       and again if which parameters have gradients changes or a hyperparameter other than
       lr, momentum and betas (which schedulers change, and which enter the graph as tensors)
-      changes. Step counters live on the parameters' device, as with ``capturable``. Not with ``foreach=True``; inside a ``torch.compile``d step it changes
-      nothing (the step is compiled anyway).
+      changes. Step counters live on the parameters' device, as with ``capturable``. Not
+      with ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
+      compiled anyway).
     * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
     * ``master_weights`` (bool, default True): for bf16/fp16 parameters, keep an fp32 master
       copy of each parameter (4 extra bytes per element); the update runs on the master and the
@@ -372,10 +367,8 @@ class QHOptimizer(Optimizer):
         # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        sync_free = torch.compiler.is_compiling() or all(
-            _counters_on_device(group)
-            for group, params in zip(self.param_groups, with_grads)
-            if params
+        sync_free = all(
+            self._device_path(group) for group, params in zip(self.param_groups, with_grads) if params
         )
         if found_inf is not None and not sync_free:
             # CPU step counters cannot be advanced conditionally on a device value: read it.
@@ -430,7 +423,7 @@ class QHOptimizer(Optimizer):
             foreach = torch.compiler.is_compiling() or _default_to_fused_or_foreach(
                 [_local(p) for p in params], differentiable=False
             )[1]
-        device_path = group["capturable"] or torch.compiler.is_compiling()
+        device_path = self._device_path(group)
         for bucket in _buckets(params).values():
             device, dtype = bucket[0].device, compute_dtype(bucket[0])
             hyper = {
@@ -469,6 +462,12 @@ class QHOptimizer(Optimizer):
         self._update(group, compute, grads, states, hyper, factors, amp)
         if low_precision:
             torch._foreach_copy_(params, compute)
+
+    @staticmethod
+    def _device_path(group: dict[str, Any]) -> bool:
+        """Whether the step-dependent factors are computed as tensors where the counters live
+        (no host read): counters on the device, or a step being compiled."""
+        return _counters_on_device(group) or torch.compiler.is_compiling()
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]

@@ -284,7 +284,7 @@ class QHAdam(QHOptimizer):
             [s["beta1_weight"] for s in states],
             [s["beta2_weight"] for s in states],
             betas=hyper["betas"],
-            capturable=group["capturable"] or torch.compiler.is_compiling(),
+            capturable=self._device_path(group),
             found_inf=amp.found_inf,
         )
         return {"beta1_fractions": beta1_fractions, "beta2_fractions": beta2_fractions}

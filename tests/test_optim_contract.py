@@ -104,12 +104,12 @@ def test_load_state_dict_without_newer_flags(name):
     _steps(optimizer, params, problem, 0, 5)
     saved = copy.deepcopy(optimizer.state_dict())
     for group in saved["param_groups"]:
-        for flag in ("foreach", "maximize", "capturable", "differentiable", "master_weights"):
+        for flag in ("foreach", "fused", "maximize", "capturable", "differentiable", "master_weights"):
             del group[flag]
-    restored = OPTIMIZERS[name](params, foreach=True, maximize=True)
+    restored = OPTIMIZERS[name](params, fused=True, maximize=True)
     restored.load_state_dict(saved)
     group = restored.param_groups[0]
-    assert group["foreach"] is None and group["maximize"] is False
+    assert group["foreach"] is None and group["fused"] is None and group["maximize"] is False
     assert group["master_weights"] is True and group["capturable"] is False
     _steps(restored, params, problem, 5, 2)
 
