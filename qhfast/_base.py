@@ -6,10 +6,10 @@ parameter starts with (``_init_param_state``), its update rule on lists of tenso
 Everything else lives here once:
 
 * flags in the torch.optim style (``foreach``, ``fused``, ``maximize``, ``capturable``,
-  ``differentiable``) and the precision option ``master_weights``;
+  ``differentiable``) and the precision options ``low_precision`` and ``state_dtype``;
 * validation, done before anything is mutated, so a step that raises changes nothing;
 * grouping of parameters by (device, dtype) for the foreach path, and the per-tensor loop;
-* low-precision parameters: fp32 master copies and fp32 state, written back once per step;
+* the orchestration of low-precision parameters and state (the machinery: ``_precision``);
 * DTensor parameters (FSDP2): the update runs on local shards, state is sharded like them;
 * ``state_dict`` loading that keeps fp32 state fp32 (torch's base class would cast it to the
   parameter's dtype) and never aliases the caller's tensors.
@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
-__all__ = ["QHOptimizer", "prepare_grads", "LOW_PRECISION_DTYPES"]
+from . import _precision as precision
+from ._precision import compute_dtype
 
-#: Parameter dtypes whose update runs in fp32 (on a master copy, or on a temporary upcast).
-LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+__all__ = ["QHOptimizer", "prepare_grads"]
 
 #: a hyperparameter or factor: a Python float, or a 0-d tensor
 Scalar = float | Tensor
@@ -223,16 +223,29 @@ class QHOptimizer(Optimizer):
       with ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
       compiled anyway).
     * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
-    * ``master_weights`` (bool, default True): for bf16/fp16 parameters, keep an fp32 master
-      copy of each parameter (4 extra bytes per element); the update runs on the master and the
-      rounded result is written to the parameter once per step, so updates smaller than the
-      parameter's rounding step still accumulate. With ``False`` the update runs on an fp32
-      temporary made from the low-precision parameter each step and is rounded back: state
-      stays fp32 and no extra memory is kept, but an update below half a bf16 ulp is lost
-      (a bf16 weight at 1.0 stops moving once ``lr`` is below about 4e-3). fp32 and fp64
-      parameters never have a master.
+    * ``low_precision`` (str, default ``"master"``): where a bf16/fp16 parameter's exact fp32
+      update result is kept between steps (the update always computes in fp32):
+
+      - ``"master"``: an fp32 master copy (4 extra bytes per element), rounded to the parameter
+        once per step;
+      - ``"kahan"``: a compensation buffer in the parameter's dtype (2 bytes per element for
+        bf16) holding what rounding the parameter lost (compensated summation);
+      - ``"stochastic"``: nothing; the result is rounded to the parameter stochastically
+        (unbiased), drawing from torch's default generator of the parameter's device;
+      - ``"nearest"``: nothing; rounded to nearest, so an update below half an ulp is lost (a
+        bf16 weight at 1.0 stops moving once an update is below about 2e-3).
+
+      fp32 and fp64 parameters ignore it (they are their own master). See ``qhfast._precision``.
+    * ``state_dtype`` (None or ``torch.bfloat16``): None stores the moments in the compute dtype
+      (fp32 for bf16/fp16 parameters); ``torch.bfloat16`` stores them in bf16, also for fp32
+      parameters, written with stochastic rounding so they neither freeze nor drift. The
+      arithmetic stays in the compute dtype.
+    * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
+      ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
     """
 
+    #: per-parameter moments, stored in ``state_dtype``
+    _buffer_keys: tuple[str, ...] = ()
     #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
     #: or 0-d tensors in the compute dtype on the parameter's device when capturable
     _counter_keys: tuple[str, ...] = ()
@@ -256,7 +269,9 @@ class QHOptimizer(Optimizer):
         capturable: bool,
         differentiable: bool,
         fused: bool | None,
-        master_weights: bool,
+        low_precision: str = "master",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         check_flag(foreach, "foreach", allow_none=True)
         check_flag(fused, "fused", allow_none=True)
@@ -266,7 +281,6 @@ class QHOptimizer(Optimizer):
             ("maximize", maximize),
             ("capturable", capturable),
             ("differentiable", differentiable),
-            ("master_weights", master_weights),
         ):
             check_flag(flag, name)
         if differentiable:
@@ -280,9 +294,12 @@ class QHOptimizer(Optimizer):
             capturable=capturable,
             differentiable=False,
             fused=fused,
-            master_weights=master_weights,
+            low_precision=precision.resolve_low_precision(low_precision, master_weights),
+            state_dtype=state_dtype,
         )
-        self._validate_group(defaults)
+        self._check_group(defaults)
+        #: the (low_precision, state_dtype) each group's state was last made for, by id(group)
+        self._precision_made: dict[int, tuple[str, torch.dtype | None]] = {}
         super().__init__(params, defaults)
 
     # ---- what a subclass provides ------------------------------------------------------------
@@ -323,11 +340,17 @@ class QHOptimizer(Optimizer):
 
     # ---- param groups ------------------------------------------------------------------------
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError if an option or hyperparameter of ``group`` is invalid."""
+        precision.check_precision_options(group)
+        self._validate_group(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {k: v for k, v in param_group.items() if k != "params"}
+        merged = precision.upgrade_group({k: v for k, v in param_group.items() if k != "params"})
         for key, value in self.defaults.items():
             merged.setdefault(key, value)
-        self._validate_group(merged)
+        self._check_group(merged)
+        precision.upgrade_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -346,7 +369,10 @@ class QHOptimizer(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
-            group.setdefault("master_weights", True)
+            precision.upgrade_group(group)
+            group.setdefault("low_precision", "master")
+            group.setdefault("state_dtype", None)
+        self._precision_made = {}
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -378,6 +404,8 @@ class QHOptimizer(Optimizer):
         for group, params in zip(self.param_groups, with_grads):
             if not params:
                 continue
+            if self._precision_made.get(id(group)) != _precision_options(group):
+                self._reconcile_precision(group)
             for p in params:
                 if len(self.state[p]) == 0:
                     self._init_state(p, group)
@@ -448,20 +476,17 @@ class QHOptimizer(Optimizer):
         factors: dict[str, list],
         amp: AmpArgs,
     ) -> None:
-        """Update tensors of one device and dtype: on masters or fp32 temporaries if low precision,
-        on local shards for DTensors."""
+        """Update tensors of one device and dtype, on local shards for DTensors, in the compute
+        dtype: low-precision parameters and moments are read and written back as the group's
+        ``low_precision`` and ``state_dtype`` say (see ``qhfast._precision``)."""
         grads = [_local(p.grad) for p in params]
         params = [_local(p) for p in params]
-        low_precision = params[0].dtype in LOW_PRECISION_DTYPES
-        if not low_precision:
-            compute = params
-        elif group["master_weights"]:
-            compute = [s["master_param"] for s in states]
-        else:
-            compute = [p.to(torch.float32) for p in params]
-        self._update(group, compute, grads, states, hyper, factors, amp)
-        if low_precision:
-            torch._foreach_copy_(params, compute)
+        mode = group["low_precision"]
+        work_params = precision.working_params(params, states, mode)
+        work_states = precision.working_buffers(states, self._buffer_keys, work_params[0].dtype)
+        self._update(group, work_params, grads, work_states, hyper, factors, amp)
+        precision.store_buffers(states, work_states, self._buffer_keys)
+        precision.store_params(params, states, work_params, mode, amp.found_inf)
 
     @staticmethod
     def _device_path(group: dict[str, Any]) -> bool:
@@ -471,12 +496,23 @@ class QHOptimizer(Optimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if p.dtype in LOW_PRECISION_DTYPES and group["master_weights"]:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        precision.init_precision_state(state, p, group["low_precision"])
         for key in self._counter_keys:
             state[key] = self._new_counter(p, group)
-        like = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.preserve_format)
+        like = torch.zeros_like(p, dtype=precision.buffer_dtype(p, group),
+                                memory_format=torch.preserve_format)
         self._init_param_state(state, like, group)
+
+    def _reconcile_precision(self, group: dict[str, Any]) -> None:
+        """Convert the state of ``group``'s params to its ``low_precision`` and ``state_dtype``
+        (a loaded checkpoint, or options changed between steps); see
+        :func:`qhfast._precision.reconcile_state`."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                precision.reconcile_state(state, p, group["low_precision"],
+                                          precision.buffer_dtype(p, group), self._buffer_keys)
+        self._precision_made[id(group)] = _precision_options(group)
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
@@ -493,10 +529,15 @@ class QHOptimizer(Optimizer):
         Unlike torch's base class, fp32 state of bf16/fp16 parameters (masters, moments) stays
         fp32, and the loaded state never shares storage with ``state_dict``'s tensors. The dict
         passed in is not modified. Its hyperparameters are validated first, as the constructor's.
+
+        The hyperparameters come from the checkpoint, as in torch.optim, but each group keeps
+        this optimizer's ``low_precision`` and ``state_dtype``: the loaded state is converted to
+        them (master to kahan: ``c = master - param``; kahan to master: ``master = param + c``;
+        moments cast to ``state_dtype``), see :func:`qhfast._precision.reconcile_state`.
         """
         saved_groups = state_dict["param_groups"]
         for saved_group in saved_groups:
-            self._validate_group({**self.defaults, **saved_group})
+            self._check_group({**self.defaults, **precision.upgrade_group(dict(saved_group))})
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -510,7 +551,10 @@ class QHOptimizer(Optimizer):
                     "parameters; load a full state dict with "
                     "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
                 )
+        options = [_precision_options(group) for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, (mode, dtype) in zip(self.param_groups, options):
+            group["low_precision"], group["state_dtype"] = mode, dtype
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
@@ -518,15 +562,21 @@ class QHOptimizer(Optimizer):
                 continue
             group = group_of[id(p)]
             self.state[p] = {k: self._restore_value(p, k, v, group) for k, v in saved.items()}
+        for group in self.param_groups:
+            self._reconcile_precision(group)
 
     def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
+        """A saved state entry on ``p``'s device, its own copy; dtypes are then set by
+        :meth:`_reconcile_precision` (torch's base class would cast them to ``p``'s)."""
         if key in self._counter_keys:
             return self._new_counter(p, group, _as_float(value))
         if not isinstance(value, Tensor):
             return value
-        if value.is_floating_point():
-            return value.to(device=p.device, dtype=compute_dtype(p), copy=True)
         return value.to(device=p.device, copy=True)
+
+
+def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:
+    return group["low_precision"], group["state_dtype"]
 
 
 def _counters_on_device(group: dict[str, Any]) -> bool:
@@ -658,11 +708,6 @@ def _check_distributed_grad(p: Tensor, name: str) -> None:
             f"{name}: a gradient laid out as {grad.placements} on {grad.device_mesh} does not "
             f"match its parameter's {p.placements} on {p.device_mesh}"
         )
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype a parameter's update and state use: fp32 for bf16/fp16, else its own."""
-    return torch.float32 if p.dtype in LOW_PRECISION_DTYPES else p.dtype
 
 
 #: the per-tensor path's unit of work, in elements: a tensor this large or larger is updated

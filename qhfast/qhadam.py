@@ -206,14 +206,15 @@ class QHAdam(QHOptimizer):
         weight_decay: :math:`\lambda` >= 0 (default 0).
         decouple_weight_decay: decoupled (AdamW-style) decay if True (default False).
         eps: added to the denominator, outside the square root, >= 0 (default 1e-8).
-        foreach, maximize, capturable, differentiable, fused, master_weights: see
-            :class:`qhfast._base.QHOptimizer`.
+        foreach, maximize, capturable, differentiable, fused, low_precision, state_dtype,
+            master_weights: see :class:`qhfast._base.QHOptimizer`.
 
     Same constructor and classmethod as ``qhoptim.pyt.QHAdam``; unlike it, ``p.grad`` is never
     modified. State per parameter, named as qhoptim names it so its checkpoints load unchanged:
     ``exp_avg`` and ``exp_avg_sq`` (the bias-corrected moments), ``beta1_weight`` and
     ``beta2_weight`` (their normalizers, 0-d tensors that count the steps: with constant betas
-    :math:`w = (1 - \beta^t)/(1 - \beta)`), and ``master_param`` for bf16/fp16 parameters.
+    :math:`w = (1 - \beta^t)/(1 - \beta)`); the moments are stored in ``state_dtype``. bf16/fp16
+    parameters also have ``master_param`` or ``kahan_compensation`` as ``low_precision`` says.
 
     Example:
         >>> optimizer = QHAdam(model.parameters(), lr=3e-4, nus=(0.8, 1.0), betas=(0.99, 0.999))
@@ -223,6 +224,7 @@ class QHAdam(QHOptimizer):
     """
 
     _counter_keys = ("beta1_weight", "beta2_weight")
+    _buffer_keys = ("exp_avg", "exp_avg_sq")
     _tensor_hyperparameters = ("lr", "betas", "nus")
     _scheduled_hyperparameters = ("lr", "betas")
 
@@ -241,7 +243,9 @@ class QHAdam(QHOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        low_precision: str = "master",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -259,6 +263,8 @@ class QHAdam(QHOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            low_precision=low_precision,
+            state_dtype=state_dtype,
             master_weights=master_weights,
         )
 

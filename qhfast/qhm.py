@@ -93,11 +93,12 @@ class QHM(QHOptimizer):
         weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient, as
             :class:`torch.optim.SGD` does; ``"direct"`` multiplies :math:`\theta` by
             :math:`1 - \alpha\lambda` before the update (default ``"grad"``).
-        foreach, maximize, capturable, differentiable, fused, master_weights: see
-            :class:`qhfast._base.QHOptimizer`.
+        foreach, maximize, capturable, differentiable, fused, low_precision, state_dtype,
+            master_weights: see :class:`qhfast._base.QHOptimizer`.
 
     Same constructor and classmethods as ``qhoptim.pyt.QHM``; unlike it, ``p.grad`` is never
-    modified. State per parameter: ``momentum_buffer`` (and ``master_param`` for bf16/fp16).
+    modified. State per parameter: ``momentum_buffer`` (in ``state_dtype``), and for bf16/fp16
+    parameters ``master_param`` or ``kahan_compensation`` as ``low_precision`` says.
 
     Example:
         >>> optimizer = QHM(model.parameters(), lr=1.0, nu=0.7, momentum=0.999)
@@ -106,6 +107,7 @@ class QHM(QHOptimizer):
         >>> optimizer.step()
     """
 
+    _buffer_keys = ("momentum_buffer",)
     _tensor_hyperparameters = ("lr", "momentum", "nu")
     _scheduled_hyperparameters = ("lr", "momentum")
 
@@ -123,7 +125,9 @@ class QHM(QHOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        low_precision: str = "master",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("nu", nu)):
             if value is required:
@@ -143,6 +147,8 @@ class QHM(QHOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            low_precision=low_precision,
+            state_dtype=state_dtype,
             master_weights=master_weights,
         )
 

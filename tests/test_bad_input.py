@@ -65,7 +65,13 @@ class TestConstructorErrors(expecttest.TestCase):
         self.assertExpectedInline(_message(make(foreach="yes"), TypeError), """Invalid foreach value: 'yes' (foreach must be True, False or None)""")
         self.assertExpectedInline(_message(make(fused=1), TypeError), """Invalid fused value: 1 (fused must be True, False or None)""")
         self.assertExpectedInline(_message(make(fused=True, foreach=True), RuntimeError), """`fused` and `foreach` cannot be `True` together.""")
-        self.assertExpectedInline(_message(make(master_weights=None), TypeError), """Invalid master_weights value: None (master_weights must be True or False)""")
+        self.assertExpectedInline(_message(make(master_weights="yes"), TypeError), """Invalid master_weights value: 'yes' (master_weights must be True, False or None)""")
+        self.assertExpectedInline(_message(make(low_precision="fp32")), """Invalid low_precision value: 'fp32' (low_precision must be one of 'master', 'kahan', 'stochastic', 'nearest')""")
+        self.assertExpectedInline(_message(make(low_precision=None)), """Invalid low_precision value: None (low_precision must be one of 'master', 'kahan', 'stochastic', 'nearest')""")
+        self.assertExpectedInline(_message(make(state_dtype=torch.float16)), """Invalid state_dtype value: torch.float16 (state_dtype must be None or torch.bfloat16)""")
+        self.assertExpectedInline(_message(make(state_dtype="bf16")), """Invalid state_dtype value: 'bf16' (state_dtype must be None or torch.bfloat16)""")
+        self.assertExpectedInline(_message(make(master_weights=True, low_precision="kahan")), """master_weights=True means low_precision='master', which contradicts low_precision='kahan'; pass low_precision alone""")
+        self.assertExpectedInline(_message(make(master_weights=False, low_precision="stochastic")), """master_weights=False means low_precision='nearest', which contradicts low_precision='stochastic'; pass low_precision alone""")
         self.assertExpectedInline(_message(make(differentiable=True), NotImplementedError), """QHAdam does not support differentiable=True yet""")
 
     def test_params(self):

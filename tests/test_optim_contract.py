@@ -104,13 +104,15 @@ def test_load_state_dict_without_newer_flags(name):
     _steps(optimizer, params, problem, 0, 5)
     saved = copy.deepcopy(optimizer.state_dict())
     for group in saved["param_groups"]:
-        for flag in ("foreach", "fused", "maximize", "capturable", "differentiable", "master_weights"):
+        for flag in ("foreach", "fused", "maximize", "capturable", "differentiable",
+                     "low_precision", "state_dtype"):
             del group[flag]
     restored = OPTIMIZERS[name](params, fused=True, maximize=True)
     restored.load_state_dict(saved)
     group = restored.param_groups[0]
     assert group["foreach"] is None and group["fused"] is None and group["maximize"] is False
-    assert group["master_weights"] is True and group["capturable"] is False
+    assert group["low_precision"] == "master" and group["state_dtype"] is None
+    assert group["capturable"] is False
     _steps(restored, params, problem, 5, 2)
 
 
@@ -274,10 +276,11 @@ Parameter Group 0
     eps: 1e-08
     foreach: None
     fused: None
+    low_precision: master
     lr: 0.0003
-    master_weights: True
     maximize: False
     nus: (0.7, 1.0)
+    state_dtype: None
     weight_decay: 0.0
 )""")
 
@@ -290,11 +293,12 @@ Parameter Group 0
     differentiable: False
     foreach: None
     fused: None
+    low_precision: master
     lr: 1.0
-    master_weights: True
     maximize: False
     momentum: 0.999
     nu: 0.7
+    state_dtype: None
     weight_decay: 0.0
     weight_decay_type: grad
 )""")
