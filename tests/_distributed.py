@@ -125,8 +125,8 @@ def spawn(fn, out_dir: Path, *args, world: int = WORLD, timeout: float = 120.0) 
 
 
 def train_many(rank: int, world: int, out_dir: str) -> dict:
-    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters, one fused
-    run), ZeRO."""
+    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters, with kahan
+    and stochastic rounding and bf16 moments, one fused run), ZeRO."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -160,6 +160,20 @@ def train_many(rank: int, world: int, out_dir: str) -> dict:
         results[("fsdp_bf16_params", name)] = full_params(model)
         master = optimizer.state[next(model.parameters())]["master_param"]
         results[("fsdp_master", name)] = (type(master).__name__, master.dtype, master.placements)
+
+        for mode in ("kahan", "stochastic"):  # bf16 params and bf16 moments, no master
+            model = make_model(torch.bfloat16)
+            fully_shard(model)
+            optimizer = cls(model.parameters(), **kwargs, low_precision=mode,
+                            state_dtype=torch.bfloat16)
+            torch.manual_seed(rank)
+            train_rank(model, optimizer, range(STEPS), rank)
+            results[("fsdp_lean", name, mode)] = full_params(model)
+            results[("fsdp_lean_state", name, mode)] = [
+                (key, type(value).__name__, value.dtype, value.placements == p.placements)
+                for p in model.parameters() for key, value in optimizer.state[p].items()
+                if value.dim() > 0
+            ]
 
     model = make_model()
     for layer in model[::2]:
@@ -261,4 +275,29 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
     load(model, optimizer, from_single)
     train_rank(model, optimizer, range(3, STEPS), rank)
     results["from_single"] = full_params(model)
+
+    # kahan compensation and bf16 moments through DCP; the same RNG state after the save and
+    # after the load, so the resumed run must be the uninterrupted one bit for bit
+    def lean():
+        model = make_model(torch.bfloat16)
+        fully_shard(model)
+        return model, cls(model.parameters(), **kwargs, low_precision="kahan",
+                          state_dtype=torch.bfloat16)
+
+    model, optimizer = lean()
+    torch.manual_seed(rank)
+    train_rank(model, optimizer, range(3), rank)
+    dcp.save({"model": get_model_state_dict(model),
+              "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=Path(out_dir) / "kahan")
+    torch.manual_seed(10 + rank)
+    train_rank(model, optimizer, range(3, STEPS), rank)
+    results["kahan_uninterrupted"] = full_params(model)
+    model, optimizer = lean()
+    load(model, optimizer, Path(out_dir) / "kahan")
+    results["kahan_loaded"] = [(type(v).__name__, v.dtype) for s in optimizer.state.values()
+                               for k, v in s.items() if k == "kahan_compensation"]
+    torch.manual_seed(10 + rank)
+    train_rank(model, optimizer, range(3, STEPS), rank)
+    results["kahan_resumed"] = full_params(model)
     return results
