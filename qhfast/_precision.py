@@ -52,6 +52,7 @@ __all__ = [
     "resolve_low_precision",
     "check_precision_options",
     "upgrade_group",
+    "nearest_value",
     "stochastic_round_",
     "init_precision_state",
     "working_params",
@@ -127,42 +128,59 @@ def upgrade_group(group: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# stochastic rounding
+# rounding fp32 to bf16/fp16, written as integer or exact fp32 arithmetic
+#
+# Not as casts: a compiler may drop a down-and-up cast pair (inductor does, unless told to
+# emulate precision casts), and then x - rn(x) would be 0 and a rounding decision made on it
+# would never round. Every function here returns or writes values the narrow dtype holds
+# exactly, so the final cast (a copy into the narrow tensor) cannot change them.
+
+#: significant bits (the implicit one included) and the smallest spacing (subnormals)
+_FORMATS = {torch.float16: (11, -24), torch.bfloat16: (8, -133)}
+
+
+def _spacing(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The gap between the two ``dtype`` values around each fp32 ``x`` (a power of two)."""
+    bits, smallest = _FORMATS[dtype]
+    exponent = torch.frexp(x).exponent  # |x| in [2^(e-1), 2^e)
+    return torch.exp2(torch.clamp(exponent - bits, min=smallest).to(torch.float32))
+
+
+def _overflow_to_inf(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.where(x.abs() > torch.finfo(dtype).max, x * float("inf"), x)
+
+
+def nearest_value(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` (fp32) rounded to nearest-even in ``dtype``, returned in fp32."""
+    if dtype == torch.bfloat16:  # bf16 is fp32's upper half: round the lower half away
+        bits = x.view(torch.int32)
+        odd = bits.bitwise_right_shift(16).bitwise_and_(1)
+        return (bits + odd + 0x7FFF).bitwise_and_(-(1 << 16)).view(torch.float32)
+    spacing = _spacing(x, dtype)
+    return _overflow_to_inf(torch.round(x / spacing) * spacing, dtype)  # x / spacing: exact
 
 
 def stochastic_round_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
     """``dst ← sr(src)`` for each pair: ``src`` (fp32) rounded to ``dst``'s dtype (bf16 or fp16),
-    up or down at random with the probability that makes the result unbiased. A value that
-    ``dst``'s dtype holds exactly is written unchanged. Draws from the default generator of the
-    tensors' device."""
+    up or down at random with the probability that makes the result unbiased (the share of the
+    gap between the two neighbours that ``src`` has covered). A value that ``dst``'s dtype
+    holds exactly is written unchanged. Draws from the default generator of the tensors'
+    device."""
     for dst, src in zip(dsts, srcs):
         if dst.dtype == torch.bfloat16:
-            _stochastic_round_bf16(dst, src)
+            # adding 16 random bits to the lower half and truncating carries into the upper
+            # half with probability (dropped bits)/2^16. Sign-magnitude: the magnitude is
+            # rounded, so negative values are unbiased too; infinities stay infinite
+            bits = src.view(torch.int32)
+            noisy = bits + torch.randint_like(bits, 0, 1 << 16)
+            dst.copy_(noisy.bitwise_and_(-(1 << 16)).view(torch.float32))
         else:
-            _stochastic_round_by_neighbours(dst, src)
-
-
-def _stochastic_round_bf16(dst: Tensor, src: Tensor) -> None:
-    """bf16 is fp32's upper half: adding 16 random bits to the lower half and truncating carries
-    into the kept bits with probability (dropped bits)/2^16. Sign-magnitude: the magnitude is
-    rounded, so negative values are unbiased too; infinities stay infinite."""
-    bits = src.view(torch.int32)
-    noisy = bits + torch.randint_like(bits, 0, 1 << 16)
-    noisy.bitwise_and_(-(1 << 16))
-    dst.copy_(noisy.view(torch.float32))  # exact: the low 16 bits are zero
-
-
-def _stochastic_round_by_neighbours(dst: Tensor, src: Tensor) -> None:
-    """Any narrower dtype (fp16: other exponent range, subnormals): the nearest value and its
-    neighbour on the other side of ``src``; the neighbour is taken with probability
-    |src - nearest| / gap."""
-    nearest = src.to(dst.dtype)
-    error = src - nearest.to(src.dtype)
-    away = torch.where(error > 0, float("inf"), float("-inf")).to(dst.dtype)
-    neighbour = torch.nextafter(nearest, away)
-    gap = (neighbour.to(src.dtype) - nearest.to(src.dtype)).abs()
-    take = torch.rand_like(src) * gap < error.abs()
-    dst.copy_(torch.where(take, neighbour, nearest))
+            spacing = _spacing(src, dst.dtype)
+            scaled = src / spacing  # exact: a power-of-two scaling
+            below = torch.floor(scaled)
+            up = torch.rand_like(src) < scaled - below
+            rounded = torch.copysign((below + up) * spacing, src)  # -0.0 stays -0.0
+            dst.copy_(_overflow_to_inf(rounded, dst.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,12 +226,12 @@ def store_params(
     if mode == "stochastic":
         stochastic_round_(params, work)
     elif mode == "kahan":
-        rounded = [w.to(p.dtype) for p, w in zip(params, work)]
+        rounded = [nearest_value(w, p.dtype) for p, w in zip(params, work)]
         if found_inf is not None:
             # θ + c may sit exactly halfway between two values, and a tie may round away from
             # θ; a skipped step keeps θ, and then c = (θ + c) - θ is c again, exactly
             skip = found_inf != 0
-            rounded = [torch.where(skip, p, r) for p, r in zip(params, rounded)]
+            rounded = [torch.where(skip, p.to(torch.float32), r) for p, r in zip(params, rounded)]
         torch._foreach_sub_(work, rounded)  # the residual, exact in fp32
         torch._foreach_copy_(params, rounded)
         stochastic_round_([s[COMPENSATION_KEY] for s in states], work)

@@ -118,3 +118,20 @@ def test_inductor_compiled_step_matches_eager():
             step()
         results.append([optimizer.state[p]["master_param"].clone() for p in params])
     assert max_relative_error(*results) < 1e-5
+
+
+LEAN_MODES = [pytest.param(dict(low_precision="kahan"), id="kahan"),
+              pytest.param(dict(low_precision="stochastic", state_dtype=torch.bfloat16),
+                           id="stochastic_bf16_state")]
+
+
+@pytest.mark.filterwarnings(SCHEDULER_WARNING)
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+@pytest.mark.parametrize("mode", LEAN_MODES)
+@pytest.mark.parametrize("name", TENSOR_LR)
+def test_lean_precision_modes_compile_whole_and_do_not_recompile(name, mode, capturable):
+    """The compensation's arithmetic and the random draws of stochastic rounding trace into
+    the graph: no break, and a changing tensor lr recompiles nothing."""
+    frames = _compiled_run(TENSOR_LR[name], torch.bfloat16, 8, capturable=capturable, **mode)
+    assert frames == [1] + [2] * 7
+    assert sum(counters["graph_break"].values()) == 0

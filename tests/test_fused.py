@@ -167,3 +167,64 @@ def test_betas_schedules_do_not_recompile_and_a_nus_change_does():
     actual = _trajectory(True, 8, change)
     assert counters["stats"]["unique_graphs"] == 2
     assert max_relative_error(expected, actual) < 1e-12
+
+
+def test_lean_precision_modes_fused():
+    """fused=True with bf16 params: kahan (with bf16 moments) and stochastic rounding (with bf16
+    moments) compile into the group step. Each tracks the eager fp32 run within the bounds of
+    test_low_precision_modes.test_each_mode_tracks_the_fp32_run (2 and 8 bf16 eps over 300
+    steps; here 30), keeps the state its mode promises, and a run is reproducible from the RNG
+    state (inductor seeds its random numbers from torch's generator)."""
+    problem = Problem()
+
+    def final(dtype, **options):
+        torch.manual_seed(0)
+        params = problem.params(dtype)
+        optimizer = OPTIMIZERS["QHAdamW"](params, **options)
+        for t in range(30):
+            for i, p in enumerate(params):  # every param every step: one graph
+                p.grad = problem.grad(i, p, t)
+            optimizer.step()
+        return [p.detach().clone() for p in params], optimizer
+
+    expected, _ = final(torch.float32)
+    eps = torch.finfo(torch.bfloat16).eps
+    kahan, optimizer = final(torch.bfloat16, fused=True, low_precision="kahan",
+                             state_dtype=torch.bfloat16)
+    assert max_relative_error(expected, kahan) < 2 * eps
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert {k: v.dtype for k, v in state.items() if v.dim() > 0} == {
+        "kahan_compensation": torch.bfloat16, "exp_avg": torch.bfloat16,
+        "exp_avg_sq": torch.bfloat16}
+    assert state["kahan_compensation"].any()
+    stochastic, _ = final(torch.bfloat16, fused=True, low_precision="stochastic",
+                          state_dtype=torch.bfloat16)
+    assert max_relative_error(expected, stochastic) < 8 * eps
+    again, _ = final(torch.bfloat16, fused=True, low_precision="stochastic",
+                     state_dtype=torch.bfloat16)
+    for a, b in zip(stochastic, again):
+        assert torch.equal(a, b)
+
+
+def test_a_skipped_grad_scaler_step_changes_nothing_in_a_fused_kahan_step():
+    problem = Problem()
+    params = problem.params(torch.float16)
+    optimizer = OPTIMIZERS["QHAdam"](params, fused=True, low_precision="kahan",
+                                     state_dtype=torch.bfloat16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def backward(t, poison=False):
+        optimizer.zero_grad()
+        loss = sum((problem.grad(i, p, t).float() * p.float()).sum() for i, p in enumerate(params))
+        if poison:
+            loss = loss + params[0].float().sum() * float("inf")
+        scaler.scale(loss).backward()
+
+    for t in range(3):
+        backward(t)
+        scaler.step(optimizer)
+        scaler.update()
+    backward(3, poison=True)
+    before = snapshot(optimizer, params)
+    scaler.step(optimizer)
+    assert_same(snapshot(optimizer, params), before)

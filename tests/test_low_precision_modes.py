@@ -74,6 +74,54 @@ def test_stochastic_rounding_keeps_representable_values_and_specials(dtype):
     assert out.isnan().all()
 
 
+@pytest.mark.parametrize("dtype", LOW)
+def test_nearest_value_is_the_cast(dtype):
+    """Round-to-nearest-even written as integer/fp32 arithmetic (kahan's split) agrees with
+    torch's cast on every binade, subnormals, ties, overflow and specials."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.logspace(-45, 38, 4000) * (torch.rand(4000, generator=gen) + 0.5),
+                   torch.tensor([0.0, 65519.0, 65520.0, 1e6, float("inf"), float("nan")])])
+    representable = x.to(dtype).float()
+    ties = (representable + torch.nextafter(x.to(dtype), torch.tensor(float("inf"), dtype=dtype))
+            .float()) / 2  # exactly halfway between two values of dtype
+    x = torch.cat([x, ties, -x, -ties])
+    expected = x.to(dtype).float()
+    actual = precision.nearest_value(x, dtype)
+    assert torch.equal(actual.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(actual[keep], expected[keep])
+    assert torch.equal(actual[keep].signbit(), expected[keep].signbit())
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_rounding_survives_torch_compile(dtype):
+    """Inductor drops a down-and-up cast pair (x.to(bf16).float() becomes x) unless told to
+    emulate precision casts; the rounding must not be written that way, or under a compiled
+    step kahan's residual is 0 and stochastic rounding never rounds. Compiled, the nearest
+    value is the cast's and stochastic rounding still picks both neighbours, unbiased."""
+    torch._dynamo.reset()
+    x = torch.full((20000,), 1.0 + 2.0**-12) * torch.tensor([1.0, -3.0]).repeat(10000)
+    nearest = torch.compile(lambda v: precision.nearest_value(v, dtype), fullgraph=True)(x)
+    assert torch.equal(nearest, x.to(dtype).float())
+
+    def sr(v):
+        out = torch.empty_like(v, dtype=dtype)
+        precision.stochastic_round_([out], [v])
+        return out
+
+    torch.manual_seed(0)
+    rounded = torch.compile(sr, fullgraph=True)(x).double()
+    low, high = _neighbours(x, dtype)
+    assert ((rounded == low.double()) | (rounded == high.double())).all()
+    assert (rounded == high.double()).any() and (rounded == low.double()).any()
+    # the mean error of 10000 draws of each value: std ≤ gap/2/100; bound 5 std
+    for sign in (0, 1):
+        error = (rounded[sign::2] - x[sign::2].double()).mean()
+        gap = (high[sign] - low[sign]).abs().double()
+        assert abs(error) <= 5 * gap / 2 / 100
+    torch._dynamo.reset()
+
+
 def test_stochastic_rounding_is_reproducible_from_the_rng_state():
     x = torch.randn(1000)
     outs = []
