@@ -1,7 +1,8 @@
 """qhfast: quasi-hyperbolic optimizers (QHM, QHAdam, QHAdamW) for modern PyTorch.
 
 A drop-in replacement for ``qhoptim.pyt`` (same constructors, classmethods and trajectories)
-with foreach and per-tensor paths, fp32 master weights for bf16/fp16 parameters, and torch.optim's
+with foreach, per-tensor and compiled paths, memory-lean precision modes for bf16/fp16 parameters
+(fp32 masters, Kahan compensation, stochastic rounding, bf16 state), and torch.optim's
 flags and state_dict conventions. ``qhfast.functional`` holds the update rules as functions and
 ``qhfast.convert`` the hyperparameter recoveries.
 """
