@@ -119,3 +119,61 @@ def test_python_m_perf_on_cuda_has_graph_rows_and_a_cuda_block(tmp_path):
     assert "qhfast QHAdam fp32 foreach (default)" in table
     assert table["qhfast QHAdam fp32 foreach (default)"].rstrip(" |").split(" | ")[-1] != "-"
     assert "<!-- python -m perf: cuda: begin" in output.read_text()
+
+
+@pytest.mark.parametrize("options", [dict(low_precision="kahan", state_dtype=torch.bfloat16),
+                                     dict(low_precision="stochastic", state_dtype=torch.bfloat16)],
+                         ids=["kahan_bf16_state", "stochastic_bf16_state"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_lean_precision_captured_in_a_cuda_graph(name, options):
+    """bf16 params, capturable: the step, its random draws included, is captured in a CUDA
+    graph without a host sync (sync debug mode "error" raises on one) and its replays, with
+    a tensor lr changed in place between them, track the eager fp32 run on the same gradients
+    within the CPU bounds of test_low_precision_modes (2 bf16 eps for kahan, 8 for stochastic
+    rounding). Replays draw fresh random numbers (CUDA's generator is graph-safe), so two
+    replays of the same inputs do not repeat the same rounding."""
+    problem = Problem()
+    lr = {"QHM": 0.5}.get(name, 0.01)
+    params = _cuda_params(torch.bfloat16)
+    optimizer = OPTIMIZERS[name](params, lr=torch.tensor(lr, device="cuda"), capturable=True,
+                                 **options)
+    reference = [p.detach().float().cpu().requires_grad_() for p in params]
+    fp32 = OPTIMIZERS[name](reference, lr=torch.tensor(lr))
+
+    def set_grads(t):
+        for i, (p, r) in enumerate(zip(params, reference)):
+            g = problem.grad(i, r.detach(), t)
+            r.grad = g.clone()
+            if p.grad is None:
+                p.grad = g.to("cuda", torch.bfloat16)
+            else:
+                p.grad.copy_(g)
+
+    set_grads(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for t in range(3):  # warm-up: state created
+            optimizer.step()
+            fp32.step()
+            set_grads(t + 1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t in range(3, 30):
+        if t == 15:  # a scheduler's in-place change, seen by the replay
+            optimizer.param_groups[0]["lr"].fill_(lr / 2)
+            fp32.param_groups[0]["lr"].fill_(lr / 2)
+        graph.replay()
+        fp32.step()
+        set_grads(t + 1)
+    torch.cuda.synchronize()
+    eps = torch.finfo(torch.bfloat16).eps
+    bound = (2 if options["low_precision"] == "kahan" else 8) * eps
+    actual = [p.detach().cpu() for p in params]
+    assert max_relative_error([r.detach() for r in reference], actual) < bound
