@@ -5,7 +5,8 @@ qhoptim, in one command.
     python -m perf --blocks 24 --width 1024    # a larger parameter set
     python -m perf --only QHAdam    # rows whose name contains a word (plus the reference rows)
     python -m perf --no-fused       # skip the compiled rows (each compiles for about a minute)
-    python -m perf --all-fused      # compiled rows for every optimizer and dtype (7, not 4)
+    python -m perf --all-fused      # compiled rows for every optimizer and precision variant (16, not 4)
+    python -m perf --only "bf16 kahan" --no-fused --quality-steps 0   # some rows, no compiles, no training
 
 It prints each table and writes them, with the machine, torch version and command, into
 perf/RESULTS.md between markers for the device (``--output`` elsewhere, ``--output -`` not at
@@ -16,7 +17,11 @@ torch's default Adam and fused Adam from the same run; the ratio to the memory-b
 (the bytes the step must move, divided by the faster of two memory streams measured next to
 the row);
 the exact optimizer state per parameter; and the peak memory one step allocates beyond what
-existed before it.
+existed before it. qhfast's rows come in precision variants (see ``step_bench``): fp32
+parameters, and bf16 parameters with each ``low_precision`` mode and optionally bf16 moments.
+
+Then the training quality tables (``quality``): each task trained with qhfast in each precision
+variant and torch's AdamW, held-out losses relative to the fp32 run.
 """
 
 from __future__ import annotations
@@ -76,8 +81,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="skip fused=True rows")
     parser.add_argument("--all-fused", action="store_true",
                         help=f"every fused row, not only {', '.join(step_bench.DEFAULT_FUSED)}")
-    parser.add_argument("--quality-steps", type=int, default=1500,
-                        help="training steps of the quality run (0: skip it)")
+    parser.add_argument("--quality-steps", type=int, default=None,
+                        help="training steps of each quality task (default: each task's own, "
+                        + ", ".join(f"{t.name} {t.steps}" for t in quality.TASKS.values())
+                        + "; 0: skip the quality runs)")
+    parser.add_argument("--quality-task", choices=[*quality.TASKS, "all"], default="all",
+                        help="which quality task (default all)")
     parser.add_argument("--plot", default=None,
                         help="PNG of the loss curves (default perf/scratch/quality-DEVICE.png; needs matplotlib)")
     parser.add_argument("--output", default=str(RESULTS), help="markdown file to update, '-' for none")
@@ -86,7 +95,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.blocks, args.width, args.rounds, args.steps, args.warmup = 1, 64, 1, 2, 1
-        args.quality_steps = min(args.quality_steps, 3)
+        args.quality_steps = 3 if args.quality_steps is None else min(args.quality_steps, 3)
     if args.plot is None:
         args.plot = str(Path(__file__).resolve().parent / "scratch" / f"quality-{args.device}.png")
     return args
@@ -132,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += step_table(runner.results, numel)
     lines += compile_table(runner.results)
-    if args.quality_steps > 0:
+    if args.quality_steps != 0:
         progress("training quality")
-        table, plotted = quality.quality_table(args.quality_steps, args.plot, progress)
-        lines += ["", f"Training quality: {quality.describe(args.quality_steps)}. "
+        tasks = list(quality.TASKS) if args.quality_task == "all" else [args.quality_task]
+        table, plotted = quality.quality_table(args.quality_steps, args.plot, progress, tasks)
+        lines += ["", "Training quality: every row of a task starts from the same weights and sees "
+                  "the same batches, with the same hyperparameters; \"held-out vs fp32\" is the "
+                  f"held-out loss relative to the `{quality.BASELINE}` row. "
                   + (f"Loss curves: `{os.path.relpath(args.plot)}` (not committed)."
                      if plotted else "No plot (matplotlib is not installed; `pip install -e \".[perf]\"`)."),
                   "", *table]

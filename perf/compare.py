@@ -4,16 +4,27 @@
     python perf/compare.py --rev main --optimizer QHM  # QHM vs torch SGD momentum loop
     python perf/compare.py --tiny                      # per-step Python overhead: 179 tensors of 4
     python perf/compare.py --fused                     # fused=True against torch's fused Adam
+    python perf/compare.py --dtype bfloat16 --low-precision kahan --state-dtype bfloat16
+    python perf/compare.py --modes                     # every precision variant against each other
+    python perf/compare.py --modes --foreach           # the same on the foreach path
 
 The machine's speed drifts between processes by more than most changes are worth, so
 ``python -m perf`` tables cannot judge a small change. Here every contender steps the same
 parameter tensors, in rounds that alternate between them, and the medians are comparable.
+
+``--low-precision`` and ``--state-dtype`` pass qhfast's precision options to the qhfast
+contenders (a revision from before them rejects them). ``--modes`` races the working tree's
+qhfast in every precision variant of ``step_bench.PRECISION_VARIANTS`` (fp32 parameters, and
+bf16 parameters in each ``low_precision`` mode, with and without bf16 moments) against each
+other and torch, each dtype's contenders sharing one parameter set, and prints each one's
+state and moved bytes per parameter and its time relative to the fp32 and bf16-master ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +48,11 @@ SETTINGS = {
 FUSED_TORCH = {
     "QHAdam": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
     "QHM": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+}
+
+FOREACH_TORCH = {
+    "QHAdam": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+    "QHM": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
 }
 
 
@@ -69,9 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=12)
     parser.add_argument("--fused", action="store_true",
                         help="qhfast with fused=True (compiles first) against torch's fused kernel")
+    parser.add_argument("--foreach", action="store_true",
+                        help="qhfast and torch with foreach=True (not the per-tensor loop)")
     parser.add_argument("--tiny", action="store_true",
                         help="the same number of tensors with 4 elements each: what is left is overhead")
+    parser.add_argument("--low-precision", choices=["master", "kahan", "stochastic", "nearest"],
+                        help="qhfast's low_precision (it acts on bf16 parameters: --dtype bfloat16)")
+    parser.add_argument("--state-dtype", choices=["bfloat16"], help="qhfast's state_dtype")
+    parser.add_argument("--modes", action="store_true",
+                        help="the working tree in every precision variant (ignores --rev, --dtype, "
+                             "--low-precision, --state-dtype)")
     args = parser.parse_args(argv)
+    if args.fused and args.foreach:
+        parser.error("--fused and --foreach exclude each other")
     warnings.filterwarnings("ignore", category=UserWarning)
 
     kwargs, torch_name, make_torch = SETTINGS[args.optimizer]
@@ -79,15 +105,34 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = dict(kwargs, fused=True)
         torch_name = torch_name.replace("loop", "fused")
         make_torch = FUSED_TORCH[args.optimizer]
+    if args.foreach:
+        kwargs = dict(kwargs, foreach=True)
+        torch_name = torch_name.replace("loop", "foreach")
+        make_torch = FOREACH_TORCH[args.optimizer]
+    if args.low_precision:
+        kwargs = dict(kwargs, low_precision=args.low_precision)
+    if args.state_dtype:
+        kwargs = dict(kwargs, state_dtype=getattr(torch, args.state_dtype))
     shapes = step_bench.transformer_shapes(args.blocks)
     if args.tiny:
         shapes = [(4,)] * len(shapes)
-    params = step_bench.make_params(shapes, getattr(torch, args.dtype), "cpu")
     contenders = {}
-    if args.rev:
-        contenders[f"qhfast@{args.rev}"] = getattr(qhfast_at(args.rev), args.optimizer)(params, **kwargs)
-    contenders["qhfast (working tree)"] = getattr(qhfast_at(None), args.optimizer)(params, **kwargs)
-    contenders[torch_name] = make_torch(params)
+    if args.modes:
+        qhfast = qhfast_at(None)
+        params = {dtype: step_bench.make_params(shapes, dtype, "cpu")
+                  for dtype in (torch.float32, torch.bfloat16)}
+        for tag, dtype, options in step_bench.PRECISION_VARIANTS:
+            if args.optimizer == "QHM" and tag in step_bench.QHADAM_ONLY:
+                continue
+            contenders[f"qhfast {tag}"] = getattr(qhfast, args.optimizer)(params[dtype], **kwargs, **options)
+        contenders[f"{torch_name} fp32"] = make_torch(params[torch.float32])
+        contenders[f"{torch_name} bf16"] = make_torch(params[torch.bfloat16])
+    else:
+        params = step_bench.make_params(shapes, getattr(torch, args.dtype), "cpu")
+        if args.rev:
+            contenders[f"qhfast@{args.rev}"] = getattr(qhfast_at(args.rev), args.optimizer)(params, **kwargs)
+        contenders["qhfast (working tree)"] = getattr(qhfast_at(None), args.optimizer)(params, **kwargs)
+        contenders[torch_name] = make_torch(params)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for optimizer in contenders.values():
         for _ in range(args.warmup):
@@ -99,9 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# python perf/compare.py {command}")
     print(f"# {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M params; "
           f"{args.rounds} rounds x {args.steps} steps, interleaved, same tensors; torch {torch.__version__}")
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    width = max(28, *(len(name) for name in samples))
     for name, times in samples.items():
         q1, median, q3 = step_bench.quartiles(times)
-        print(f"{name:28s} median {median * 1e3:6.1f} ms   p25-p75 {q1 * 1e3:.1f}-{q3 * 1e3:.1f}")
+        line = f"{name:{width}s} median {median * 1e3:6.1f} ms   p25-p75 {q1 * 1e3:.1f}-{q3 * 1e3:.1f}"
+        if args.modes:
+            optimizer = contenders[name]
+            line += (f"   / fp32 {median / medians['qhfast fp32']:.2f}"
+                     f"   / bf16 master {median / medians['qhfast bf16 master']:.2f}"
+                     f"   state {step_bench.state_bytes_per_param(optimizer):5.2f} B/param"
+                     f"   moved {step_bench.traffic_bytes_per_param(optimizer):3.0f} B/param")
+        print(line)
     return 0
 
 

@@ -13,6 +13,13 @@ are built once, in the first round, and reused, so their one-off cost is paid on
 QH rows use the paper's recommended settings (QHM ``nu=0.7, momentum=0.999``; QHAdam
 ``nus=(0.7, 1.0), betas=(0.995, 0.999)``), so the quasi-hyperbolic term is paid for;
 ``QHAdam nus=(1,1)`` is plain Adam through qhfast.
+
+qhfast rows come in precision variants (``PRECISION_VARIANTS``), named after the dtype: fp32
+parameters (and QHAdam with bf16 moments, ``fp32 bf16-state``), and bf16 parameters with each
+``low_precision`` mode (``master``, ``kahan``, ``stochastic``, ``nearest``), ``+bf16-state``
+where the moments are stored in bf16 (``state_dtype=torch.bfloat16``). State per bf16 parameter
+element, QHAdam / QHM: master 12 / 8 bytes, kahan 10 / 6, kahan+bf16-state 6 / 4, stochastic
+8 / 4, stochastic+bf16-state 4 / 2, nearest 8 / 4.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import qhfast
+from qhfast._precision import MASTER_KEY
 
 WIDTH = 384
 
@@ -75,7 +83,7 @@ class Row:
 
 QHM_SETTINGS = dict(lr=1.0, momentum=0.999, nu=0.7)
 QHADAM_SETTINGS = dict(lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # torch's rows
 
 
 def qhoptim_classes() -> dict[str, type]:
@@ -86,29 +94,50 @@ def qhoptim_classes() -> dict[str, type]:
     return {"QHM": qhoptim.pyt.QHM, "QHAdam": qhoptim.pyt.QHAdam}
 
 
+#: the precision variants of the qhfast rows: (tag, parameter dtype, options). The tag names
+#: the parameter dtype, then for bf16 parameters the ``low_precision`` mode, then
+#: "+bf16-state" (or "bf16-state" for fp32 parameters) for ``state_dtype=torch.bfloat16``
+PRECISION_VARIANTS: tuple[tuple[str, torch.dtype, dict], ...] = (
+    ("fp32", torch.float32, {}),
+    ("fp32 bf16-state", torch.float32, dict(state_dtype=torch.bfloat16)),
+    ("bf16 master", torch.bfloat16, dict(low_precision="master")),
+    ("bf16 kahan", torch.bfloat16, dict(low_precision="kahan")),
+    ("bf16 kahan+bf16-state", torch.bfloat16, dict(low_precision="kahan", state_dtype=torch.bfloat16)),
+    ("bf16 stochastic", torch.bfloat16, dict(low_precision="stochastic")),
+    ("bf16 stochastic+bf16-state", torch.bfloat16,
+     dict(low_precision="stochastic", state_dtype=torch.bfloat16)),
+    ("bf16 nearest", torch.bfloat16, dict(low_precision="nearest")),
+)
+#: variants with QHAdam rows only (QHM's state is one momentum buffer: fp32 with bf16 state
+#: says nothing the QHAdam row does not)
+QHADAM_ONLY = ("fp32 bf16-state",)
+
+#: the variants with CUDA graph rows (on a GPU): the default and the two leanest
+GRAPHED_VARIANTS = ("fp32", "bf16 master", "bf16 kahan+bf16-state", "bf16 stochastic+bf16-state")
+
 #: the fused rows compiled by default (each compiles for about a minute on a 2-core CPU);
-#: ``every_fused`` adds the others
-DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16", "QHAdam bf16 no-masters")
+#: ``every_fused`` adds the others (one per optimizer and precision variant)
+DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16 master", "QHAdam bf16 nearest")
 
 
 def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row]:
-    """Every row of the table. ``(default)`` marks what each library does with no flags."""
+    """Every row of the table. ``(default)`` marks each library's default path (no ``foreach``
+    or ``fused`` flag); the precision variant is named before it."""
     accelerator = device != "cpu"
     qhfast_modes = [("per-tensor", dict(foreach=False), not accelerator),
                     ("foreach", dict(foreach=True), accelerator)]
     if fused:
         qhfast_modes.append(("fused", dict(fused=True), False))
     table: list[Row] = []
-    for tag, dtype, masters in (("fp32", torch.float32, True), ("bf16", torch.bfloat16, True),
-                                ("bf16 no-masters", torch.bfloat16, False)):
-        extra = {} if masters else dict(master_weights=False)
+    for tag, dtype, options in PRECISION_VARIANTS:
         for mode, flags, default in qhfast_modes:
             suffix = f"{tag} {mode}{' (default)' if default else ''}"
             once = "fused" in flags
-            table.append(Row(f"qhfast QHM {suffix}", dtype, once=once,
-                             make=lambda p, k={**QHM_SETTINGS, **flags, **extra}: qhfast.QHM(p, **k)))
+            if tag not in QHADAM_ONLY:
+                table.append(Row(f"qhfast QHM {suffix}", dtype, once=once,
+                                 make=lambda p, k={**QHM_SETTINGS, **flags, **options}: qhfast.QHM(p, **k)))
             table.append(Row(f"qhfast QHAdam {suffix}", dtype, once=once,
-                             make=lambda p, k={**QHADAM_SETTINGS, **flags, **extra}: qhfast.QHAdam(p, **k)))
+                             make=lambda p, k={**QHADAM_SETTINGS, **flags, **options}: qhfast.QHAdam(p, **k)))
             if tag == "fp32":
                 table.append(Row(f"qhfast QHAdamW {suffix}", dtype, once=once,
                                  make=lambda p, k={**QHADAM_SETTINGS, **flags}: qhfast.QHAdamW(
@@ -127,11 +156,15 @@ def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row
             table.append(Row(f"torch AdamW {tag} {mode}{default}", dtype,
                              lambda p, k=flags: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, **k)))
     if device == "cuda":
-        for tag, dtype in DTYPES.items():
+        for tag, dtype, options in PRECISION_VARIANTS:
+            if tag not in GRAPHED_VARIANTS:
+                continue
             table.append(Row(f"qhfast QHM {tag} CUDA graph", dtype, once=True, graph=True,
-                             make=lambda p: qhfast.QHM(p, **QHM_SETTINGS, capturable=True)))
+                             make=lambda p, k={**QHM_SETTINGS, **options}: qhfast.QHM(
+                                 p, capturable=True, **k)))
             table.append(Row(f"qhfast QHAdam {tag} CUDA graph", dtype, once=True, graph=True,
-                             make=lambda p: qhfast.QHAdam(p, **QHADAM_SETTINGS, capturable=True)))
+                             make=lambda p, k={**QHADAM_SETTINGS, **options}: qhfast.QHAdam(
+                                 p, capturable=True, **k)))
         table.append(Row("torch Adam fp32 fused CUDA graph", torch.float32, once=True, graph=True,
                          make=lambda p: torch.optim.Adam(p, lr=1e-3, fused=True, capturable=True)))
     if fused and not every_fused:
@@ -187,7 +220,8 @@ def parameter_count(optimizer: torch.optim.Optimizer) -> int:
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
-    """Optimizer state (moments, masters, counters) in bytes per parameter element, exact."""
+    """Optimizer state (moments, masters, compensations, counters) in bytes per parameter
+    element, exact."""
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
                 for v in s.values() if isinstance(v, torch.Tensor))
     return state / parameter_count(optimizer)
@@ -195,14 +229,17 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
 
 def traffic_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
     """Bytes a step must move per parameter element, at the least: read the gradient, read and
-    write every state tensor (moments, master), write the parameter, and read it too unless an
-    fp32 master stands in for it. 0-d counters are negligible and left out."""
+    write every state tensor in its own dtype (moments, an fp32 master, a Kahan compensation),
+    write the parameter, and read it too unless an fp32 master stands in for it (modes without
+    a master, "kahan", "stochastic" and "nearest", read it). Random bits for stochastic
+    rounding are made, not moved: a fused kernel draws them in registers. 0-d counters are
+    negligible and left out."""
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
             tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-            param_passes = 1 if "master_param" in state else 2
+            param_passes = 1 if MASTER_KEY in state else 2
             total += p.grad.numel() * p.grad.element_size() + param_passes * p.numel() * p.element_size()
             total += 2 * sum(v.numel() * v.element_size() for v in tensors)
     return total / parameter_count(optimizer)

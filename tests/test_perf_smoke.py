@@ -10,19 +10,40 @@ sys.path.insert(0, str(ROOT / "perf"))
 import quality  # noqa: E402
 
 
-def _rows(table: str) -> dict[str, list[str]]:
-    return {
-        cells[0]: cells[1:]
+def _table_rows(table: str) -> list[list[str]]:
+    """The body rows of the markdown tables in ``table``, as lists of cells."""
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
         for line in table.splitlines()
         if line.startswith("| ") and not line.startswith("| optimizer")
-        for cells in [[c.strip() for c in line.strip("|").split("|")]]
-        if len(cells) == 9 or len(cells) == 5  # the step table and the quality table
-    }
+    ]
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """The step table's rows by name (9 cells: the quality tables have 6)."""
+    return {cells[0]: cells[1:] for cells in _table_rows(table) if len(cells) == 9}
+
+
+def _quality_rows(table: str) -> list[list[str]]:
+    return [cells for cells in _table_rows(table) if len(cells) == 6]
+
+
+#: (state, moved) bytes per parameter of each precision variant: QHAdam, QHM (None: no row)
+PRECISION_BYTES = {
+    "fp32": ((8, 28), (4, 20)),
+    "fp32 bf16-state": ((4, 20), None),
+    "bf16 master": ((12, 28), (8, 20)),
+    "bf16 kahan": ((10, 26), (6, 18)),
+    "bf16 kahan+bf16-state": ((6, 18), (4, 14)),
+    "bf16 stochastic": ((8, 22), (4, 14)),
+    "bf16 stochastic+bf16-state": ((4, 14), (2, 10)),
+    "bf16 nearest": ((8, 22), (4, 14)),
+}
 
 
 def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     """`python -m perf --quick` (one fused row compiles, a few seconds): the step table with
-    exact state and traffic bytes, the quality table, and its block in the output file, which
+    exact state and traffic bytes, the quality tables, and its block in the output file, which
     a second run replaces instead of appending."""
     output = tmp_path / "RESULTS.md"
     output.write_text("# results\n\nhand-written analysis stays\n")
@@ -36,16 +57,49 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, state, temp
     assert rows["qhfast QHAdam fp32 per-tensor (default)"][5:7] == ["28", "8.00"]
     assert rows["qhfast QHAdam fp32 fused"][5:7] == ["28", "8.00"]
+    assert rows["qhfast QHAdam fp32 bf16-state per-tensor (default)"][5:7] == ["20", "4.00"]
     assert rows["torch Adam fp32 fused"][3] == "1.00"
     assert float(rows["qhfast QHAdam fp32 foreach"][4]) > 0  # a floor ratio was computed
     assert "qhoptim 1.1.0 QHAdam fp32" in rows
-    assert sum(name.startswith(("qhfast QHAdamW", "torch AdamW")) for name in rows) == 5  # quality
+    quality_rows = _quality_rows(done.stdout)  # two tasks of 8 rows
+    assert [cells[0] for cells in quality_rows] == [name for name, _, _ in
+                                                    quality.configurations(quality.MLP)] * 2
+    assert [cells[4] for cells in quality_rows if cells[0] == quality.BASELINE] == ["+0.00%"] * 2
+    assert "Task `mlp`" in done.stdout and "Task `lm`" in done.stdout
     text = output.read_text()
     assert text.startswith("# results\n\nhand-written analysis stays\n")
     assert text.count("<!-- python -m perf: cpu: begin") == 1
     assert text.count("<!-- python -m perf: cpu: end -->") == 1
     assert "| qhfast QHAdam fp32 fused |" in text and "Machine: " in text
     assert "Loss curves: " in text and (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_rows_cover_every_precision_mode_with_exact_bytes():
+    """Every precision variant has a QHAdam (and, but for fp32 bf16-state, a QHM) row on the
+    per-tensor and foreach paths, named after its mode, with the state and moved bytes its
+    mode implies: what a mode without a master reads of the parameter, and a Kahan
+    compensation's read and write, are counted."""
+    import step_bench
+    import torch
+
+    rows = {row.name: row for row in step_bench.rows("cpu", fused=True)}
+    fused = [name for name, row in rows.items() if row.once]
+    assert fused == [f"qhfast {kind} fused" for kind in step_bench.DEFAULT_FUSED]
+    assert not any("no-masters" in name for name in rows)
+    runner = step_bench.Runner(step_bench.transformer_shapes(1, 64), "cpu", steps=1, warmup=1)
+    runner.streams = step_bench.StreamBandwidth("cpu", megabytes=1)  # the floor is not tested here
+    for tag, expected in PRECISION_BYTES.items():
+        for optimizer, nbytes in zip(("QHAdam", "QHM"), expected):
+            for path in ("per-tensor (default)", "foreach"):
+                name = f"qhfast {optimizer} {tag} {path}"
+                if nbytes is None:
+                    assert name not in rows
+                    continue
+                result = runner.measure(rows[name])
+                state, moved = nbytes
+                assert abs(result.state_bytes - state) < 0.01, name  # 0-d counters: a little more
+                assert result.traffic_bytes == moved, name
+    assert set(runner.results) >= {f"qhfast QHAdam {tag} foreach" for tag in PRECISION_BYTES}
 
 
 def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
@@ -66,10 +120,37 @@ def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
 
 
 def test_quality_runs_end_to_end(capsys, tmp_path):
+    """Both tasks by default, a table each, every precision mode a row; --task picks one."""
     assert quality.main(["--steps", "3", "--plot", str(tmp_path / "q.png")]) == 0
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert sum(line.startswith("| qhfast") or line.startswith("| torch") for line in table.splitlines()) == 5
+    rows = _quality_rows(table)
+    names = [cells[0] for cells in rows]
+    assert len(rows) == 16 and names[:8] == names[8:]
+    for mode in ("fp32", "bf16 master", "bf16 kahan", "bf16 kahan+bf16-state",
+                 "bf16 stochastic+bf16-state", "bf16 nearest"):
+        assert f"qhfast QHAdamW {mode}" in names
+    assert {"torch AdamW fp32", "torch AdamW bf16"} <= set(names)
+    for cells in rows:
+        held_out, versus = float(cells[3]), cells[4]
+        assert held_out > 0 and versus.endswith("%") and versus[0] in "+-"
+    assert quality.main(["--task", "lm", "--steps", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "Task `lm`" in table and "Task `mlp`" not in table and len(_quality_rows(table)) == 8
+
+
+def test_lm_source_is_learnable_and_its_entropy_is_below_uniform():
+    """The language-model task's source: fixed by its seed, and far from uniform (there is
+    something to learn), with held-out sequences separate from the training ones."""
+    import math
+
+    train, held_out = quality.lm_data(2)
+    assert train.shape == (2 * quality.LM_BATCH, quality.CONTEXT + 1)
+    assert held_out.shape == (quality.HELD_OUT_SEQUENCES, quality.CONTEXT + 1)
+    assert int(train.max()) < quality.VOCAB and int(train.min()) >= 0
+    assert not any(bool((held_out == row).all(1).any()) for row in train)
+    assert quality.source_entropy() < 0.5 * math.log(quality.VOCAB)
+    assert quality.markov_sequences(4, seed=9).equal(quality.markov_sequences(4, seed=9))
 
 
 def test_compare_runs_end_to_end(capsys):
@@ -80,6 +161,14 @@ def test_compare_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     for name in ("qhfast@HEAD", "qhfast (working tree)", "torch Adam loop"):
         assert name in out
+    assert compare.main(["--modes", "--blocks", "0", "--rounds", "1", "--steps", "1",
+                         "--warmup", "0"]) == 0
+    lines = {line.split(" median ")[0].strip(): line for line in capsys.readouterr().out.splitlines()
+             if " median " in line}
+    for tag, ((state, moved), _) in PRECISION_BYTES.items():
+        assert f"state {state:5.2f} B/param   moved {moved:3d} B/param" in lines[f"qhfast {tag}"], tag
+    assert "/ bf16 master 1.00" in lines["qhfast bf16 master"]
+    assert {"torch Adam loop fp32", "torch Adam loop bf16"} <= set(lines)
 
 
 def test_compile_time_runs_end_to_end(capsys):
