@@ -18,8 +18,6 @@ Everything else lives here once:
 from __future__ import annotations
 
 import math
-import types
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
+from . import _fused
 from . import _precision as precision
 from ._precision import compute_dtype
 
@@ -255,6 +254,8 @@ class QHOptimizer(Optimizer):
     #: OneCycleLR/CyclicLR): the fused step takes them as tensors, so a change does not
     #: recompile; the others it takes as constants (a change recompiles, a smaller graph)
     _scheduled_hyperparameters: tuple[str, ...] = ()
+    #: the function of qhfast/_cpu_kernel.c that runs ``fused=True`` on the CPU (None: none)
+    _cpu_kernel: str | None = None
     #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of unscaling
     #: the gradients itself (which refuses fp16 gradients) and reading found_inf on the host
     _step_supports_amp_scaling = True
@@ -410,7 +411,7 @@ class QHOptimizer(Optimizer):
                 if len(self.state[p]) == 0:
                     self._init_state(p, group)
             if group["fused"] and not torch.compiler.is_compiling():
-                _fused_group_step(self, group)(self, group, params, AmpArgs(grad_scale, found_inf))
+                _fused.fused_group_step(self, group, params, AmpArgs(grad_scale, found_inf))
             else:
                 self._step_group(group, params, AmpArgs(grad_scale, found_inf))
         return loss
@@ -582,74 +583,6 @@ def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:
 def _counters_on_device(group: dict[str, Any]) -> bool:
     """Whether the group's step counters live on the parameters' device (read by no host)."""
     return bool(group["capturable"] or group["fused"])
-
-
-#: inductor options of the fused step. Every tensor's kernel reads the same few 0-d buffers
-#: (lr, betas, the GradScaler's found_inf), and inductor tries to fuse each node with up to 64
-#: others that read a buffer it reads: ~180 tensors x ~20 ops made that most of the compile
-#: time. Each tensor's own chain of ops (what fuses into its kernel) shares that tensor's
-#: buffers, so a few attempts per shared buffer lose nothing.
-FUSED_INDUCTOR_OPTIONS = {"max_fusion_buffer_group_pairwise_attempts": 4}
-
-#: each optimizer's fused group steps, by group index; they go when the optimizer does
-_FUSED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _group_step(optimizer: QHOptimizer, group: dict[str, Any], params: list[Tensor],
-                hyperparameters: dict[str, Any], grad_scale: Tensor | None,
-                found_inf: Tensor | None) -> None:
-    optimizer._step_group(group, params, AmpArgs(grad_scale, found_inf), hyperparameters)
-
-
-class _FusedGroupStep:
-    """One param group's step, compiled (``fused=True``).
-
-    The group's scheduled hyperparameters (lr, momentum/betas) enter the graph as 0-d float64
-    tensors on the params' device, refilled when the group's floats change, so a schedule does
-    not recompile; the rest are constants of the graph (fewer ops: ν = 1 drops its term). Each
-    group compiles its own copy of ``_group_step``'s code: dynamo keeps graphs per code object,
-    so groups and optimizers do not share one recompile limit nor test each other's guards.
-    """
-
-    def __init__(self, index: int) -> None:
-        code = _group_step.__code__.replace(co_name=f"_group_step_{index}")
-        self.compiled = torch.compile(
-            types.FunctionType(code, _group_step.__globals__, code.co_name),
-            fullgraph=True,
-            options=FUSED_INDUCTOR_OPTIONS,
-        )
-        self.scalars: dict[str, tuple[float, Tensor]] = {}
-
-    def __call__(self, optimizer: QHOptimizer, group: dict[str, Any], params: list[Tensor],
-                 amp: AmpArgs) -> None:
-        device = _local(params[0]).device
-        hyperparameters = {
-            name: self._as_tensor(name, group[name], device)
-            if name in optimizer._scheduled_hyperparameters else group[name]
-            for name in optimizer._tensor_hyperparameters
-        }
-        self.compiled(optimizer, group, params, hyperparameters, amp.grad_scale, amp.found_inf)
-
-    def _as_tensor(self, key: str, value: Any, device: torch.device) -> Any:
-        if isinstance(value, (tuple, list)):
-            return tuple(self._as_tensor(f"{key}[{i}]", v, device) for i, v in enumerate(value))
-        if isinstance(value, Tensor):
-            return value
-        cached = self.scalars.get(key)
-        if cached is None or cached[1].device != device:
-            cached = (value, torch.tensor(value, dtype=torch.float64, device=device))
-        elif cached[0] != value:
-            cached = (value, cached[1].fill_(value))
-        self.scalars[key] = cached
-        return cached[1]
-
-
-def _fused_group_step(optimizer: QHOptimizer, group: dict[str, Any]) -> _FusedGroupStep:
-    index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
-    steps = _FUSED_STEPS.setdefault(optimizer, {})
-    if index not in steps:
-        steps[index] = _FusedGroupStep(index)
-    return steps[index]
 
 
 class AmpArgs(NamedTuple):

@@ -172,11 +172,17 @@ def test_compare_runs_end_to_end(capsys):
 
 
 def test_compile_time_runs_end_to_end(capsys):
+    """Both measurements run: the CPU kernel's cold build (one kernel, into a scratch cache)
+    and the compiled group step's compile; the module's settings are restored after each."""
     import compile_time
 
-    import qhfast._base
+    import qhfast._fused
 
-    options = dict(qhfast._base.FUSED_INDUCTOR_OPTIONS)
-    assert compile_time.main(["--blocks", "0", "--width", "32", "--inductor-defaults"]) == 0
+    options, kernel = dict(qhfast._fused.FUSED_INDUCTOR_OPTIONS), qhfast._fused.CPU_KERNEL
+    assert compile_time.main(["--blocks", "0", "--width", "32"]) == 0
+    assert "CPU kernel: 3 tensors, first step" in capsys.readouterr().out
+    assert compile_time.main(["--blocks", "0", "--width", "32", "--compiled",
+                              "--inductor-defaults"]) == 0
     assert "inductor defaults: 3 tensors, first step" in capsys.readouterr().out
-    assert qhfast._base.FUSED_INDUCTOR_OPTIONS == options  # restored
+    assert qhfast._fused.FUSED_INDUCTOR_OPTIONS == options  # restored
+    assert qhfast._fused.CPU_KERNEL == kernel

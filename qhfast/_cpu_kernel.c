@@ -1,0 +1,260 @@
+/* qhfast's fused CPU step: QHAdam and QHM over a chunk table of a bucket's tensors.
+ *
+ * One call updates every tensor of a (device, dtype) bucket: each element of the parameters,
+ * gradients and state is read and written once, in chunks spread over OpenMP threads (the
+ * multi-tensor-apply design of torch's fused kernels). The file is compiled once per
+ * combination of the macros below, whatever the number or shapes of the tensors (see
+ * qhfast/_fused.py, which defines them and calls the functions through ctypes):
+ *
+ *   REAL     the compute type: float (fp32/bf16/fp16 parameters) or double (fp64)
+ *   PARAM    0: the parameter is REAL; 1: bf16; 2: fp16
+ *   MODE     for bf16/fp16 parameters, where the fp32 result lives (qhfast/_precision.py):
+ *            1 master, 2 kahan (bf16 only), 3 stochastic (bf16 only), 4 nearest; 0 for REAL
+ *   STATE    0: the moments are REAL; 1: bf16, written with stochastic rounding
+ *   COUNTER  the type of QHAdam's normalizers: double (CPU counters) or float (capturable)
+ *
+ * The arithmetic follows the eager foreach path op for op (qhfast/qhadam.py, qhfast/qhm.py),
+ * with torch's CPU lerp and scalar casts, so the two agree to the compute type's rounding.
+ * Random bits for stochastic rounding come from a counter-based hash of (seed, element): the
+ * caller draws the seed from torch's generator each step.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef REAL real;
+
+/* ---- conversions -------------------------------------------------------------------------- */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* round to nearest even, NaN to torch's canonical bf16 NaN (c10::BFloat16) */
+static inline uint16_t float_to_bf16_nearest(float f) {
+    uint32_t u = float_bits(f);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)rounded;
+}
+
+/* up with probability (dropped bits) / 2^16: unbiased; r holds 16 random bits */
+static inline uint16_t float_to_bf16_stochastic(float f, uint32_t r) {
+    return (uint16_t)((float_bits(f) + (r & 0xFFFFu)) >> 16);
+}
+
+static inline uint32_t mix32(uint32_t x) { /* a 32-bit finalizer (lowbias32) */
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+#if PARAM == 0
+typedef real param_t;
+#define LOAD_PARAM(p, i) ((p)[i])
+#elif PARAM == 1
+typedef uint16_t param_t;
+#define LOAD_PARAM(p, i) bf16_to_float((p)[i])
+#define STORE_NEAREST(p, i, x) ((p)[i] = float_to_bf16_nearest(x))
+#define NEAREST_VALUE(x) bf16_to_float(float_to_bf16_nearest(x))
+#else
+typedef _Float16 param_t;
+#define LOAD_PARAM(p, i) ((float)(p)[i])
+#define STORE_NEAREST(p, i, x) ((p)[i] = (_Float16)(x))
+#endif
+
+#if STATE == 0
+typedef real state_t;
+#define LOAD_STATE(s, i) ((s)[i])
+#define STORE_STATE(s, i, x, r) ((s)[i] = (x))
+#else
+typedef uint16_t state_t;
+#define LOAD_STATE(s, i) ((real)bf16_to_float((s)[i]))
+#define STORE_STATE(s, i, x, r) ((s)[i] = float_to_bf16_stochastic((float)(x), (r)))
+#endif
+
+#define NEEDS_RANDOM (STATE == 1 || MODE == 2 || MODE == 3)
+
+/* torch's CPU lerp with a scalar weight (aten/src/ATen/native/Lerp.h) */
+static inline real lerp(real self, real end, real weight) {
+    return fabs((double)weight) < 0.5 ? self + weight * (end - self)
+                                      : end - (end - self) * ((real)1 - weight);
+}
+
+/* ---- the parameter's working value, read and written as MODE says ------------------------ */
+
+#if MODE == 0
+#define LOAD_THETA(i) LOAD_PARAM(param, i)
+#define STORE_THETA(i, x, r) (param[i] = (x))
+#elif MODE == 1 /* master */
+#define LOAD_THETA(i) (master[i])
+#define STORE_THETA(i, x, r) (master[i] = (x), STORE_NEAREST(param, i, x))
+#elif MODE == 2 /* kahan: theta + c is exact in fp32; c keeps what rounding theta lost */
+#define LOAD_THETA(i) (LOAD_PARAM(param, i) + bf16_to_float(compensation[i]))
+#define STORE_THETA(i, x, r)                                                           \
+    do {                                                                               \
+        float rounded_ = NEAREST_VALUE(x);                                             \
+        param[i] = float_to_bf16_nearest(rounded_);                                    \
+        compensation[i] = float_to_bf16_stochastic((x) - rounded_, (r) >> 16);         \
+    } while (0)
+#elif MODE == 3 /* stochastic */
+#define LOAD_THETA(i) LOAD_PARAM(param, i)
+#define STORE_THETA(i, x, r) (param[i] = float_to_bf16_stochastic(x, (r) >> 16))
+#else /* nearest */
+#define LOAD_THETA(i) LOAD_PARAM(param, i)
+#define STORE_THETA(i, x, r) STORE_NEAREST(param, i, x)
+#endif
+
+/* ---- the chunk table ---------------------------------------------------------------------- */
+
+#define CHUNK 16384
+
+typedef struct {
+    int tensor;
+    int64_t start, stop, offset; /* offset: the tensor's first element over the whole call */
+} chunk_t;
+
+static chunk_t *make_chunks(int n, const int64_t *sizes, int64_t *count) {
+    int64_t total = 0;
+    for (int t = 0; t < n; t++) total += (sizes[t] + CHUNK - 1) / CHUNK;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (total > 0 ? total : 1));
+    int64_t k = 0, offset = 0;
+    for (int t = 0; t < n; t++) {
+        for (int64_t s = 0; s < sizes[t]; s += CHUNK) {
+            chunks[k].tensor = t;
+            chunks[k].start = s;
+            chunks[k].stop = s + CHUNK < sizes[t] ? s + CHUNK : sizes[t];
+            chunks[k].offset = offset;
+            k++;
+        }
+        offset += sizes[t];
+    }
+    *count = k;
+    return chunks;
+}
+
+/* the random bits of element i of a chunk */
+#define RANDOM(i) (NEEDS_RANDOM ? mix32((uint32_t)(chunk.offset + (i)) ^ seed) : 0u)
+#define RANDOM2(r) (NEEDS_RANDOM ? mix32((r) ^ 0x68E31DA4u) : 0u)
+
+/* ---- QHAdam ------------------------------------------------------------------------------- */
+
+/* Advances both normalizers of every tensor (w <- 1 + beta*w) and updates every element:
+ *   d = g*grad_factor (+ wd*theta if coupled);  theta *= 1 - lr*wd first if decoupled
+ *   m = lerp(m, d, 1/w1);  v = v*(1 - 1/w2) + (1/w2)*d*d
+ *   theta += (-lr*nu1)*m/den + (-lr*(1 - nu1))*d/den,  den = sqrt(nu2*v + (1 - nu2)*d*d) + eps
+ * extras[t]: the fp32 master (MODE 1) or the bf16 compensation (MODE 2), else unused. */
+void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void **exp_avgs,
+                 void **exp_avg_sqs, void **extras, void **beta1_weights, void **beta2_weights,
+                 double beta1, double beta2, double lr, double nu1, double nu2, double eps,
+                 double weight_decay, int decoupled, double grad_factor, uint32_t seed,
+                 int threads) {
+    double *fractions = malloc(sizeof(double) * 2 * (n > 0 ? n : 1));
+    for (int t = 0; t < n; t++) {
+        COUNTER *w1 = beta1_weights[t], *w2 = beta2_weights[t];
+        *w1 = *w1 * (COUNTER)beta1;
+        *w1 = *w1 + (COUNTER)1;
+        *w2 = *w2 * (COUNTER)beta2;
+        *w2 = *w2 + (COUNTER)1;
+        fractions[2 * t] = 1.0 / (double)*w1;
+        fractions[2 * t + 1] = 1.0 / (double)*w2;
+    }
+    int64_t count;
+    chunk_t *chunks = make_chunks(n, sizes, &count);
+    const real decay = (real)(1.0 - lr * weight_decay);
+    const real coupled = (real)weight_decay;
+    const int has_coupled = weight_decay != 0.0 && !decoupled;
+    const int decays = weight_decay != 0.0 && decoupled;
+    const real factor = (real)grad_factor, rnu2 = (real)nu2, one_minus_nu2 = (real)(1.0 - nu2);
+    const int nu2_is_one = nu2 == 1.0;
+    const real m_scale = (real)(-lr * nu1), d_scale = (real)(-lr * (1.0 - nu1));
+    const int has_m = nu1 != 0.0, has_d = nu1 != 1.0;
+    const real reps = (real)eps;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t k = 0; k < count; k++) {
+        const chunk_t chunk = chunks[k];
+        const int t = chunk.tensor;
+        param_t *param = params[t];
+        const param_t *grad = grads[t];
+        state_t *m_ = exp_avgs[t], *v_ = exp_avg_sqs[t];
+        float *master = extras[t];
+        uint16_t *compensation = extras[t];
+        (void)master;
+        (void)compensation;
+        const real f1 = (real)fractions[2 * t], f2 = (real)fractions[2 * t + 1];
+        const real keep2 = (real)(1.0 - fractions[2 * t + 1]);
+        for (int64_t i = chunk.start; i < chunk.stop; i++) {
+            const uint32_t r = RANDOM(i);
+            real theta = LOAD_THETA(i);
+            if (decays) theta = theta * decay;
+            real d = (real)LOAD_PARAM(grad, i) * factor;
+            if (has_coupled) d = d + coupled * theta;
+            const real m = lerp(LOAD_STATE(m_, i), d, f1);
+            const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
+            real den = nu2_is_one ? v : v * rnu2 + one_minus_nu2 * d * d;
+            den = (real)sqrt(den) + reps;
+            if (has_m) theta = theta + m_scale * m / den;
+            if (has_d) theta = theta + d_scale * d / den;
+            STORE_STATE(m_, i, m, r);
+            STORE_STATE(v_, i, v, RANDOM2(r));
+            STORE_THETA(i, theta, r);
+        }
+    }
+    free(chunks);
+    free(fractions);
+}
+
+/* ---- QHM ---------------------------------------------------------------------------------- */
+
+/*   d = g*grad_factor (+ wd*theta for "grad" decay);  theta *= 1 - lr*wd first for "direct"
+ *   buf = lerp(buf, d, 1 - momentum);  theta += (-lr*nu)*buf + (-lr*(1 - nu))*d */
+void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **buffers,
+              void **extras, double lr, double momentum, double nu, double weight_decay,
+              int direct, double grad_factor, uint32_t seed, int threads) {
+    int64_t count;
+    chunk_t *chunks = make_chunks(n, sizes, &count);
+    const real decay = (real)(1.0 - lr * weight_decay);
+    const real coupled = (real)weight_decay;
+    const int has_coupled = weight_decay != 0.0 && !direct;
+    const int decays = weight_decay != 0.0 && direct;
+    const real factor = (real)grad_factor, weight = (real)(1.0 - momentum);
+    const real b_scale = (real)(-lr * nu), d_scale = (real)(-lr * (1.0 - nu));
+    const int has_b = nu != 0.0, has_d = nu != 1.0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t k = 0; k < count; k++) {
+        const chunk_t chunk = chunks[k];
+        const int t = chunk.tensor;
+        param_t *param = params[t];
+        const param_t *grad = grads[t];
+        state_t *b_ = buffers[t];
+        float *master = extras[t];
+        uint16_t *compensation = extras[t];
+        (void)master;
+        (void)compensation;
+        for (int64_t i = chunk.start; i < chunk.stop; i++) {
+            const uint32_t r = RANDOM(i);
+            real theta = LOAD_THETA(i);
+            if (decays) theta = theta * decay;
+            real d = (real)LOAD_PARAM(grad, i) * factor;
+            if (has_coupled) d = d + coupled * theta;
+            const real b = lerp(LOAD_STATE(b_, i), d, weight);
+            if (has_b) theta = theta + b_scale * b;
+            if (has_d) theta = theta + d_scale * d;
+            STORE_STATE(b_, i, b, r);
+            STORE_THETA(i, theta, r);
+        }
+    }
+    free(chunks);
+}
