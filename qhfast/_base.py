@@ -375,6 +375,19 @@ class QHOptimizer(Optimizer):
             group.setdefault("state_dtype", None)
         self._precision_made = {}
 
+    @property
+    def _opt_called(self) -> bool:
+        """Whether a step has run, as torch's LR schedulers ask before warning that their
+        ``step()`` came first. Their wrapper of ``optimizer.step`` sets it, but a step compiled
+        before the scheduler was made (the README's pattern) runs without the wrapper, and
+        dynamo drops attribute writes on an optimizer: state made by a step shows it ran."""
+        return self.__dict__.get("_opt_called_flag", False) or any(
+            len(s) for s in self.state.values())
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self.__dict__["_opt_called_flag"] = bool(value)
+
     # ---- the step ----------------------------------------------------------------------------
 
     @torch.no_grad()
