@@ -1,12 +1,13 @@
 """The benchmark: step time, memory and training quality, for qhfast against torch.optim and
 qhoptim, in one command.
 
-    python -m perf                  # CPU (or the GPU, when there is one): ~21M params, minutes
+    python -m perf                  # the quick table: ~2 minutes on a 2-core CPU (or the GPU)
+    python -m perf --full           # every row: each precision mode and path, torch's and qhoptim's
+    python -m perf --sweep          # qhfast against torch on several models' shapes (the targets)
     python -m perf --blocks 24 --width 1024    # a larger parameter set
-    python -m perf --only QHAdam    # rows whose name contains a word (plus the reference rows)
-    python -m perf --no-fused       # skip the compiled rows (each compiles for about a minute)
-    python -m perf --all-fused      # compiled rows for every optimizer and precision variant (16, not 4)
-    python -m perf --only "bf16 kahan" --no-fused --quality-steps 0   # some rows, no compiles, no training
+    python -m perf --full --only QHAdam    # rows whose name contains a word (plus the reference rows)
+    python -m perf --no-fused       # skip the fused rows
+    python -m perf --all-fused      # on a GPU: compiled rows for every variant (each compiles ~1 min)
 
 It prints each table and writes them, with the machine, torch version and command, into
 perf/RESULTS.md between markers for the device (``--output`` elsewhere, ``--output -`` not at
@@ -72,6 +73,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=11, help="transformer blocks (default 11: ~21M params)")
     parser.add_argument("--width", type=int, default=step_bench.WIDTH, help="model width (default 384)")
+    parser.add_argument("--full", action="store_true",
+                        help="every row (each precision mode and path) and every quality task and row")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the table: qhfast against torch on several shape sets")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (default 3)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round (default 10)")
     parser.add_argument("--warmup", type=int, default=12,
@@ -85,8 +90,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="training steps of each quality task (default: each task's own, "
                         + ", ".join(f"{t.name} {t.steps}" for t in quality.TASKS.values())
                         + "; 0: skip the quality runs)")
-    parser.add_argument("--quality-task", choices=[*quality.TASKS, "all"], default="all",
-                        help="which quality task (default all)")
+    parser.add_argument("--quality-task", choices=[*quality.TASKS, "all"], default=None,
+                        help="which quality task (default: mlp, with --full all)")
     parser.add_argument("--plot", default=None,
                         help="PNG of the loss curves (default perf/scratch/quality-DEVICE.png; needs matplotlib)")
     parser.add_argument("--output", default=str(RESULTS), help="markdown file to update, '-' for none")
@@ -96,6 +101,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.blocks, args.width, args.rounds, args.steps, args.warmup = 1, 64, 1, 2, 1
         args.quality_steps = 3 if args.quality_steps is None else min(args.quality_steps, 3)
+    if args.quality_task is None:
+        args.quality_task = "all" if args.full else "mlp"
     if args.plot is None:
         args.plot = str(Path(__file__).resolve().parent / "scratch" / f"quality-{args.device}.png")
     return args
@@ -110,17 +117,38 @@ def main(argv: list[str] | None = None) -> int:
     def progress(text: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f} s] {text}", file=sys.stderr, flush=True)
 
+    if args.sweep:
+        import sweep
+
+        text = sweep.run(progress, rounds=args.rounds, quick=args.quick)
+        text = f"Command: `{command}`, {datetime.date.today().isoformat()}, " \
+               f"{time.perf_counter() - began:.0f} s in all.\n\nMachine: {machine(args.device)}.\n\n{text}"
+        print(text)
+        if args.output != "-":
+            write_block(Path(args.output), f"{args.device}-sweep", text,
+                        "qhfast against torch on several shape sets")
+            progress(f"written to {args.output}")
+        return 0
     shapes = step_bench.transformer_shapes(args.blocks, args.width)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused)
+    rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused,
+                                           full=args.full)
             if args.only in row.name or row.name.startswith(REFERENCE_ROWS)]
     runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
+    measured, total = 0, args.rounds * len(rows)
+    timing_began = time.perf_counter()
     for round_index in range(args.rounds):
         for i, row in enumerate(rows):
             result = runner.measure(row)
-            note = "" if result.compile_seconds is None else f" (first step {result.compile_seconds:.0f} s)"
+            measured += 1
+            left = (time.perf_counter() - timing_began) / measured * (total - measured)
+            if result.missing:
+                progress(f"round {round_index + 1}/{args.rounds} row {i + 1}/{len(rows)} {row.name:45s} "
+                         f"{result.missing}")
+                continue
+            note = "" if result.compile_seconds is None else f" (first step {result.compile_seconds:.1f} s)"
             progress(f"round {round_index + 1}/{args.rounds} row {i + 1}/{len(rows)} {row.name:45s} "
-                     f"{statistics.median(result.times) * 1e3:8.2f} ms{note}")
+                     f"{statistics.median(result.times) * 1e3:8.2f} ms{note}; step table ~{left:.0f} s left")
     streams = runner.stream_samples
 
     lines = [
@@ -154,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines).replace("DURATION", f"{time.perf_counter() - began:.0f} s in all", 1)
     print(text)
     if args.output != "-":
-        write_block(Path(args.output), args.device, text)
+        write_block(Path(args.output), args.device + ("-full" if args.full else ""), text)
         progress(f"written to {args.output}")
     return 0
 
@@ -164,13 +192,16 @@ def spread(values: list[float]) -> str:
 
 
 def step_table(results: dict[str, step_bench.Measurement], numel: int) -> list[str]:
-    medians = {name: statistics.median(r.times) for name, r in results.items()}
+    medians = {name: statistics.median(r.times) for name, r in results.items() if not r.missing}
     default_adam = next(v for k, v in medians.items() if k.startswith("torch Adam fp32") and "(default)" in k)
     fused_adam = medians["torch Adam fp32 fused"]
     lines = ["| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused "
              "| / floor | moved B/param | state B/param | step temp B/param |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        if r.missing:
+            lines.append(f"| {name} | {r.missing} |" + " |" * 8)
+            continue
         q1, median, q3 = step_bench.quartiles(r.times)
         floor = r.traffic_bytes * numel / (statistics.median(r.bandwidths) * 1e9)
         temp = "-" if r.peak_bytes is None else f"{r.peak_bytes:.2f}"
@@ -191,11 +222,13 @@ def compile_table(results: dict[str, step_bench.Measurement]) -> list[str]:
     return lines + [f"| {name} | {seconds:.1f} |" for name, seconds in once.items()]
 
 
-def write_block(path: Path, device: str, text: str) -> None:
-    """Replace this device's generated block in ``path`` (or append one)."""
+def write_block(path: Path, device: str, text: str,
+                title: str = "step time, memory, training quality") -> None:
+    """Replace the generated block named ``device`` (``cpu``, ``cpu-full``, ``cpu-sweep``, ...)
+    in ``path``, or append one."""
     begin = f"<!-- python -m perf: {device}: begin (generated: the next run replaces this block) -->"
     end = f"<!-- python -m perf: {device}: end -->"
-    block = f"{begin}\n## {device.upper()}: step time, memory, training quality\n\n{text}\n{end}"
+    block = f"{begin}\n## {device.upper()}: {title}\n\n{text}\n{end}"
     old = path.read_text() if path.exists() else "# perf results\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block

@@ -74,7 +74,8 @@ def make_params(shapes, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
 class Row:
     name: str
     dtype: torch.dtype
-    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    #: None: the package the row needs is not installed (the table says so)
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None
     #: built once and reused across rounds (compiled or captured: a one-off cost)
     once: bool = False
     #: capture the step in a CUDA graph and time its replay
@@ -84,6 +85,10 @@ class Row:
 QHM_SETTINGS = dict(lr=1.0, momentum=0.999, nu=0.7)
 QHADAM_SETTINGS = dict(lr=1e-3, betas=(0.995, 0.999), nus=(0.7, 1.0))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # torch's rows
+
+
+#: what a row whose package is missing says in the table
+MISSING = "not installed: pip install -e \".[perf]\""
 
 
 def qhoptim_classes() -> dict[str, type]:
@@ -115,23 +120,42 @@ QHADAM_ONLY = ("fp32 bf16-state",)
 #: the variants with CUDA graph rows (on a GPU): the default and the two leanest
 GRAPHED_VARIANTS = ("fp32", "bf16 master", "bf16 kahan+bf16-state", "bf16 stochastic+bf16-state")
 
-#: the fused rows compiled by default (each compiles for about a minute on a 2-core CPU);
-#: ``every_fused`` adds the others (one per optimizer and precision variant)
+#: the CUDA fused rows compiled unless ``every_fused`` (on a GPU each compiles with inductor
+#: for about a minute; on the CPU the fused step is qhfast's C kernel, built in a second)
 DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16 master", "QHAdam bf16 nearest")
 
+#: the rows of the quick table (``python -m perf`` with no flags): what a user choosing an
+#: optimizer asks first, qhfast's default and fused paths against torch's and qhoptim
+QUICK_ROWS = (
+    "qhfast QHM fp32 (default)", "qhfast QHM fp32 fused",
+    "qhfast QHAdam fp32 (default)", "qhfast QHAdam fp32 fused", "qhfast QHAdam fp32 foreach",
+    "qhfast QHAdam bf16 master (default)", "qhfast QHAdam bf16 master fused",
+    "qhfast QHAdam bf16 stochastic+bf16-state (default)",
+    "torch SGD momentum fp32 loop (default)", "torch SGD momentum fp32 fused",
+    "torch Adam fp32 loop (default)", "torch Adam fp32 foreach", "torch Adam fp32 fused",
+    "torch Adam bf16 loop (default)", "torch Adam bf16 fused",
+    "torch SGD momentum fp32 foreach (default)", "torch Adam fp32 foreach (default)",
+    "torch Adam fp32 loop", "torch SGD momentum fp32 loop",
+    "qhfast QHM fp32 CUDA graph", "qhfast QHAdam fp32 CUDA graph", "torch Adam fp32 fused CUDA graph",
+    "qhoptim 1.1.0 QHM fp32", "qhoptim 1.1.0 QHAdam fp32",
+)
 
-def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row]:
-    """Every row of the table. ``(default)`` marks each library's default path (no ``foreach``
-    or ``fused`` flag); the precision variant is named before it."""
+
+def rows(device: str, fused: bool = True, every_fused: bool = False, full: bool = True) -> list[Row]:
+    """The rows of the table (``full``: every one, else ``QUICK_ROWS``). ``(default)`` marks
+    each library's default path (no ``foreach`` or ``fused`` flag: qhfast's is its C kernel on
+    the CPU, foreach on a GPU); the precision variant is named before it."""
     accelerator = device != "cpu"
-    qhfast_modes = [("per-tensor", dict(foreach=False), not accelerator),
-                    ("foreach", dict(foreach=True), accelerator)]
+    qhfast_modes = [("(default)", {}), ("per-tensor", dict(foreach=False)),
+                    ("foreach", dict(foreach=True))]
+    if accelerator:  # the default is foreach: no row of its own
+        qhfast_modes = [("per-tensor", dict(foreach=False)), ("foreach (default)", dict(foreach=True))]
     if fused:
-        qhfast_modes.append(("fused", dict(fused=True), False))
+        qhfast_modes.append(("fused", dict(fused=True)))
     table: list[Row] = []
     for tag, dtype, options in PRECISION_VARIANTS:
-        for mode, flags, default in qhfast_modes:
-            suffix = f"{tag} {mode}{' (default)' if default else ''}"
+        for mode, flags in qhfast_modes:
+            suffix = f"{tag} {mode}"
             once = "fused" in flags
             if tag not in QHADAM_ONLY:
                 table.append(Row(f"qhfast QHM {suffix}", dtype, once=once,
@@ -142,7 +166,7 @@ def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row
                 table.append(Row(f"qhfast QHAdamW {suffix}", dtype, once=once,
                                  make=lambda p, k={**QHADAM_SETTINGS, **flags}: qhfast.QHAdamW(
                                      p, weight_decay=0.01, **k)))
-            if tag == "fp32" and default:
+            if tag == "fp32" and "default" in mode:
                 table.append(Row(f"qhfast QHAdam nus=(1,1) {suffix}", dtype,
                                  make=lambda p, k=flags: qhfast.QHAdam(p, lr=1e-3, **k)))
     for tag, dtype in DTYPES.items():
@@ -167,15 +191,15 @@ def rows(device: str, fused: bool = True, every_fused: bool = False) -> list[Row
                                  p, capturable=True, **k)))
         table.append(Row("torch Adam fp32 fused CUDA graph", torch.float32, once=True, graph=True,
                          make=lambda p: torch.optim.Adam(p, lr=1e-3, fused=True, capturable=True)))
-    if fused and not every_fused:
+    if accelerator and fused and not every_fused:
         table = [row for row in table if not row.once or row.graph
                  or any(row.name == f"qhfast {kind} fused" for kind in DEFAULT_FUSED)]
     oracle = qhoptim_classes()
-    if oracle:
-        table.append(Row("qhoptim 1.1.0 QHM fp32", torch.float32,
-                         lambda p: oracle["QHM"](p, **QHM_SETTINGS)))
-        table.append(Row("qhoptim 1.1.0 QHAdam fp32", torch.float32,
-                         lambda p: oracle["QHAdam"](p, **QHADAM_SETTINGS)))
+    for name, settings in (("QHM", QHM_SETTINGS), ("QHAdam", QHADAM_SETTINGS)):
+        table.append(Row(f"qhoptim 1.1.0 {name} fp32", torch.float32,
+                         (lambda p, c=oracle[name], k=settings: c(p, **k)) if oracle else None))
+    if not full:
+        table = [row for row in table if row.name in QUICK_ROWS]
     return table
 
 
@@ -325,6 +349,8 @@ class Measurement:
     compile_seconds: float | None = None
     #: the floor's bandwidth (GB/s, the faster stream) measured just before each of its rounds
     bandwidths: list[float] = field(default_factory=list)
+    #: why the row was not measured (its package is missing), else None
+    missing: str | None = None
 
 
 class Runner:
@@ -340,6 +366,9 @@ class Runner:
 
     def measure(self, row: Row) -> Measurement:
         result = self.results.setdefault(row.name, Measurement())
+        if row.make is None:
+            result.missing = MISSING
+            return result
         streams = self.streams.measure()
         for name, value in streams.items():
             self.stream_samples[name].append(value)

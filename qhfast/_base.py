@@ -423,10 +423,13 @@ class QHOptimizer(Optimizer):
             for p in params:
                 if len(self.state[p]) == 0:
                     self._init_state(p, group)
+            amp = AmpArgs(grad_scale, found_inf)
+            if _fused.kernel_step(self, group, params, amp):
+                continue
             if group["fused"] and not torch.compiler.is_compiling():
-                _fused.fused_group_step(self, group, params, AmpArgs(grad_scale, found_inf))
+                _fused.compiled_group_step(self, group, params, amp)
             else:
-                self._step_group(group, params, AmpArgs(grad_scale, found_inf))
+                self._step_group(group, params, amp)
         return loss
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
@@ -508,7 +511,12 @@ class QHOptimizer(Optimizer):
         (no host read): counters on the device, or a step being compiled."""
         return _counters_on_device(group) or torch.compiler.is_compiling()
 
+    #: bumped whenever qhfast makes or replaces state tensors (the fused CPU kernel checks the
+    #: state it is given again then)
+    _state_generation = 0
+
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        self._state_generation += 1
         state = self.state[p]
         precision.init_precision_state(state, p, group["low_precision"])
         for key in self._counter_keys:
@@ -521,6 +529,7 @@ class QHOptimizer(Optimizer):
         """Convert the state of ``group``'s params to its ``low_precision`` and ``state_dtype``
         (a loaded checkpoint, or options changed between steps); see
         :func:`qhfast._precision.reconcile_state`."""
+        self._state_generation += 1
         for p in group["params"]:
             state = self.state.get(p)
             if state:

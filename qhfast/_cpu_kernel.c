@@ -120,6 +120,9 @@ static inline real lerp(real self, real end, real weight) {
 /* ---- the chunk table ---------------------------------------------------------------------- */
 
 #define CHUNK 16384
+/* fewer chunks run on the calling thread: waking the others costs more than they save (and
+ * on a busy machine a thread can wait for a core for milliseconds) */
+#define PARALLEL_CHUNKS 4
 
 typedef struct {
     int tensor;
@@ -182,7 +185,7 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
     const real m_scale = (real)(-lr * nu1), d_scale = (real)(-lr * (1.0 - nu1));
     const int has_m = nu1 != 0.0, has_d = nu1 != 1.0;
     const real reps = (real)eps;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
         const chunk_t chunk = chunks[k];
         const int t = chunk.tensor;
@@ -232,7 +235,7 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
     const real factor = (real)grad_factor, weight = (real)(1.0 - momentum);
     const real b_scale = (real)(-lr * nu), d_scale = (real)(-lr * (1.0 - nu));
     const int has_b = nu != 0.0, has_d = nu != 1.0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
         const chunk_t chunk = chunks[k];
         const int t = chunk.tensor;

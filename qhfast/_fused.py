@@ -38,21 +38,37 @@ from torch import Tensor
 from . import _base
 from ._precision import COMPENSATION_KEY, MASTER_KEY
 
-__all__ = ["fused_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL"]
+__all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL"]
 
 #: whether CPU groups use the C kernel (False: the compiled group step everywhere);
 #: ``QHFAST_CPU_KERNEL=0`` in the environment turns it off
 CPU_KERNEL = os.environ.get("QHFAST_CPU_KERNEL", "1") != "0"
 
 
-def fused_group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
-                     amp: Any) -> None:
-    """Update ``params`` (those of ``group`` with a gradient, their state made) in one pass."""
-    if CPU_KERNEL:
-        calls = _kernel_calls(optimizer, group, params)
-        if calls is not None:
-            _run_kernel(optimizer, group, calls, amp)
-            return
+def kernel_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], amp: Any) -> bool:
+    """Step ``params`` (those of ``group`` with a gradient, their state made) with the CPU
+    kernel and return True, or return False (nothing done) where it does not serve: a group
+    that asked for another path (``fused=False``, a ``foreach`` choice), a traced step (under
+    torch.compile the step is compiled anyway), tensors off the CPU or not contiguous, an
+    unsupported combination, no compiler, ``capturable=True`` (the kernel reads GradScaler's
+    found_inf and tensor hyperparameters on the host). ``fused=None`` groups take it too: it is the
+    fastest CPU path, and where it cannot be built they take the eager path without a word."""
+    fused = group["fused"]
+    if not CPU_KERNEL or torch.compiler.is_compiling():
+        return False
+    if not (fused or (fused is None and group["foreach"] is None)):
+        return False
+    calls = _kernel_calls(optimizer, group, params, warn=bool(fused))
+    if calls is None:
+        return False
+    _run_kernel(optimizer, group, calls, amp)
+    return True
+
+
+def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
+                        amp: Any) -> None:
+    """Step ``params`` with the group's step compiled by torch.compile (``fused=True`` where
+    the kernel does not serve)."""
     _compiled_group_step(optimizer, group)(optimizer, group, params, amp)
 
 
@@ -68,7 +84,10 @@ _COUNTER = {torch.float64: "double", torch.float32: "float"}
 #: the modes that draw random numbers (besides bf16 moments)
 _RANDOM_MODES = ("kahan", "stochastic")
 
-_libraries: dict[tuple, ctypes.CDLL] = {}
+_libraries: dict[tuple, ctypes.CDLL | None] = {}
+#: why a variant could not be built, and those whose failure has been reported
+_failures: dict[tuple, str] = {}
+_warned: set[tuple] = set()
 _compile_lock = threading.Lock()
 #: how many kernel variants this process has compiled or loaded (tests read it)
 builds = 0
@@ -80,15 +99,20 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _library(variant: tuple) -> ctypes.CDLL | None:
+def _library(variant: tuple, warn: bool) -> ctypes.CDLL | None:
     """The compiled kernel for ``variant`` (REAL, PARAM, MODE, STATE, COUNTER): loaded from the
-    disk cache or compiled (``cc``, about a second); None, with a warning, if it cannot be."""
-    library = _libraries.get(variant)
-    if library is not None:
+    disk cache or compiled (``cc``, about a second); None if it cannot be (with a warning
+    once, if ``warn``)."""
+    if variant in _libraries:
+        library = _libraries[variant]
+        if library is None and warn and variant not in _warned:
+            _warned.add(variant)
+            warnings.warn(f"qhfast could not build its fused CPU kernel ({_failures[variant]}); "
+                          "fused=True falls back to torch.compile", RuntimeWarning, stacklevel=5)
         return library
     with _compile_lock:
         if variant in _libraries:
-            return _libraries[variant]
+            return _library(variant, warn)
         real, param, mode, state, counter = variant
         defines = [f"-DREAL={real}", f"-DPARAM={param}", f"-DMODE={mode}", f"-DSTATE={state}",
                    f"-DCOUNTER={counter}"]
@@ -110,11 +134,9 @@ def _library(variant: tuple) -> ctypes.CDLL | None:
                     os.replace(built, path)
             library = ctypes.CDLL(str(path))
         except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or str(error)
-            warnings.warn(f"qhfast could not build its fused CPU kernel ({detail.strip()[:500]}); "
-                          "fused=True falls back to torch.compile", RuntimeWarning, stacklevel=4)
+            _failures[variant] = (getattr(error, "stderr", "") or str(error)).strip()[:500]
             _libraries[variant] = None  # type: ignore[assignment]
-            return None
+            return _library(variant, warn)
         _declare(library)
         global builds
         builds += 1
@@ -144,58 +166,96 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 class _KernelCall:
-    """One bucket's tensors, as the kernel takes them."""
+    """One bucket's tensors, as the kernel takes them: the pointer arrays of the parameters,
+    gradients, moments, masters or compensations and counters, and the sizes."""
 
-    def __init__(self, library: ctypes.CDLL, params: list[Tensor], grads: list[Tensor],
-                 states: list[dict[str, Any]], random: bool) -> None:
-        self.library, self.params, self.grads, self.states = library, params, grads, states
-        self.random = random
+    def __init__(self, library: ctypes.CDLL, params: list[Tensor], tensors: dict[str, list],
+                 random: bool) -> None:
+        self.library, self.random, self.n = library, random, len(params)
+        self.sizes = (ctypes.c_int64 * self.n)(*[p.numel() for p in params])
+        self.pointers = {key: _pointers(values) for key, values in tensors.items()}
+        self.pointers["params"] = _pointers(params)
 
 
-def _kernel_calls(optimizer: Any, group: dict[str, Any],
-                  params: list[Tensor]) -> list[_KernelCall] | None:
+def _kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
+                  warn: bool) -> list[_KernelCall] | None:
     """The kernel calls of the group's step, one per bucket, or None if the kernel does not
-    serve this group (a tensor off the CPU or not contiguous, an unsupported combination)."""
+    serve this group. Every tensor is checked each step (device, dtype, size, layout): the
+    kernel trusts what it is given, and state can be replaced between steps."""
     kernel = getattr(optimizer, "_cpu_kernel", None)
-    if kernel is None or group["differentiable"]:
-        return None
+    if kernel is None or group["differentiable"] or group["capturable"]:
+        return None  # capturable: the kernel reads found_inf and tensor hyperparameters
     mode = group["low_precision"]
     calls = []
     for bucket in _base._buckets(params).values():
-        locals_ = [_base._local(p) for p in bucket]
-        dtype = locals_[0].dtype
-        if locals_[0].device.type != "cpu" or dtype not in _PARAM:
-            return None
-        if dtype == torch.float16 and mode in _RANDOM_MODES:
-            return None
-        grads = [_base._local(p.grad) for p in bucket]
-        states = [{k: _base._local(v) for k, v in optimizer.state[p].items()} for p in bucket]
-        first = states[0]
-        buffer_dtype = first[optimizer._buffer_keys[0]].dtype
-        if buffer_dtype not in (_REAL_DTYPE[_REAL[dtype]], torch.bfloat16):
-            return None
-        tensors = [*locals_, *grads, *(v for s in states for v in s.values() if v.dim() > 0)]
-        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
-            return None
-        if any(g.dtype != dtype for g in grads):
+        local = _base._local if any(isinstance(p, _base.DTensor) for p in bucket) else None
+        if local is not None:
+            bucket_params = [local(p) for p in bucket]
+            grads = [local(p.grad) for p in bucket]
+        else:
+            bucket_params, grads = bucket, [p.grad for p in bucket]
+        dtype = bucket_params[0].dtype
+        if bucket_params[0].device.type != "cpu" or dtype not in _PARAM:
             return None
         low = dtype in (torch.bfloat16, torch.float16)
+        if dtype == torch.float16 and mode in _RANDOM_MODES:
+            return None
+        states = [optimizer.state[p] for p in bucket]
+        tensors: dict[str, list] = {"grads": grads}
+        for key in (*optimizer._buffer_keys, *optimizer._counter_keys):
+            tensors[key] = [s[key] for s in states]
+        extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(mode) if low else None
+        tensors["extras"] = [s[extra_key] for s in states] if extra_key else [None] * len(states)
+        if local is not None:
+            tensors = {key: [None if t is None else local(t) for t in values]
+                       for key, values in tensors.items()}
+        buffer_dtype = tensors[optimizer._buffer_keys[0]][0].dtype
+        if buffer_dtype not in (_REAL_DTYPE[_REAL[dtype]], torch.bfloat16):
+            return None
+        expected = {"grads": dtype, "extras": torch.float32 if mode == "master" else dtype}
+        expected.update({key: buffer_dtype for key in optimizer._buffer_keys})
         counter = "double"
         if optimizer._counter_keys:
-            counter = _COUNTER.get(first[optimizer._counter_keys[0]].dtype)
-            if counter is None or first[optimizer._counter_keys[0]].device.type != "cpu":
+            counter_dtype = tensors[optimizer._counter_keys[0]][0].dtype
+            counter = _COUNTER.get(counter_dtype)
+            if counter is None:
                 return None
+            expected.update({key: counter_dtype for key in optimizer._counter_keys})
+        sizes = [p.numel() for p in bucket_params]
+        if not all(p.is_contiguous() for p in bucket_params):
+            return None
+        if not all(g.dtype == dtype and g.is_cpu and g.is_contiguous() and g.numel() == n
+                   for g, n in zip(grads, sizes)):
+            return None
+        # the state is checked when it is new to the kernel: (the ids of) its tensors, then
+        # only if qhfast replaced them (init, load_state_dict, a mode change) or the user did
+        state_tensors = [t for key, values in tensors.items() if key != "grads" for t in values]
+        fingerprint = (optimizer._state_generation, tuple(map(id, state_tensors)), tuple(sizes))
+        checked = _checked_states.setdefault(optimizer, {})
+        if checked.get(id(states[0])) != fingerprint:
+            for key, values in tensors.items():
+                if key == "grads" or (key == "extras" and extra_key is None):
+                    continue
+                want, elements = expected[key], key not in optimizer._counter_keys
+                if not all(t.dtype == want and t.is_cpu and t.is_contiguous()
+                           and t.numel() == (n if elements else 1)
+                           for t, n in zip(values, sizes)):
+                    return None
+            checked[id(states[0])] = fingerprint
         variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
                    int(buffer_dtype == torch.bfloat16), counter)
-        library = _library(variant)
+        library = _library(variant, warn)
         if library is None:
             return None
         random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)
-        calls.append(_KernelCall(library, locals_, grads, states, random))
+        calls.append(_KernelCall(library, bucket_params, tensors, random))
     return calls
 
 
 _REAL_DTYPE = {"float": torch.float32, "double": torch.float64}
+#: per optimizer, the state generation, state tensors (by id) and sizes each bucket's state was
+#: last checked with, by the id of its first state dict; a stale entry only costs a check
+_checked_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pointers(tensors: list[Tensor | None]) -> Any:
@@ -211,26 +271,21 @@ def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall],
     value = {name: _hyper(group[name]) for name in optimizer._tensor_hyperparameters}
     threads = torch.get_num_threads()
     for call in calls:
-        n = len(call.params)
-        sizes = (ctypes.c_int64 * n)(*[p.numel() for p in call.params])
-        extras = _pointers([s.get(MASTER_KEY, s.get(COMPENSATION_KEY)) for s in call.states])
         seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64)) if call.random else 0
-        params, grads = _pointers(call.params), _pointers(call.grads)
+        pointer = call.pointers
         if optimizer._cpu_kernel == "qhadam":
             (beta1, beta2), (nu1, nu2) = value["betas"], value["nus"]
             call.library.qhadam_step(
-                n, sizes, params, grads,
-                _pointers([s["exp_avg"] for s in call.states]),
-                _pointers([s["exp_avg_sq"] for s in call.states]), extras,
-                _pointers([s["beta1_weight"] for s in call.states]),
-                _pointers([s["beta2_weight"] for s in call.states]),
-                beta1, beta2, value["lr"], nu1, nu2, float(group["eps"]),
-                float(group["weight_decay"]), int(group["decouple_weight_decay"]), factor, seed,
-                threads)
+                call.n, call.sizes, pointer["params"], pointer["grads"], pointer["exp_avg"],
+                pointer["exp_avg_sq"], pointer["extras"], pointer["beta1_weight"],
+                pointer["beta2_weight"], beta1, beta2, value["lr"], nu1, nu2,
+                float(group["eps"]), float(group["weight_decay"]),
+                int(group["decouple_weight_decay"]), factor, seed, threads)
         else:
             call.library.qhm_step(
-                n, sizes, params, grads, _pointers([s["momentum_buffer"] for s in call.states]),
-                extras, value["lr"], value["momentum"], value["nu"], float(group["weight_decay"]),
+                call.n, call.sizes, pointer["params"], pointer["grads"],
+                pointer["momentum_buffer"], pointer["extras"], value["lr"], value["momentum"],
+                value["nu"], float(group["weight_decay"]),
                 int(group["weight_decay_type"] == "direct"), factor, seed, threads)
 
 

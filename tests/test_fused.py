@@ -191,12 +191,21 @@ def test_tensors_the_kernel_does_not_serve_take_the_compiled_group_step():
 
 
 def test_without_a_compiler_the_kernel_warns_and_the_compiled_step_runs(monkeypatch, tmp_path):
+    """fused=True warns once and takes the compiled group step; the default path (no flags)
+    takes the eager path without a word. Both get the eager trajectory."""
     monkeypatch.setattr(qhfast._fused, "_libraries", {})
+    monkeypatch.setattr(qhfast._fused, "_warned", set())
     monkeypatch.setenv("QHFAST_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     expected = run(lambda p: OPTIMIZERS["QHM"](p, foreach=False), 6)
-    with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernel"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = run(lambda p: OPTIMIZERS["QHM"](p), 6)
+    assert caught == [] and counters["stats"]["unique_graphs"] == 0
+    assert max_relative_error(expected, default) < 1e-12
+    with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernel") as caught:
         actual = run(lambda p: OPTIMIZERS["QHM"](p, fused=True), 6)
+    assert len([w for w in caught if w.category is RuntimeWarning]) == 1
     assert max_relative_error(expected, actual) < 1e-12
     assert counters["stats"]["unique_graphs"] >= 1
 

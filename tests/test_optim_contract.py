@@ -224,10 +224,15 @@ def test_grads_are_never_modified(name, foreach, dtype):
             assert (g is None and p.grad is None) or torch.equal(g, p.grad)
 
 
-def test_foreach_default_is_per_tensor_on_cpu(monkeypatch):
-    """torch's rule: foreach by default only when every param is on an accelerator. On the CPU,
-    tensors are updated alone or, small ones, with neighbours up to CACHE_SIZED_CHUNK elements
-    (16 in the tests: the problem's 15, 7, 8 and 4 elements make [15], [7, 8], [4])."""
+def test_the_cpu_default_is_the_kernel_and_foreach_false_is_per_tensor(monkeypatch):
+    """With no path flags a CPU group takes the fused CPU kernel (no eager chunk runs).
+    ``fused=False`` (or the kernel switched off) gives torch's rule: foreach by default only
+    when every param is on an accelerator, so per-tensor on the CPU, where tensors are updated
+    alone or, small ones, with neighbours up to CACHE_SIZED_CHUNK elements (16 in the tests:
+    the problem's 15, 7, 8 and 4 elements make [15], [7, 8], [4]); ``foreach=True`` is one
+    chunk."""
+    import qhfast._fused
+
     params = Problem().params()
     optimizer = qhfast.QHAdam(params)
     chunks = []
@@ -238,12 +243,21 @@ def test_foreach_default_is_per_tensor_on_cpu(monkeypatch):
     )
     for p in params:
         p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
     optimizer.step()
-    assert chunks == [1, 2, 1]
-    optimizer.param_groups[0]["foreach"] = True
+    assert chunks == [] and not any(torch.equal(b, p) for b, p in zip(before, params))
+    for flags, expected in ((dict(fused=False), [1, 2, 1]), (dict(foreach=False), [1, 2, 1]),
+                            (dict(foreach=True), [len(params)])):
+        group = optimizer.param_groups[0]
+        group["fused"], group["foreach"] = flags.get("fused"), flags.get("foreach")
+        chunks.clear()
+        optimizer.step()
+        assert chunks == expected, flags
+    monkeypatch.setattr(qhfast._fused, "CPU_KERNEL", False)
+    group["fused"] = group["foreach"] = None
     chunks.clear()
     optimizer.step()
-    assert chunks == [len(params)]
+    assert chunks == [1, 2, 1]
 
 
 def test_step_counters_are_cpu_float64_tensors():
