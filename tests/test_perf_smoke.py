@@ -42,22 +42,25 @@ PRECISION_BYTES = {
 
 
 def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
-    """`python -m perf --quick` (one fused row compiles, a few seconds): the step table with
-    exact state and traffic bytes, the quality tables, and its block in the output file, which
-    a second run replaces instead of appending."""
+    """`python -m perf --quick --full` (a few seconds): the step table with exact state and
+    traffic bytes, both quality tables, and its block in the output file, which a second run
+    replaces instead of appending; the quick table (no --full) has its own block, the MLP task
+    and the rows a first run needs."""
     output = tmp_path / "RESULTS.md"
     output.write_text("# results\n\nhand-written analysis stays\n")
-    command = [sys.executable, "-m", "perf", "--quick", "--only", "QHAdam fp32", "--output", str(output),
-               "--plot", str(tmp_path / "q.png")]
+    command = [sys.executable, "-m", "perf", "--quick", "--full", "--only", "QHAdam fp32",
+               "--output", str(output), "--plot", str(tmp_path / "q.png")]
     for _ in range(2):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
-    assert "round 1/1" in done.stderr  # progress
+    assert "round 1/1" in done.stderr and "s left" in done.stderr  # progress, time left
+    assert "Failed to initialize NumPy" not in done.stderr
     rows = _rows(done.stdout)
     # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, state, temp
-    assert rows["qhfast QHAdam fp32 per-tensor (default)"][5:7] == ["28", "8.00"]
+    assert rows["qhfast QHAdam fp32 (default)"][5:7] == ["28", "8.00"]
+    assert rows["qhfast QHAdam fp32 per-tensor"][5:7] == ["28", "8.00"]
     assert rows["qhfast QHAdam fp32 fused"][5:7] == ["28", "8.00"]
-    assert rows["qhfast QHAdam fp32 bf16-state per-tensor (default)"][5:7] == ["20", "4.00"]
+    assert rows["qhfast QHAdam fp32 bf16-state (default)"][5:7] == ["20", "4.00"]
     assert rows["torch Adam fp32 fused"][3] == "1.00"
     assert float(rows["qhfast QHAdam fp32 foreach"][4]) > 0  # a floor ratio was computed
     assert "qhoptim 1.1.0 QHAdam fp32" in rows
@@ -68,10 +71,43 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     assert "Task `mlp`" in done.stdout and "Task `lm`" in done.stdout
     text = output.read_text()
     assert text.startswith("# results\n\nhand-written analysis stays\n")
-    assert text.count("<!-- python -m perf: cpu: begin") == 1
-    assert text.count("<!-- python -m perf: cpu: end -->") == 1
+    assert text.count("<!-- python -m perf: cpu-full: begin") == 1
+    assert text.count("<!-- python -m perf: cpu-full: end -->") == 1
     assert "| qhfast QHAdam fp32 fused |" in text and "Machine: " in text
     assert "Loss curves: " in text and (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+    quick = subprocess.run(command[:4] + command[7:], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)  # no --full, no --only
+    assert quick.returncode == 0, quick.stderr
+    names = set(_rows(quick.stdout))
+    import step_bench
+
+    assert names == {name for name in step_bench.QUICK_ROWS if name in
+                     {row.name for row in step_bench.rows("cpu")}}
+    assert "Task `mlp`" in quick.stdout and "Task `lm`" not in quick.stdout
+    text = output.read_text()
+    assert text.count("<!-- python -m perf: cpu: begin") == 1 and text.count("cpu-full: begin") == 1
+
+
+def test_a_row_whose_package_is_missing_says_so(monkeypatch):
+    """Without qhoptim the qhoptim rows stay in the table, saying how to install it."""
+    import importlib.util
+
+    import step_bench
+
+    spec = importlib.util.spec_from_file_location("perf_main", ROOT / "perf" / "__main__.py")
+    main_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_module)
+    monkeypatch.setattr(step_bench, "qhoptim_classes", lambda: {})
+    rows = [row for row in step_bench.rows("cpu", full=False) if row.name.startswith(
+        ("qhoptim", "torch Adam fp32"))]
+    runner = step_bench.Runner(step_bench.transformer_shapes(0, 16), "cpu", steps=1, warmup=0)
+    runner.streams = step_bench.StreamBandwidth("cpu", megabytes=1)
+    for row in rows:
+        runner.measure(row)
+    table = "\n".join(main_module.step_table(runner.results, 100))
+    assert f"| qhoptim 1.1.0 QHAdam fp32 | {step_bench.MISSING} |" in table
+    assert f"| qhoptim 1.1.0 QHM fp32 | {step_bench.MISSING} |" in table
 
 
 def test_step_rows_cover_every_precision_mode_with_exact_bytes():
@@ -84,13 +120,13 @@ def test_step_rows_cover_every_precision_mode_with_exact_bytes():
 
     rows = {row.name: row for row in step_bench.rows("cpu", fused=True)}
     fused = [name for name, row in rows.items() if row.once]
-    assert fused == [f"qhfast {kind} fused" for kind in step_bench.DEFAULT_FUSED]
+    assert len(fused) == 2 * len(step_bench.PRECISION_VARIANTS) - len(step_bench.QHADAM_ONLY) + 1
     assert not any("no-masters" in name for name in rows)
     runner = step_bench.Runner(step_bench.transformer_shapes(1, 64), "cpu", steps=1, warmup=1)
     runner.streams = step_bench.StreamBandwidth("cpu", megabytes=1)  # the floor is not tested here
     for tag, expected in PRECISION_BYTES.items():
         for optimizer, nbytes in zip(("QHAdam", "QHM"), expected):
-            for path in ("per-tensor (default)", "foreach"):
+            for path in ("(default)", "per-tensor", "foreach", "fused"):
                 name = f"qhfast {optimizer} {tag} {path}"
                 if nbytes is None:
                     assert name not in rows
