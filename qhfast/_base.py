@@ -242,6 +242,11 @@ class QHOptimizer(Optimizer):
       arithmetic stays in the compute dtype.
     * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
       ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
+
+    Complex parameters (complex64, complex128) are optimized as torch.optim optimizes them: the
+    update runs on ``torch.view_as_real`` views (real and imaginary parts as independent
+    coordinates, so QHAdam's second moment is per part), and their moments are stored complex,
+    shaped like the parameter.
     """
 
     #: per-parameter moments, stored in ``state_dtype``
@@ -353,13 +358,25 @@ class QHOptimizer(Optimizer):
         precision.upgrade_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if not (p.is_floating_point() and not p.is_complex()):
-                self.param_groups.pop()
-                raise TypeError(
-                    f"{type(self).__name__} only optimizes real floating-point tensors, "
-                    f"got a parameter of dtype {p.dtype}"
-                )
+        try:
+            for p in group["params"]:
+                self._check_param(p, group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Raise TypeError/ValueError unless ``group``'s options can update ``p``."""
+        if not (p.is_floating_point() or p.dtype in COMPLEX_DTYPES):
+            raise TypeError(
+                f"{type(self).__name__} only optimizes floating-point tensors (real, or "
+                f"complex64/complex128), got a parameter of dtype {p.dtype}"
+            )
+        if p.is_complex() and group["state_dtype"] is not None:
+            raise ValueError(
+                f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
+                "(state_dtype must be None: a complex parameter's state is complex like it)"
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -423,6 +440,7 @@ class QHOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             _check_distributed_grad(p, type(self).__name__)
+            self._check_param(p, group)  # options may have changed since add_param_group
             params.append(p)
         if group["capturable"] and params:
             devices = {p.device for p in params}
@@ -481,6 +499,8 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` say (see ``qhfast._precision``)."""
         grads = [_local(p.grad) for p in params]
         params = [_local(p) for p in params]
+        if params[0].is_complex():
+            params, grads, states = _view_as_real(params, grads, states, self._buffer_keys)
         mode = group["low_precision"]
         work_params = precision.working_params(params, states, mode)
         work_states = precision.working_buffers(states, self._buffer_keys, work_params[0].dtype)
@@ -708,6 +728,24 @@ def _check_distributed_grad(p: Tensor, name: str) -> None:
             f"{name}: a gradient laid out as {grad.placements} on {grad.device_mesh} does not "
             f"match its parameter's {p.placements} on {p.device_mesh}"
         )
+
+
+#: the complex dtypes qhfast optimizes (as real pairs; torch has no complex bf16)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _view_as_real(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], keys: Sequence[str]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """A chunk of complex tensors as ``torch.view_as_real`` views (a trailing dimension of 2:
+    the real and imaginary parts), as torch.optim updates complex parameters: every rule is
+    elementwise, so it runs on the parts unchanged and writes through the views. The moments
+    (``keys``) are viewed in copies of the state dicts; counters stay as they are."""
+    return (
+        [torch.view_as_real(p) for p in params],
+        [torch.view_as_real(g) for g in grads],
+        [{**s, **{k: torch.view_as_real(s[k]) for k in keys}} for s in states],
+    )
 
 
 #: the per-tensor path's unit of work, in elements: a tensor this large or larger is updated

@@ -76,9 +76,12 @@ class TestConstructorErrors(expecttest.TestCase):
 
     def test_params(self):
         make = lambda p: lambda: qhfast.QHAdam([p])  # noqa: E731
-        self.assertExpectedInline(_message(make(torch.zeros(3, dtype=torch.long)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.int64""")
+        self.assertExpectedInline(_message(make(torch.zeros(3, dtype=torch.long)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.int64""")
         self.assertExpectedInline(
-            _message(make(torch.zeros(3, dtype=torch.complex64, requires_grad=True)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.complex64"""
+            _message(make(torch.zeros(3, dtype=torch.complex32, requires_grad=True)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.complex32"""
+        )
+        self.assertExpectedInline(
+            _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 for a torch.complex64 parameter (state_dtype must be None: a complex parameter's state is complex like it)"""
         )
 
 
@@ -89,7 +92,7 @@ def test_bad_param_group_changes_nothing(name):
     before = [dict(g) for g in optimizer.param_groups]
     with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
         optimizer.add_param_group({"params": params[2:], "lr": -1.0})
-    with pytest.raises(TypeError, match="real floating-point"):
+    with pytest.raises(TypeError, match="only optimizes floating-point tensors"):
         optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
     assert optimizer.param_groups == before
 
