@@ -358,12 +358,17 @@ class QHOptimizer(Optimizer):
         precision.upgrade_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        in_backward = getattr(self, "_stepping_in_backward", None)
         try:
             for p in group["params"]:
                 self._check_param(p, group)
+            if in_backward is not None:
+                in_backward.check(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        if in_backward is not None:  # qhfast.step_in_backward is active: hook these too
+            in_backward.hook(group["params"])
 
     def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
         """Raise TypeError/ValueError unless ``group``'s options can update ``p``."""
@@ -400,6 +405,9 @@ class QHOptimizer(Optimizer):
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
         """
+        in_backward = getattr(self, "_stepping_in_backward", None)
+        if in_backward is not None:
+            raise RuntimeError(in_backward.step_error(self))
         self._accelerator_graph_capture_health_check()
         loss = None
         if closure is not None:
@@ -419,18 +427,23 @@ class QHOptimizer(Optimizer):
                 return loss
             found_inf = None
         for group, params in zip(self.param_groups, with_grads):
-            if not params:
-                continue
-            if self._precision_made.get(id(group)) != _precision_options(group):
-                self._reconcile_precision(group)
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self._init_state(p, group)
-            if group["fused"] and not torch.compiler.is_compiling():
-                _fused_group_step(self, group)(self, group, params, AmpArgs(grad_scale, found_inf))
-            else:
-                self._step_group(group, params, AmpArgs(grad_scale, found_inf))
+            if params:
+                self._step_params(group, params, AmpArgs(grad_scale, found_inf))
         return loss
+
+    def _step_params(self, group: dict[str, Any], params: list[Tensor], amp: AmpArgs) -> None:
+        """Step ``params`` of ``group`` (checked by ``_params_with_grads``): make what state is
+        missing, then update them, with the group's compiled step if it is fused. ``step()``
+        calls it once per group; :func:`qhfast.step_in_backward` once per parameter."""
+        if self._precision_made.get(id(group)) != _precision_options(group):
+            self._reconcile_precision(group)
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_state(p, group)
+        if group["fused"] and not torch.compiler.is_compiling():
+            _fused_group_step(self, group)(self, group, params, amp)
+        else:
+            self._step_group(group, params, amp)
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
