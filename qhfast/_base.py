@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
+from . import _differentiable as differentiable
 from . import _precision as precision
 from ._precision import compute_dtype
 
@@ -222,7 +223,16 @@ class QHOptimizer(Optimizer):
       changes. Step counters live on the parameters' device, as with ``capturable``. Not
       with ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
       compiled anyway).
-    * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
+    * ``differentiable`` (bool): the step runs with autograd recording (as torch.optim's
+      ``differentiable=True``), so gradients flow through it to the parameters' values before
+      it, their gradients, the state, and tensor hyperparameters that require grad (a learned
+      lr, betas, nus): for meta-learning and learned optimizers. Parameters stepped this way
+      must not be leaves that require grad (in-place updates of those are refused by
+      autograd: step a clone). Tensor hyperparameters stay tensors and the step counters live
+      on the parameters' device, in their dtype, as with ``capturable``; ``foreach=None``
+      picks the per-tensor path, as torch does (``foreach=True`` works too). Not with
+      ``fused=True`` (RuntimeError, as torch), bf16/fp16 parameters or ``state_dtype`` (their
+      rounding, stochastic or to the nearest, is not differentiable; ValueError).
     * ``low_precision`` (str, default ``"master"``): where a bf16/fp16 parameter's exact fp32
       update result is kept between steps (the update always computes in fp32):
 
@@ -288,16 +298,12 @@ class QHOptimizer(Optimizer):
             ("differentiable", differentiable),
         ):
             check_flag(flag, name)
-        if differentiable:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support differentiable=True yet"
-            )
         defaults = dict(
             defaults,
             foreach=foreach,
             maximize=maximize,
             capturable=capturable,
-            differentiable=False,
+            differentiable=differentiable,
             fused=fused,
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
@@ -348,6 +354,15 @@ class QHOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError/TypeError if an option or hyperparameter of ``group`` is invalid."""
         precision.check_precision_options(group)
+        if group["differentiable"]:
+            if group["fused"]:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if group["state_dtype"] is not None:
+                raise ValueError(
+                    f"Invalid state_dtype value: {group['state_dtype']} with differentiable=True "
+                    "(state_dtype must be None: bf16 moments are written with stochastic "
+                    "rounding, which autograd cannot differentiate)"
+                )
         self._validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -376,6 +391,12 @@ class QHOptimizer(Optimizer):
             raise TypeError(
                 f"{type(self).__name__} only optimizes floating-point tensors (real, or "
                 f"complex64/complex128), got a parameter of dtype {p.dtype}"
+            )
+        if group["differentiable"] and p.dtype in precision.LOW_PRECISION_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__} with differentiable=True needs float32, float64 or "
+                f"complex parameters, got a parameter of dtype {p.dtype} (its update is rounded "
+                "to it, as low_precision says, which autograd cannot differentiate)"
             )
         if p.is_complex() and group["state_dtype"] is not None:
             raise ValueError(
@@ -427,7 +448,12 @@ class QHOptimizer(Optimizer):
                 return loss
             found_inf = None
         for group, params in zip(self.param_groups, with_grads):
-            if params:
+            if not params:
+                continue
+            if group["differentiable"]:  # autograd records the step, see qhfast._differentiable
+                with differentiable.recording():
+                    self._step_params(group, params, AmpArgs(grad_scale, found_inf))
+            else:
                 self._step_params(group, params, AmpArgs(grad_scale, found_inf))
         return loss
 
@@ -440,6 +466,8 @@ class QHOptimizer(Optimizer):
         for p in params:
             if len(self.state[p]) == 0:
                 self._init_state(p, group)
+        if group["differentiable"]:  # what earlier steps saved for backward stays unchanged
+            differentiable.fresh_buffers([self.state[p] for p in params], self._buffer_keys)
         if group["fused"] and not torch.compiler.is_compiling():
             _fused_group_step(self, group)(self, group, params, amp)
         else:
@@ -454,6 +482,12 @@ class QHOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             _check_distributed_grad(p, type(self).__name__)
             self._check_param(p, group)  # options may have changed since add_param_group
+            if group["differentiable"] and p.is_leaf and p.requires_grad:
+                raise RuntimeError(
+                    f"{type(self).__name__} with differentiable=True updates its parameters in "
+                    "place with autograd recording, which autograd refuses for a leaf tensor that "
+                    "requires grad; step a non-leaf copy of it (e.g. p = p0.clone())"
+                )
             params.append(p)
         if group["capturable"] and params:
             devices = {p.device for p in params}
@@ -480,7 +514,7 @@ class QHOptimizer(Optimizer):
         foreach = group["foreach"]
         if foreach is None:  # under torch.compile, one traced op per list compiles faster
             foreach = torch.compiler.is_compiling() or _default_to_fused_or_foreach(
-                [_local(p) for p in params], differentiable=False
+                [_local(p) for p in params], differentiable=group["differentiable"]
             )[1]
         device_path = self._device_path(group)
         for bucket in _buckets(params).values():
@@ -550,7 +584,7 @@ class QHOptimizer(Optimizer):
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
         device sync), or in the compute dtype on ``p``'s device when capturable."""
-        if group["capturable"]:
+        if group["capturable"] or group["differentiable"]:
             return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
         return torch.tensor(value, dtype=torch.float64)
 
@@ -613,8 +647,9 @@ def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:
 
 
 def _counters_on_device(group: dict[str, Any]) -> bool:
-    """Whether the group's step counters live on the parameters' device (read by no host)."""
-    return bool(group["capturable"] or group["fused"])
+    """Whether the group's step counters live on the parameters' device (read by no host);
+    differentiable steps compute their factors there too, as tensors autograd can follow."""
+    return bool(group["capturable"] or group["fused"] or group["differentiable"])
 
 
 #: inductor options of the fused step. Every tensor's kernel reads the same few 0-d buffers

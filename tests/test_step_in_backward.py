@@ -201,6 +201,8 @@ def test_bad_uses_raise_clear_errors():
         qhfast.step_in_backward(torch.optim.SGD([p], lr=0.1))
     with pytest.raises(ValueError, match=r"does not support QHAdam with fused=True .*; use fused=False"):
         qhfast.step_in_backward(qhfast.QHAdam([p], fused=True))
+    with pytest.raises(ValueError, match=r"does not support QHM with differentiable=True"):
+        qhfast.step_in_backward(qhfast.QHM([p], lr=0.1, momentum=0.9, nu=0.7, differentiable=True))
     optimizer = qhfast.QHAdam([p])
     handle = qhfast.step_in_backward(optimizer)
     with pytest.raises(RuntimeError, match="already active for this QHAdam"):
