@@ -262,7 +262,8 @@ class QHOptimizer(Optimizer):
     #: per-parameter moments, stored in ``state_dtype``
     _buffer_keys: tuple[str, ...] = ()
     #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
-    #: or 0-d tensors in the compute dtype on the parameter's device when capturable
+    #: or 0-d tensors in the compute dtype on the parameter's device when capturable (or
+    #: differentiable)
     _counter_keys: tuple[str, ...] = ()
     #: group entries that may be 0-d tensors (or pairs of them)
     _tensor_hyperparameters: tuple[str, ...] = ()
@@ -583,7 +584,8 @@ class QHOptimizer(Optimizer):
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
-        device sync), or in the compute dtype on ``p``'s device when capturable."""
+        device sync), or in the compute dtype on ``p``'s device when capturable or
+        differentiable."""
         if group["capturable"] or group["differentiable"]:
             return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
         return torch.tensor(value, dtype=torch.float64)
