@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
+from . import _differentiable as differentiable
 from . import _fused
 from . import _precision as precision
 from ._precision import compute_dtype
@@ -221,7 +222,16 @@ class QHOptimizer(Optimizer):
       changes. Step counters live on the parameters' device, as with ``capturable``. Not
       with ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
       compiled anyway).
-    * ``differentiable`` (bool): not supported yet; ``True`` raises ``NotImplementedError``.
+    * ``differentiable`` (bool): the step runs with autograd recording (as torch.optim's
+      ``differentiable=True``), so gradients flow through it to the parameters' values before
+      it, their gradients, the state, and tensor hyperparameters that require grad (a learned
+      lr, betas, nus): for meta-learning and learned optimizers. Parameters stepped this way
+      must not be leaves that require grad (in-place updates of those are refused by
+      autograd: step a clone). Tensor hyperparameters stay tensors and the step counters live
+      on the parameters' device, in their dtype, as with ``capturable``; ``foreach=None``
+      picks the per-tensor path, as torch does (``foreach=True`` works too). Not with
+      ``fused=True`` (RuntimeError, as torch), bf16/fp16 parameters or ``state_dtype`` (their
+      rounding, stochastic or to the nearest, is not differentiable; ValueError).
     * ``low_precision`` (str, default ``"master"``): where a bf16/fp16 parameter's exact fp32
       update result is kept between steps (the update always computes in fp32):
 
@@ -241,12 +251,18 @@ class QHOptimizer(Optimizer):
       arithmetic stays in the compute dtype.
     * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
       ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
+
+    Complex parameters (complex64, complex128) are optimized as torch.optim optimizes them: the
+    update runs on ``torch.view_as_real`` views (real and imaginary parts as independent
+    coordinates, so QHAdam's second moment is per part), and their moments are stored complex,
+    shaped like the parameter.
     """
 
     #: per-parameter moments, stored in ``state_dtype``
     _buffer_keys: tuple[str, ...] = ()
     #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
-    #: or 0-d tensors in the compute dtype on the parameter's device when capturable
+    #: or 0-d tensors in the compute dtype on the parameter's device when capturable (or
+    #: differentiable)
     _counter_keys: tuple[str, ...] = ()
     #: group entries that may be 0-d tensors (or pairs of them)
     _tensor_hyperparameters: tuple[str, ...] = ()
@@ -284,16 +300,12 @@ class QHOptimizer(Optimizer):
             ("differentiable", differentiable),
         ):
             check_flag(flag, name)
-        if differentiable:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support differentiable=True yet"
-            )
         defaults = dict(
             defaults,
             foreach=foreach,
             maximize=maximize,
             capturable=capturable,
-            differentiable=False,
+            differentiable=differentiable,
             fused=fused,
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
@@ -344,6 +356,15 @@ class QHOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError/TypeError if an option or hyperparameter of ``group`` is invalid."""
         precision.check_precision_options(group)
+        if group["differentiable"]:
+            if group["fused"]:
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if group["state_dtype"] is not None:
+                raise ValueError(
+                    f"Invalid state_dtype value: {group['state_dtype']} with differentiable=True "
+                    "(state_dtype must be None: bf16 moments are written with stochastic "
+                    "rounding, which autograd cannot differentiate)"
+                )
         self._validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -354,13 +375,36 @@ class QHOptimizer(Optimizer):
         precision.upgrade_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if not (p.is_floating_point() and not p.is_complex()):
-                self.param_groups.pop()
-                raise TypeError(
-                    f"{type(self).__name__} only optimizes real floating-point tensors, "
-                    f"got a parameter of dtype {p.dtype}"
-                )
+        in_backward = getattr(self, "_stepping_in_backward", None)
+        try:
+            for p in group["params"]:
+                self._check_param(p, group)
+            if in_backward is not None:
+                in_backward.check(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        if in_backward is not None:  # qhfast.step_in_backward is active: hook these too
+            in_backward.hook(group["params"])
+
+    def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Raise TypeError/ValueError unless ``group``'s options can update ``p``."""
+        if not (p.is_floating_point() or p.dtype in COMPLEX_DTYPES):
+            raise TypeError(
+                f"{type(self).__name__} only optimizes floating-point tensors (real, or "
+                f"complex64/complex128), got a parameter of dtype {p.dtype}"
+            )
+        if group["differentiable"] and p.dtype in precision.LOW_PRECISION_DTYPES:
+            raise ValueError(
+                f"{type(self).__name__} with differentiable=True needs float32, float64 or "
+                f"complex parameters, got a parameter of dtype {p.dtype} (its update is rounded "
+                "to it, as low_precision says, which autograd cannot differentiate)"
+            )
+        if p.is_complex() and group["state_dtype"] is not None:
+            raise ValueError(
+                f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
+                "(state_dtype must be None: a complex parameter's state is complex like it)"
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -397,6 +441,9 @@ class QHOptimizer(Optimizer):
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
         """
+        in_backward = getattr(self, "_stepping_in_backward", None)
+        if in_backward is not None:
+            raise RuntimeError(in_backward.step_error(self))
         self._accelerator_graph_capture_health_check()
         loss = None
         if closure is not None:
@@ -418,19 +465,30 @@ class QHOptimizer(Optimizer):
         for group, params in zip(self.param_groups, with_grads):
             if not params:
                 continue
-            if self._precision_made.get(id(group)) != _precision_options(group):
-                self._reconcile_precision(group)
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self._init_state(p, group)
-            amp = AmpArgs(grad_scale, found_inf)
-            if _fused.kernel_step(self, group, params, amp):
-                continue
-            if group["fused"] and not torch.compiler.is_compiling():
-                _fused.compiled_group_step(self, group, params, amp)
+            if group["differentiable"]:  # autograd records the step, see qhfast._differentiable
+                with differentiable.recording():
+                    self._step_params(group, params, AmpArgs(grad_scale, found_inf))
             else:
-                self._step_group(group, params, amp)
+                self._step_params(group, params, AmpArgs(grad_scale, found_inf))
         return loss
+
+    def _step_params(self, group: dict[str, Any], params: list[Tensor], amp: AmpArgs) -> None:
+        """Step ``params`` of ``group`` (checked by ``_params_with_grads``): make what state is
+        missing, then update them, with the group's compiled step if it is fused. ``step()``
+        calls it once per group; :func:`qhfast.step_in_backward` once per parameter."""
+        if self._precision_made.get(id(group)) != _precision_options(group):
+            self._reconcile_precision(group)
+        for p in params:
+            if len(self.state[p]) == 0:
+                self._init_state(p, group)
+        if group["differentiable"]:  # what earlier steps saved for backward stays unchanged
+            differentiable.fresh_buffers([self.state[p] for p in params], self._buffer_keys)
+        if _fused.kernel_step(self, group, params, amp):
+            return
+        if group["fused"] and not torch.compiler.is_compiling():
+            _fused.compiled_group_step(self, group, params, amp)
+        else:
+            self._step_group(group, params, amp)
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
@@ -440,6 +498,13 @@ class QHOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             _check_distributed_grad(p, type(self).__name__)
+            self._check_param(p, group)  # options may have changed since add_param_group
+            if group["differentiable"] and p.is_leaf and p.requires_grad:
+                raise RuntimeError(
+                    f"{type(self).__name__} with differentiable=True updates its parameters in "
+                    "place with autograd recording, which autograd refuses for a leaf tensor that "
+                    "requires grad; step a non-leaf copy of it (e.g. p = p0.clone())"
+                )
             params.append(p)
         if group["capturable"] and params:
             devices = {p.device for p in params}
@@ -466,7 +531,7 @@ class QHOptimizer(Optimizer):
         foreach = group["foreach"]
         if foreach is None:  # under torch.compile, one traced op per list compiles faster
             foreach = torch.compiler.is_compiling() or _default_to_fused_or_foreach(
-                [_local(p) for p in params], differentiable=False
+                [_local(p) for p in params], differentiable=group["differentiable"]
             )[1]
         device_path = self._device_path(group)
         for bucket in _buckets(params).values():
@@ -498,6 +563,8 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` say (see ``qhfast._precision``)."""
         grads = [_local(p.grad) for p in params]
         params = [_local(p) for p in params]
+        if params[0].is_complex():
+            params, grads, states = _view_as_real(params, grads, states, self._buffer_keys)
         mode = group["low_precision"]
         work_params = precision.working_params(params, states, mode)
         work_states = precision.working_buffers(states, self._buffer_keys, work_params[0].dtype)
@@ -539,8 +606,9 @@ class QHOptimizer(Optimizer):
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
-        device sync), or in the compute dtype on ``p``'s device when capturable."""
-        if group["capturable"]:
+        device sync), or in the compute dtype on ``p``'s device when capturable or
+        differentiable."""
+        if group["capturable"] or group["differentiable"]:
             return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
         return torch.tensor(value, dtype=torch.float64)
 
@@ -603,8 +671,9 @@ def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:
 
 
 def _counters_on_device(group: dict[str, Any]) -> bool:
-    """Whether the group's step counters live on the parameters' device (read by no host)."""
-    return bool(group["capturable"] or group["fused"])
+    """Whether the group's step counters live on the parameters' device (read by no host);
+    differentiable steps compute their factors there too, as tensors autograd can follow."""
+    return bool(group["capturable"] or group["fused"] or group["differentiable"])
 
 
 class AmpArgs(NamedTuple):
@@ -663,6 +732,24 @@ def _check_distributed_grad(p: Tensor, name: str) -> None:
             f"{name}: a gradient laid out as {grad.placements} on {grad.device_mesh} does not "
             f"match its parameter's {p.placements} on {p.device_mesh}"
         )
+
+
+#: the complex dtypes qhfast optimizes (as real pairs; torch has no complex bf16)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _view_as_real(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], keys: Sequence[str]
+) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
+    """A chunk of complex tensors as ``torch.view_as_real`` views (a trailing dimension of 2:
+    the real and imaginary parts), as torch.optim updates complex parameters: every rule is
+    elementwise, so it runs on the parts unchanged and writes through the views. The moments
+    (``keys``) are viewed in copies of the state dicts; counters stay as they are."""
+    return (
+        [torch.view_as_real(p) for p in params],
+        [torch.view_as_real(g) for g in grads],
+        [{**s, **{k: torch.view_as_real(s[k]) for k in keys}} for s in states],
+    )
 
 
 #: the per-tensor path's unit of work, in elements: a tensor this large or larger is updated

@@ -73,13 +73,23 @@ MASTER_KEY = "master_param"
 COMPENSATION_KEY = "kahan_compensation"
 
 
+#: the dtype of a complex dtype's parts (``dtype.to_real()``, which dynamo cannot trace)
+_REAL_PARTS = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype a parameter's update computes in: fp32 for bf16/fp16, else its own."""
-    return torch.float32 if p.dtype in LOW_PRECISION_DTYPES else p.dtype
+    """The dtype a parameter's update computes in: fp32 for bf16/fp16, the real dtype of a
+    complex parameter (its update runs on ``torch.view_as_real`` views), else its own."""
+    if p.dtype in LOW_PRECISION_DTYPES:
+        return torch.float32
+    return _REAL_PARTS.get(p.dtype, p.dtype)
 
 
 def buffer_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype the moments of ``p`` are stored in under ``group``'s ``state_dtype``."""
+    """The dtype the moments of ``p`` are stored in under ``group``'s ``state_dtype``: a
+    complex parameter's are complex like it, as torch.optim stores them."""
+    if p.dtype.is_complex:
+        return p.dtype
     return group["state_dtype"] or compute_dtype(p)
 
 

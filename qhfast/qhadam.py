@@ -44,18 +44,17 @@ def advance_debias_weights(
     where the counters live, with no host read; ``keep`` (0 or 1) then makes a skipped step
     leave the counters alone and return fractions 0.
     """
-    if not on_device:
+    if keep is None:
         torch._foreach_mul_(weights, beta)
         torch._foreach_add_(weights, 1.0)
+        if on_device:
+            return torch._foreach_reciprocal(weights)  # weights >= 1: finite
         return [1.0 / w for w in torch.stack(weights).tolist()]
+    # a skipped step keeps the old weights, which are 0 before the first step taken: the
+    # fractions come from the advanced ones, times keep, never 1/0
     advanced = torch._foreach_mul(weights, beta)
     torch._foreach_add_(advanced, 1.0)
     fractions = torch._foreach_reciprocal(advanced)  # advanced >= 1: finite
-    if keep is None:
-        torch._foreach_copy_(weights, advanced)
-        return fractions
-    # a skipped step keeps the old weights, which are 0 before the first step taken: the
-    # fractions come from the advanced ones, times keep, never 1/0
     foreach_lerp_(weights, advanced, keep)
     torch._foreach_mul_(fractions, keep)
     return fractions
@@ -169,10 +168,20 @@ def qhadam_apply(
         denom = torch._foreach_mul(exp_avg_sqs, nu2)
         foreach_addcmul_(denom, d, d, 1.0 - nu2)
         torch._foreach_sqrt_(denom)
+    # recorded by autograd (differentiable=True), the square root's result is saved for the
+    # backward pass: the additions then make a new list instead of writing to it
+    recording = torch.is_grad_enabled()
     if eps != 0.0:
-        torch._foreach_add_(denom, eps)
+        if recording:
+            denom = torch._foreach_add(denom, eps)
+        else:
+            torch._foreach_add_(denom, eps)
     if found_inf is not None:  # a skipped step must not compute 0/0 (eps = 0, no history)
-        torch._foreach_add_(denom, found_inf.to(params[0].dtype))
+        skip = found_inf.to(params[0].dtype)
+        if recording:
+            denom = torch._foreach_add(denom, skip)
+        else:
+            torch._foreach_add_(denom, skip)
 
     if maybe_nonzero(nu1):
         foreach_addcdiv_(params, exp_avgs, denom, -lr * nu1)

@@ -301,3 +301,76 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
     train_rank(model, optimizer, range(3, STEPS), rank)
     results["kahan_resumed"] = full_params(model)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# tensor parallelism
+
+
+def _tensor_parallel(model, mesh):
+    """Megatron-style MLP: the first layer column-wise (weight and bias sharded on dim 0), the
+    second row-wise (weight sharded on dim 1, bias replicated, output all-reduced); the last
+    layer stays a plain module, its params plain tensors on every rank."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _layouts(model) -> list:
+    return [(type(p).__name__, tuple(getattr(p, "placements", ()))) for p in model.parameters()]
+
+
+def train_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:
+    """Every optimizer on both paths, and QHAdamW stepping inside backward, on a 2-way
+    tensor-parallel float64 MLP: both ranks see the full batch of each step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        for foreach in (False, True):
+            model = _tensor_parallel(make_model(torch.float64), mesh)
+            optimizer = cls(model.parameters(), **kwargs, foreach=foreach)
+            for step in range(STEPS):
+                optimizer.zero_grad()
+                loss_of(model, *batch(step)).backward()
+                optimizer.step()
+            results[("tp", name, foreach)] = full_params(model)
+    results["layouts"] = _layouts(model)
+    results["state_layouts"] = [
+        (key, type(value).__name__, tuple(value.placements) == tuple(p.placements))
+        for p in model.parameters() if hasattr(p, "placements")
+        for key, value in optimizer.state[p].items() if value.dim() > 0
+    ]
+
+    model = _tensor_parallel(make_model(torch.float64), mesh)
+    cls, kwargs = OPTIMIZERS["QHAdamW"]
+    optimizer = cls(model.parameters(), **kwargs)
+    with qhfast.step_in_backward(optimizer):
+        for step in range(STEPS):
+            loss_of(model, *batch(step)).backward()
+    results[("tp_in_backward", "QHAdamW")] = full_params(model)
+    results["grads_released"] = all(p.grad is None for p in model.parameters())
+    return results
+
+
+def train_fsdp_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:
+    """A 2-D mesh on 4 ranks: tensor parallel within pairs, FSDP2 across them (data parallel:
+    each pair sees half of the batch). float64, every optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    results = {}
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        model = _tensor_parallel(make_model(torch.float64), mesh["tp"])
+        fully_shard(model, mesh=mesh["dp"])
+        optimizer = cls(model.parameters(), **kwargs)
+        train_rank(model, optimizer, range(STEPS), mesh["dp"].get_local_rank())
+        results[("fsdp_tp", name)] = full_params(model)
+    results["layouts"] = _layouts(model)
+    return results

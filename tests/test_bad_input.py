@@ -72,13 +72,20 @@ class TestConstructorErrors(expecttest.TestCase):
         self.assertExpectedInline(_message(make(state_dtype="bf16")), """Invalid state_dtype value: 'bf16' (state_dtype must be None or torch.bfloat16)""")
         self.assertExpectedInline(_message(make(master_weights=True, low_precision="kahan")), """master_weights=True means low_precision='master', which contradicts low_precision='kahan'; pass low_precision alone""")
         self.assertExpectedInline(_message(make(master_weights=False, low_precision="stochastic")), """master_weights=False means low_precision='nearest', which contradicts low_precision='stochastic'; pass low_precision alone""")
-        self.assertExpectedInline(_message(make(differentiable=True), NotImplementedError), """QHAdam does not support differentiable=True yet""")
+        self.assertExpectedInline(_message(make(differentiable=True, fused=True), RuntimeError), """`fused` does not support `differentiable`""")
+        self.assertExpectedInline(_message(make(differentiable=True, state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 with differentiable=True (state_dtype must be None: bf16 moments are written with stochastic rounding, which autograd cannot differentiate)""")
+        self.assertExpectedInline(
+            _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], differentiable=True)), """QHAdam with differentiable=True needs float32, float64 or complex parameters, got a parameter of dtype torch.bfloat16 (its update is rounded to it, as low_precision says, which autograd cannot differentiate)"""
+        )
 
     def test_params(self):
         make = lambda p: lambda: qhfast.QHAdam([p])  # noqa: E731
-        self.assertExpectedInline(_message(make(torch.zeros(3, dtype=torch.long)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.int64""")
+        self.assertExpectedInline(_message(make(torch.zeros(3, dtype=torch.long)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.int64""")
         self.assertExpectedInline(
-            _message(make(torch.zeros(3, dtype=torch.complex64, requires_grad=True)), TypeError), """QHAdam only optimizes real floating-point tensors, got a parameter of dtype torch.complex64"""
+            _message(make(torch.zeros(3, dtype=torch.complex32, requires_grad=True)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.complex32"""
+        )
+        self.assertExpectedInline(
+            _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 for a torch.complex64 parameter (state_dtype must be None: a complex parameter's state is complex like it)"""
         )
 
 
@@ -89,7 +96,7 @@ def test_bad_param_group_changes_nothing(name):
     before = [dict(g) for g in optimizer.param_groups]
     with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
         optimizer.add_param_group({"params": params[2:], "lr": -1.0})
-    with pytest.raises(TypeError, match="real floating-point"):
+    with pytest.raises(TypeError, match="only optimizes floating-point tensors"):
         optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
     assert optimizer.param_groups == before
 

@@ -219,3 +219,91 @@ def test_fsdp2_example_trains_under_torchrun(tmp_path):
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", completed.stdout)]
     assert len(losses) >= 2 and losses[-1] < losses[0] / 2, completed.stdout  # it learns
     assert (tmp_path / "checkpoint" / ".metadata").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# tensor parallelism (parallelize_module), alone on 2 ranks and under FSDP2 on a 2-D mesh of 4
+
+#: float64 throughout: the row-wise layer's all-reduce sums two partial products where one
+#: process does one matmul, so the runs differ by reduction order (measured ~4e-16 relative
+#: after 8 steps); a wrong update (a shard stepped with the wrong gradient or twice, a
+#: replicated param diverging) is off by far more than 1e-12
+TP_TOLERANCE = 1e-12
+
+
+def _full_batch_reference(name, **extra):
+    cls, kwargs = D.OPTIMIZERS[name]
+    model = D.make_model(torch.float64)
+    optimizer = cls(model.parameters(), **kwargs, **extra)
+    for step in range(D.STEPS):
+        optimizer.zero_grad()
+        D.loss_of(model, *D.batch(step)).backward()
+        optimizer.step()
+    return D.full_params(model)
+
+
+def _assert_close(expected, actual, tolerance=TP_TOLERANCE):
+    start = D.full_params(D.make_model(torch.float64))
+    assert max((e - s).abs().max() for e, s in zip(expected, start)) > 1e-3  # it trained
+    for e, a in zip(expected, actual, strict=True):
+        assert e.dtype == a.dtype and (e - a).abs().max() <= tolerance * e.abs().max()
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+    return D.spawn(D.train_tensor_parallel, tmp_path_factory.mktemp("tensor_parallel"))
+
+
+def test_tensor_parallel_params_are_sharded_on_dim_0_and_1_and_replicated(tensor_parallel):
+    from torch.distributed.tensor import Replicate, Shard
+
+    for rank_results in tensor_parallel:
+        assert rank_results["layouts"] == [
+            ("DTensor", (Shard(0),)), ("DTensor", (Shard(0),)),  # column-wise weight, bias
+            ("DTensor", (Shard(1),)), ("DTensor", (Replicate(),)),  # row-wise weight, bias
+            ("Parameter", ()), ("Parameter", ()),  # the plain last layer
+        ]
+        # the moments of a DTensor param are DTensors laid out like it
+        assert {key for key, *_ in rank_results["state_layouts"]} == {"exp_avg", "exp_avg_sq"}
+        assert all(kind == "DTensor" and same for _, kind, same in rank_results["state_layouts"])
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("name", D.OPTIMIZERS)
+def test_tensor_parallel_equals_the_single_process_run(tensor_parallel, name, foreach):
+    expected = _full_batch_reference(name)
+    for rank_results in tensor_parallel:
+        _assert_close(expected, rank_results[("tp", name, foreach)])
+
+
+def test_tensor_parallel_steps_inside_backward(tensor_parallel):
+    """qhfast.step_in_backward on DTensor params: their gradients are accumulated (already
+    reduced) by autograd, so the hooks fire; the run equals the single-process one."""
+    expected = _full_batch_reference("QHAdamW")
+    for rank_results in tensor_parallel:
+        _assert_close(expected, rank_results[("tp_in_backward", "QHAdamW")])
+        assert rank_results["grads_released"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_tensor_parallel(tmp_path_factory):
+    return D.spawn(D.train_fsdp_tensor_parallel, tmp_path_factory.mktemp("fsdp_tp"), world=4,
+                   timeout=300.0)
+
+
+@pytest.mark.parametrize("name", D.OPTIMIZERS)
+def test_fsdp2_over_tensor_parallel_on_a_2d_mesh_equals_the_single_process_run(
+        fsdp_tensor_parallel, name):
+    """4 gloo processes, mesh (dp=2, tp=2): each tp pair sees half of each step's batch, FSDP2
+    averages across the pairs; the reference sums the two half-batch gradients and halves."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    cls, kwargs = D.OPTIMIZERS[name]
+    model = D.make_model(torch.float64)
+    optimizer = cls(model.parameters(), **kwargs)
+    D.train_reference(model, optimizer, range(D.STEPS))
+    expected = D.full_params(model)
+    for rank_results in fsdp_tensor_parallel:
+        placements = [p for _, p in rank_results["layouts"]]
+        assert placements[2] == (Shard(0), Shard(1)) and placements[3] == (Shard(0), Replicate())
+        _assert_close(expected, rank_results[("fsdp_tp", name)])
