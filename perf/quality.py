@@ -20,10 +20,10 @@ weights without an fp32 master stop moving (an update below half a bf16 ulp roun
     Gaussian inputs each step (batch 256); held-out loss on 4096 other inputs.
 ``lm``
     a tiny causal transformer language model (2 pre-norm blocks of width 64, 4 heads, learned
-    positions, context 64) learns a synthetic source generated in-process: an order-2 Markov
-    chain over 32 tokens, each pair of previous tokens with its own random next-token
-    distribution (softmax of 3x Gaussian logits, 1.47 nats of entropy on average). Fresh
-    sequences each step (batch 32); held-out loss (cross-entropy, nats per token) on 1024
+    positions, context 32) learns a synthetic source generated in-process: an order-2 Markov
+    chain over 16 tokens, each pair of previous tokens with its own random next-token
+    distribution (softmax of 3x Gaussian logits). Fresh
+    sequences each step (batch 16); held-out loss (cross-entropy, nats per token) on 1024
     other sequences, counting the tokens that follow two others, so the source's own entropy
     is the best loss possible (printed with the table). Linear warm-up for 5% of the steps.
 """
@@ -138,7 +138,7 @@ MLP = Task("mlp", steps=1500, lr=2e-3, weight_decay=1e-4, train=train_mlp,
 # --------------------------------------------------------------------------------------------
 # task 2: a tiny transformer language model on an order-2 Markov source
 
-VOCAB, CONTEXT, LM_WIDTH, LM_BLOCKS, LM_HEADS, LM_BATCH = 16, 64, 64, 2, 4, 32
+VOCAB, CONTEXT, LM_WIDTH, LM_BLOCKS, LM_HEADS, LM_BATCH = 16, 32, 64, 2, 4, 16
 HELD_OUT_SEQUENCES = 1024
 #: the source's logits are this times a standard Gaussian: larger is more predictable
 SOURCE_SHARPNESS = 3.0
@@ -247,7 +247,7 @@ def train_lm(make: Make, dtype: torch.dtype, steps: int) -> tuple[list[float], f
     return losses, total / len(held_out)
 
 
-LM = Task("lm", steps=600, lr=5e-3, weight_decay=0.01, train=train_lm,
+LM = Task("lm", steps=400, lr=5e-3, weight_decay=0.01, train=train_lm,
           describe=lambda steps: (
               f"causal transformer LM ({LM_BLOCKS} blocks, width {LM_WIDTH}, {LM_HEADS} heads, "
               f"context {CONTEXT}) on an order-2 Markov source over {VOCAB} tokens, batch "

@@ -190,6 +190,28 @@ def test_tensors_the_kernel_does_not_serve_take_the_compiled_group_step():
     assert counters["stats"]["unique_graphs"] == 1  # the compiled group step
 
 
+def test_state_replaced_between_steps_is_checked_again():
+    """The kernel trusts the pointers it is given, so state a user replaces between steps is
+    checked again: a moment swapped for a non-contiguous tensor (same values) makes the group
+    take another path, which still computes the per-tensor trajectory."""
+    problem = Problem()
+
+    def final(**options):
+        params = problem.params()
+        optimizer = OPTIMIZERS["QHAdam"](params, **options)
+        for t in range(8):
+            for i, p in enumerate(params):
+                p.grad = problem.grad(i, p, t)
+            if t == 4:
+                state = optimizer.state[params[0]]
+                state["exp_avg"] = state["exp_avg"].t().contiguous().t()  # same values
+                assert not state["exp_avg"].is_contiguous()
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    assert max_relative_error(final(foreach=False), final()) < 1e-12
+
+
 def test_without_a_compiler_the_kernel_warns_and_the_compiled_step_runs(monkeypatch, tmp_path):
     """fused=True warns once and takes the compiled group step; the default path (no flags)
     takes the eager path without a word. Both get the eager trajectory."""
