@@ -51,8 +51,8 @@ def kernel_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], amp
     that asked for another path (``fused=False``, a ``foreach`` choice), a traced step (under
     torch.compile the step is compiled anyway), tensors off the CPU or not contiguous, an
     unsupported combination, no compiler, ``capturable=True`` (the kernel reads GradScaler's
-    found_inf and tensor hyperparameters on the host). ``fused=None`` groups take it too: it is the
-    fastest CPU path, and where it cannot be built they take the eager path without a word."""
+    found_inf and tensor hyperparameters on the host). ``fused=None`` groups take it too: it
+    is the fastest CPU path, and where it cannot be built they take the eager path silently."""
     fused = group["fused"]
     if not CPU_KERNEL or torch.compiler.is_compiling():
         return False

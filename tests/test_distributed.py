@@ -43,7 +43,8 @@ def test_ddp_equals_the_single_process_run(trained, name):
 @pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
 @pytest.mark.parametrize("name", D.OPTIMIZERS)
 def test_fsdp2_fp32_equals_the_single_process_run_exactly(trained, name, foreach):
-    expected = D.full_params(_reference(name)[0])
+    """The same path on local shards and on the whole tensors: bit for bit."""
+    expected = D.full_params(_reference(name, foreach=foreach)[0])
     for rank_results in trained:
         _assert_identical(expected, rank_results[("fsdp", name, foreach)])
 
