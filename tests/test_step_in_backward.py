@@ -109,23 +109,16 @@ def test_a_param_group_added_while_active_is_stepped_inside_backward():
 
 
 def _peak_bytes(fn) -> int:
-    """The most memory held at once during fn() beyond what existed before it: the running
-    sum of the CPU profiler's allocation events (frees are negative)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    """The most memory held at once during fn() beyond what existed before it (the CPU
+    profiler's allocation events, as ``python -m perf`` measures a step's peak)."""
+    import sys
+    from pathlib import Path
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        node = pending.pop()
-        pending.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.typed[1].alloc_size))
-    held = peak = 0
-    for _, size in sorted(events):
-        held += size
-        peak = max(peak, held)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+    import step_bench
+
+    peak = step_bench.peak_step_bytes(fn, "cpu")
+    assert peak is not None, "the CPU profiler gave no allocation events"
     return peak
 
 
