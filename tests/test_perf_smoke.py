@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
 
@@ -84,7 +86,25 @@ def test_quality_runs_end_to_end(capsys, tmp_path):
     assert sum(line.startswith("| qhfast") or line.startswith("| torch") for line in table.splitlines()) == 5
 
 
-def test_compare_runs_end_to_end(capsys):
+@pytest.fixture
+def restore_qhfast_modules():
+    """compare.py imports qhfast afresh (the working tree, a git revision) in place of the
+    loaded one; put the loaded modules back after the test. Otherwise later tests run a second
+    copy of qhfast after compiling the first, and torch 2.15's dynamo fails a guard on the mix
+    (``G['__import_qhfast_dot__precision'] is G['precision']``: "Guard failed on the same frame
+    it was created")."""
+    def loaded():
+        return {name: module for name, module in sys.modules.items()
+                if name == "qhfast" or name.startswith("qhfast.")}
+
+    saved = loaded()
+    yield
+    for name in loaded():
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_compare_runs_end_to_end(capsys, restore_qhfast_modules):
     import compare
 
     assert compare.main(["--rev", "HEAD", "--blocks", "0", "--rounds", "1", "--steps", "2",
