@@ -311,7 +311,8 @@ class QHOptimizer(Optimizer):
             state_dtype=state_dtype,
         )
         self._check_group(defaults)
-        #: the (low_precision, state_dtype) each group's state was last made for, by id(group)
+        #: the (low_precision, state_dtype) each group's state was last made for, by the group's
+        #: index (not id(group): dynamo before torch 2.13 cannot trace id() of a dict)
         self._precision_made: dict[int, tuple[str, torch.dtype | None]] = {}
         super().__init__(params, defaults)
 
@@ -462,22 +463,24 @@ class QHOptimizer(Optimizer):
             if found_inf.item() != 0.0:
                 return loss
             found_inf = None
-        for group, params in zip(self.param_groups, with_grads):
+        for index, (group, params) in enumerate(zip(self.param_groups, with_grads)):
             if not params:
                 continue
             if group["differentiable"]:  # autograd records the step, see qhfast._differentiable
                 with differentiable.recording():
-                    self._step_params(group, params, AmpArgs(grad_scale, found_inf))
+                    self._step_params(index, group, params, AmpArgs(grad_scale, found_inf))
             else:
-                self._step_params(group, params, AmpArgs(grad_scale, found_inf))
+                self._step_params(index, group, params, AmpArgs(grad_scale, found_inf))
         return loss
 
-    def _step_params(self, group: dict[str, Any], params: list[Tensor], amp: AmpArgs) -> None:
-        """Step ``params`` of ``group`` (checked by ``_params_with_grads``): make what state is
-        missing, then update them, with the group's compiled step if it is fused. ``step()``
-        calls it once per group; :func:`qhfast.step_in_backward` once per parameter."""
-        if self._precision_made.get(id(group)) != _precision_options(group):
-            self._reconcile_precision(group)
+    def _step_params(self, index: int, group: dict[str, Any], params: list[Tensor],
+                     amp: AmpArgs) -> None:
+        """Step ``params`` of ``group`` (``param_groups[index]``, checked by
+        ``_params_with_grads``): make what state is missing, then update them, with the fused
+        kernel or the group's compiled step where they serve. ``step()`` calls it once per
+        group; :func:`qhfast.step_in_backward` once per parameter."""
+        if self._precision_made.get(index) != _precision_options(group):
+            self._reconcile_precision(index, group)
         for p in params:
             if len(self.state[p]) == 0:
                 self._init_state(p, group)
@@ -592,9 +595,10 @@ class QHOptimizer(Optimizer):
                                 memory_format=torch.preserve_format)
         self._init_param_state(state, like, group)
 
-    def _reconcile_precision(self, group: dict[str, Any]) -> None:
-        """Convert the state of ``group``'s params to its ``low_precision`` and ``state_dtype``
-        (a loaded checkpoint, or options changed between steps); see
+    def _reconcile_precision(self, index: int, group: dict[str, Any]) -> None:
+        """Convert the state of ``group``'s (``param_groups[index]``) params to its
+        ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
+        steps); see
         :func:`qhfast._precision.reconcile_state`."""
         self._state_generation += 1
         for p in group["params"]:
@@ -602,7 +606,7 @@ class QHOptimizer(Optimizer):
             if state:
                 precision.reconcile_state(state, p, group["low_precision"],
                                           precision.buffer_dtype(p, group), self._buffer_keys)
-        self._precision_made[id(group)] = _precision_options(group)
+        self._precision_made[index] = _precision_options(group)
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
@@ -653,8 +657,8 @@ class QHOptimizer(Optimizer):
                 continue
             group = group_of[id(p)]
             self.state[p] = {k: self._restore_value(p, k, v, group) for k, v in saved.items()}
-        for group in self.param_groups:
-            self._reconcile_precision(group)
+        for index, group in enumerate(self.param_groups):
+            self._reconcile_precision(index, group)
 
     def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
         """A saved state entry on ``p``'s device, its own copy; dtypes are then set by

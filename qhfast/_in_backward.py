@@ -172,7 +172,8 @@ class StepInBackward:
         # the checks step() makes (sparse, DTensor layout, dtype, options), for this one
         params = optimizer._params_with_grads({**group, "params": [p]})
         if params:
-            optimizer._step_params(group, params, AmpArgs())
+            index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+            optimizer._step_params(index, group, params, AmpArgs())
         p.grad = None
         # what torch's LR schedulers look for to know that the optimizer has stepped
         optimizer._opt_called = True  # type: ignore[attr-defined]

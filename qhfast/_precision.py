@@ -267,7 +267,9 @@ def store_buffers(
     states: list[dict[str, Any]], work: list[dict[str, Any]], keys: Sequence[str]
 ) -> None:
     """Write updated moments back from the working copies, with stochastic rounding."""
-    if work is states:
+    # stored in the compute dtype: ``work`` is ``states`` (not tested with ``is``: dynamo
+    # before torch 2.13 cannot trace ``is`` between lists)
+    if not keys or work[0][keys[0]].dtype == states[0][keys[0]].dtype:
         return
     for key in keys:
         stochastic_round_([s[key] for s in states], [w[key] for w in work])
