@@ -581,12 +581,16 @@ class QHOptimizer(Optimizer):
         (no host read): counters on the device, or a step being compiled."""
         return _counters_on_device(group) or torch.compiler.is_compiling()
 
-    #: bumped whenever qhfast makes or replaces state tensors (the fused CPU kernel checks the
-    #: state it is given again then)
+    #: bumped whenever qhfast makes or replaces state tensors in an eager step (the fused CPU
+    #: kernel checks the state it is given again then; it also checks tensors it has not seen)
     _state_generation = 0
 
+    def _state_changed(self) -> None:
+        if not torch.compiler.is_compiling():  # dynamo before 2.13 cannot trace the setattr
+            self._state_generation += 1
+
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
-        self._state_generation += 1
+        self._state_changed()
         state = self.state[p]
         precision.init_precision_state(state, p, group["low_precision"])
         for key in self._counter_keys:
@@ -600,7 +604,7 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
         steps); see
         :func:`qhfast._precision.reconcile_state`."""
-        self._state_generation += 1
+        self._state_changed()
         for p in group["params"]:
             state = self.state.get(p)
             if state:
