@@ -87,11 +87,14 @@ typedef uint16_t state_t;
 
 #define NEEDS_RANDOM (STATE == 1 || MODE == 2 || MODE == 3)
 
-/* torch's CPU lerp with a scalar weight (aten/src/ATen/native/Lerp.h) */
-static inline real lerp(real self, real end, real weight) {
-    return fabs((double)weight) < 0.5 ? self + weight * (end - self)
-                                      : end - (end - self) * ((real)1 - weight);
-}
+/* sqrt in the compute type: for float, sqrtf equals sqrt in double rounded to float */
+#define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
+
+/* torch's CPU lerp with a scalar weight (aten/src/ATen/native/Lerp.h): which form it takes is
+ * known per chunk (LOW_WEIGHT: |weight| < 0.5), so the element loop has no branch */
+#define LERP(self, end, weight, one_minus_weight, LOW_WEIGHT)                             \
+    ((LOW_WEIGHT) ? (self) + (weight) * ((end) - (self))                                \
+                  : (end) - ((end) - (self)) * (one_minus_weight))
 
 /* ---- the parameter's working value, read and written as MODE says ------------------------ */
 
@@ -148,11 +151,74 @@ static chunk_t *make_chunks(int n, const int64_t *sizes, int64_t *count) {
     return chunks;
 }
 
-/* the random bits of element i of a chunk */
-#define RANDOM(i) (NEEDS_RANDOM ? mix32((uint32_t)(chunk.offset + (i)) ^ seed) : 0u)
+/* what the element loops of a chunk read: its tensor's pointers and where it lies */
+typedef struct {
+    param_t *param;
+    const param_t *grad;
+    state_t *first, *second; /* QHAdam's moments, or QHM's buffer (second unused) */
+    float *master;           /* MODE 1 */
+    uint16_t *compensation;  /* MODE 2 */
+    int64_t start, stop, offset;
+} span_t;
+
+static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, void **firsts,
+                             void **seconds, void **extras) {
+    const int t = chunk->tensor;
+    span_t span = {params[t], grads[t], firsts[t], seconds ? seconds[t] : NULL, extras[t],
+                   extras[t], chunk->start, chunk->stop, chunk->offset};
+    return span;
+}
+
+/* the random bits of element i of a span */
+#define RANDOM(i) (NEEDS_RANDOM ? mix32((uint32_t)(span.offset + (i)) ^ seed) : 0u)
 #define RANDOM2(r) (NEEDS_RANDOM ? mix32((r) ^ 0x68E31DA4u) : 0u)
 
+/* The element loops are straight loops the compiler vectorizes: a flag that picks between
+ * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
+ * a division), and the two flags whose cost counts are constants in inlined copies. */
+#define INLINE static inline __attribute__((always_inline))
+enum { NO_DECAY, COUPLED_DECAY, DECOUPLED_DECAY };
+enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are nonzero */
+
 /* ---- QHAdam ------------------------------------------------------------------------------- */
+
+typedef struct {
+    real f1, one_minus_f1, f2, keep2;                         /* per tensor */
+    real decay, coupled, factor, nu2, one_minus_nu2, m_scale, d_scale, eps; /* per call */
+} qhadam_scalars;
+
+INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
+                            const int decay_kind, const int terms, const int nu2_is_one,
+                            const int low_weight) {
+    param_t *param = span.param;
+    const param_t *grad = span.grad;
+    state_t *m_ = span.first, *v_ = span.second;
+    float *master = span.master;
+    uint16_t *compensation = span.compensation;
+    (void)master;
+    (void)compensation;
+    const real f1 = s->f1, one_minus_f1 = s->one_minus_f1, f2 = s->f2, keep2 = s->keep2;
+    const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
+    const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
+    const real eps = s->eps;
+    for (int64_t i = span.start; i < span.stop; i++) {
+        const uint32_t r = RANDOM(i);
+        real theta = LOAD_THETA(i);
+        if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;
+        real d = (real)LOAD_PARAM(grad, i) * factor;
+        if (decay_kind == COUPLED_DECAY) d = d + coupled * theta;
+        const real m0 = LOAD_STATE(m_, i);
+        const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
+        const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
+        real den = nu2_is_one ? v : v * nu2 + one_minus_nu2 * d * d;
+        den = SQRT(den) + eps;
+        if (terms & FIRST_TERM) theta = theta + m_scale * m / den;
+        if (terms & GRAD_TERM) theta = theta + d_scale * d / den;
+        STORE_STATE(m_, i, m, r);
+        STORE_STATE(v_, i, v, RANDOM2(r));
+        STORE_THETA(i, theta, r);
+    }
+}
 
 /* Advances both normalizers of every tensor (w <- 1 + beta*w) and updates every element:
  *   d = g*grad_factor (+ wd*theta if coupled);  theta *= 1 - lr*wd first if decoupled
@@ -176,50 +242,65 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
     }
     int64_t count;
     chunk_t *chunks = make_chunks(n, sizes, &count);
-    const real decay = (real)(1.0 - lr * weight_decay);
-    const real coupled = (real)weight_decay;
-    const int has_coupled = weight_decay != 0.0 && !decoupled;
-    const int decays = weight_decay != 0.0 && decoupled;
-    const real factor = (real)grad_factor, rnu2 = (real)nu2, one_minus_nu2 = (real)(1.0 - nu2);
+    const int decay_kind = weight_decay == 0.0 ? NO_DECAY
+                           : decoupled         ? DECOUPLED_DECAY
+                                               : COUPLED_DECAY;
+    const int terms = (nu1 != 0.0 ? FIRST_TERM : 0) | (nu1 != 1.0 ? GRAD_TERM : 0);
     const int nu2_is_one = nu2 == 1.0;
-    const real m_scale = (real)(-lr * nu1), d_scale = (real)(-lr * (1.0 - nu1));
-    const int has_m = nu1 != 0.0, has_d = nu1 != 1.0;
-    const real reps = (real)eps;
+    qhadam_scalars call = {0, 0, 0, 0, (real)(1.0 - lr * weight_decay), (real)weight_decay,
+                           (real)grad_factor, (real)nu2, (real)(1.0 - nu2), (real)(-lr * nu1),
+                           (real)(-lr * (1.0 - nu1)), (real)eps};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
-        const chunk_t chunk = chunks[k];
-        const int t = chunk.tensor;
-        param_t *param = params[t];
-        const param_t *grad = grads[t];
-        state_t *m_ = exp_avgs[t], *v_ = exp_avg_sqs[t];
-        float *master = extras[t];
-        uint16_t *compensation = extras[t];
-        (void)master;
-        (void)compensation;
-        const real f1 = (real)fractions[2 * t], f2 = (real)fractions[2 * t + 1];
-        const real keep2 = (real)(1.0 - fractions[2 * t + 1]);
-        for (int64_t i = chunk.start; i < chunk.stop; i++) {
-            const uint32_t r = RANDOM(i);
-            real theta = LOAD_THETA(i);
-            if (decays) theta = theta * decay;
-            real d = (real)LOAD_PARAM(grad, i) * factor;
-            if (has_coupled) d = d + coupled * theta;
-            const real m = lerp(LOAD_STATE(m_, i), d, f1);
-            const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
-            real den = nu2_is_one ? v : v * rnu2 + one_minus_nu2 * d * d;
-            den = (real)sqrt(den) + reps;
-            if (has_m) theta = theta + m_scale * m / den;
-            if (has_d) theta = theta + d_scale * d / den;
-            STORE_STATE(m_, i, m, r);
-            STORE_STATE(v_, i, v, RANDOM2(r));
-            STORE_THETA(i, theta, r);
-        }
+        const span_t span = span_of(&chunks[k], params, grads, exp_avgs, exp_avg_sqs, extras);
+        qhadam_scalars s = call;
+        const int t = chunks[k].tensor;
+        s.f1 = (real)fractions[2 * t];
+        s.one_minus_f1 = (real)1 - s.f1;
+        s.f2 = (real)fractions[2 * t + 1];
+        s.keep2 = (real)(1.0 - fractions[2 * t + 1]);
+        const int low_weight = fabs((double)s.f1) < 0.5;
+if (nu2_is_one && low_weight) qhadam_elements(span, &s, seed, decay_kind, terms, 1, 1);
+        else if (nu2_is_one) qhadam_elements(span, &s, seed, decay_kind, terms, 1, 0);
+        else if (low_weight) qhadam_elements(span, &s, seed, decay_kind, terms, 0, 1);
+        else qhadam_elements(span, &s, seed, decay_kind, terms, 0, 0);
     }
     free(chunks);
     free(fractions);
 }
 
 /* ---- QHM ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    real decay, coupled, factor, weight, one_minus_weight, b_scale, d_scale;
+} qhm_scalars;
+
+INLINE void qhm_elements(span_t span, const qhm_scalars *s, uint32_t seed,
+                         const int decay_kind, const int terms, const int low_weight) {
+    param_t *param = span.param;
+    const param_t *grad = span.grad;
+    state_t *b_ = span.first;
+    float *master = span.master;
+    uint16_t *compensation = span.compensation;
+    (void)master;
+    (void)compensation;
+    const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
+    const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
+    const real d_scale = s->d_scale;
+    for (int64_t i = span.start; i < span.stop; i++) {
+        const uint32_t r = RANDOM(i);
+        real theta = LOAD_THETA(i);
+        if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;
+        real d = (real)LOAD_PARAM(grad, i) * factor;
+        if (decay_kind == COUPLED_DECAY) d = d + coupled * theta;
+        const real b0 = LOAD_STATE(b_, i);
+        const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
+        if (terms & FIRST_TERM) theta = theta + b_scale * b;
+        if (terms & GRAD_TERM) theta = theta + d_scale * d;
+        STORE_STATE(b_, i, b, r);
+        STORE_THETA(i, theta, r);
+    }
+}
 
 /*   d = g*grad_factor (+ wd*theta for "grad" decay);  theta *= 1 - lr*wd first for "direct"
  *   buf = lerp(buf, d, 1 - momentum);  theta += (-lr*nu)*buf + (-lr*(1 - nu))*d */
@@ -228,36 +309,20 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
               int direct, double grad_factor, uint32_t seed, int threads) {
     int64_t count;
     chunk_t *chunks = make_chunks(n, sizes, &count);
-    const real decay = (real)(1.0 - lr * weight_decay);
-    const real coupled = (real)weight_decay;
-    const int has_coupled = weight_decay != 0.0 && !direct;
-    const int decays = weight_decay != 0.0 && direct;
-    const real factor = (real)grad_factor, weight = (real)(1.0 - momentum);
-    const real b_scale = (real)(-lr * nu), d_scale = (real)(-lr * (1.0 - nu));
-    const int has_b = nu != 0.0, has_d = nu != 1.0;
+    const int decay_kind = weight_decay == 0.0 ? NO_DECAY
+                           : direct            ? DECOUPLED_DECAY
+                                               : COUPLED_DECAY;
+    const int terms = (nu != 0.0 ? FIRST_TERM : 0) | (nu != 1.0 ? GRAD_TERM : 0);
+    const real weight = (real)(1.0 - momentum);
+    const int low_weight = fabs((double)weight) < 0.5;
+    const qhm_scalars s = {(real)(1.0 - lr * weight_decay), (real)weight_decay,
+                           (real)grad_factor, weight, (real)1 - weight, (real)(-lr * nu),
+                           (real)(-lr * (1.0 - nu))};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
-        const chunk_t chunk = chunks[k];
-        const int t = chunk.tensor;
-        param_t *param = params[t];
-        const param_t *grad = grads[t];
-        state_t *b_ = buffers[t];
-        float *master = extras[t];
-        uint16_t *compensation = extras[t];
-        (void)master;
-        (void)compensation;
-        for (int64_t i = chunk.start; i < chunk.stop; i++) {
-            const uint32_t r = RANDOM(i);
-            real theta = LOAD_THETA(i);
-            if (decays) theta = theta * decay;
-            real d = (real)LOAD_PARAM(grad, i) * factor;
-            if (has_coupled) d = d + coupled * theta;
-            const real b = lerp(LOAD_STATE(b_, i), d, weight);
-            if (has_b) theta = theta + b_scale * b;
-            if (has_d) theta = theta + d_scale * d;
-            STORE_STATE(b_, i, b, r);
-            STORE_THETA(i, theta, r);
-        }
+        const span_t span = span_of(&chunks[k], params, grads, buffers, NULL, extras);
+if (low_weight) qhm_elements(span, &s, seed, decay_kind, terms, 1);
+        else qhm_elements(span, &s, seed, decay_kind, terms, 0);
     }
     free(chunks);
 }

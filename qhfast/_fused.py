@@ -118,7 +118,7 @@ def _library(variant: tuple, warn: bool) -> ctypes.CDLL | None:
                    f"-DCOUNTER={counter}"]
         compiler = os.environ.get("CC", "cc")
         flags = ["-O3", "-march=native", "-std=gnu11", "-fopenmp", "-ffp-contract=off",
-                 "-fno-math-errno", "-fPIC", "-shared"]
+                 "-fno-math-errno", "-fno-trapping-math", "-fno-unswitch-loops", "-fPIC", "-shared"]
         source = _SOURCE.read_bytes()
         key = hashlib.sha256(b"\0".join([source, " ".join(defines + flags).encode(),
                                          compiler.encode(), platform.machine().encode(),
