@@ -7,7 +7,10 @@
 Rows: qhfast's QHAdamW on fp32 parameters, and on bf16 parameters in each ``low_precision``
 mode (``master``, ``kahan``, ``stochastic``, ``nearest``; ``+bf16-state``: the moments are
 stored in bf16, ``state_dtype=torch.bfloat16``), then torch's AdamW in fp32 and bf16 (no
-master: torch rounds to nearest). A bf16 row computes the forward and backward in bf16 too.
+master: torch rounds to nearest). A bf16 row computes the forward and backward in bf16 too;
+its linear layers compute as a bf16 GEMM does (bf16 inputs, their products exact and summed in
+fp32, the output rounded to bf16), emulated with fp32 matmuls because this CPU's own bf16
+matmul is about 11x slower.
 The last column is each row's held-out loss relative to the fp32 qhfast row of its task.
 
 Two tasks (``--task``), each run from the same initial weights on the same batches for every
@@ -82,6 +85,18 @@ def configurations(task: Task) -> list[tuple[str, torch.dtype, Make]]:
     return rows
 
 
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` whose bf16 forward and backward compute as bf16 GEMMs with fp32
+    accumulation do: the bf16 operands widened to fp32 (a product of two bf16 values is exact
+    in fp32), summed in fp32, the result (and, through autograd's casts, each gradient)
+    rounded to bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.bfloat16:
+            return super().forward(x)
+        return F.linear(x.float(), self.weight.float(), self.bias.float()).to(torch.bfloat16)
+
+
 # --------------------------------------------------------------------------------------------
 # task 1: an MLP regresses a teacher MLP
 
@@ -90,9 +105,9 @@ WIDTH, INPUTS, OUTPUTS, BATCH = 256, 32, 8, 256
 
 def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(INPUTS, WIDTH), torch.nn.GELU(),
-        torch.nn.Linear(WIDTH, WIDTH), torch.nn.GELU(),
-        torch.nn.Linear(WIDTH, OUTPUTS),
+        Linear(INPUTS, WIDTH), torch.nn.GELU(),
+        Linear(WIDTH, WIDTH), torch.nn.GELU(),
+        Linear(WIDTH, OUTPUTS),
     ).to(dtype)
 
 
@@ -187,11 +202,11 @@ class Block(torch.nn.Module):
         super().__init__()
         self.heads = heads
         self.attention_norm = torch.nn.LayerNorm(width)
-        self.qkv = torch.nn.Linear(width, 3 * width)
-        self.out = torch.nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.out = Linear(width, width)
         self.mlp_norm = torch.nn.LayerNorm(width)
-        self.up = torch.nn.Linear(width, 4 * width)
-        self.down = torch.nn.Linear(4 * width, width)
+        self.up = Linear(width, 4 * width)
+        self.down = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -210,7 +225,7 @@ class TinyLM(torch.nn.Module):
         torch.nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = torch.nn.ModuleList(Block(LM_WIDTH, LM_HEADS) for _ in range(LM_BLOCKS))
         self.norm = torch.nn.LayerNorm(LM_WIDTH)
-        self.head = torch.nn.Linear(LM_WIDTH, VOCAB)
+        self.head = Linear(LM_WIDTH, VOCAB)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) + self.position[: tokens.shape[1]]

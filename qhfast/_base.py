@@ -481,12 +481,13 @@ class QHOptimizer(Optimizer):
         group; :func:`qhfast.step_in_backward` once per parameter."""
         if self._precision_made.get(index) != _precision_options(group):
             self._reconcile_precision(index, group)
-        for p in params:
-            if len(self.state[p]) == 0:
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if len(state) == 0:
                 self._init_state(p, group)
         if group["differentiable"]:  # what earlier steps saved for backward stays unchanged
-            differentiable.fresh_buffers([self.state[p] for p in params], self._buffer_keys)
-        if _fused.kernel_step(self, group, params, amp):
+            differentiable.fresh_buffers(states, self._buffer_keys)
+        if _fused.kernel_step(self, index, group, params, states, amp):
             return
         if group["fused"] and not torch.compiler.is_compiling():
             _fused.compiled_group_step(self, group, params, amp)
@@ -495,14 +496,20 @@ class QHOptimizer(Optimizer):
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
+        checked_dtypes = set()  # what _check_param says depends on the dtype (and the group)
+        differentiable = group["differentiable"]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            _check_distributed_grad(p, type(self).__name__)
-            self._check_param(p, group)  # options may have changed since add_param_group
-            if group["differentiable"] and p.is_leaf and p.requires_grad:
+            if not (type(grad) is Tensor and type(p) in _PLAIN_PARAM_TYPES):
+                _check_distributed_grad(p, type(self).__name__)
+            if p.dtype not in checked_dtypes:
+                self._check_param(p, group)  # options may have changed since add_param_group
+                checked_dtypes.add(p.dtype)
+            if differentiable and p.is_leaf and p.requires_grad:
                 raise RuntimeError(
                     f"{type(self).__name__} with differentiable=True updates its parameters in "
                     "place with autograd recording, which autograd refuses for a leaf tensor that "
@@ -581,13 +588,11 @@ class QHOptimizer(Optimizer):
         (no host read): counters on the device, or a step being compiled."""
         return _counters_on_device(group) or torch.compiler.is_compiling()
 
-    #: bumped whenever qhfast makes or replaces state tensors in an eager step (the fused CPU
-    #: kernel checks the state it is given again then; it also checks tensors it has not seen)
-    _state_generation = 0
-
     def _state_changed(self) -> None:
-        if not torch.compiler.is_compiling():  # dynamo before 2.13 cannot trace the setattr
-            self._state_generation += 1
+        """qhfast made or replaced state tensors: the fused CPU kernel's plans (qhfast._fused)
+        are made again at the next step, every tensor checked."""
+        if not torch.compiler.is_compiling():  # a traced step does not run the kernel
+            _fused.drop_kernel_plans(self)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         self._state_changed()
@@ -721,6 +726,10 @@ def _local(t: Tensor) -> Tensor:
     The update runs on local shards: elementwise rules need no communication, and this sidesteps
     DTensor's gaps (no sharding rule for ``_foreach_copy_``, no mixed Tensor/DTensor lists)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+#: the types of a param that is certainly not a DTensor (a fast path of the per-step checks)
+_PLAIN_PARAM_TYPES = frozenset({Tensor, torch.nn.Parameter})
 
 
 def _check_distributed_grad(p: Tensor, name: str) -> None:

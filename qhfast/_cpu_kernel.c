@@ -321,7 +321,8 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
         const span_t span = span_of(&chunks[k], params, grads, buffers, NULL, extras);
-if (low_weight) qhm_elements(span, &s, seed, decay_kind, terms, 1);
+if (decay_kind == NO_DECAY && terms == 3 && low_weight) qhm_elements(span, &s, seed, NO_DECAY, 3, 1);
+        else if (low_weight) qhm_elements(span, &s, seed, decay_kind, terms, 1);
         else qhm_elements(span, &s, seed, decay_kind, terms, 0);
     }
     free(chunks);

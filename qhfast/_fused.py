@@ -19,6 +19,7 @@ from torch's default CPU generator: the same RNG state gives the same run.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import operator
 import types
 import warnings
 import weakref
@@ -45,8 +47,10 @@ __all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_
 CPU_KERNEL = os.environ.get("QHFAST_CPU_KERNEL", "1") != "0"
 
 
-def kernel_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], amp: Any) -> bool:
-    """Step ``params`` (those of ``group`` with a gradient, their state made) with the CPU
+def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
+                states: list[dict[str, Any]], amp: Any) -> bool:
+    """Step ``params`` (those of ``group``, ``param_groups[index]``, with a gradient; their
+    state ``states``, made) with the CPU
     kernel and return True, or return False (nothing done) where it does not serve: a group
     that asked for another path (``fused=False``, a ``foreach`` choice), a traced step (under
     torch.compile the step is compiled anyway), tensors off the CPU or not contiguous, an
@@ -58,7 +62,7 @@ def kernel_step(optimizer: Any, group: dict[str, Any], params: list[Tensor], amp
         return False
     if not (fused or (fused is None and group["foreach"] is None)):
         return False
-    calls = _kernel_calls(optimizer, group, params, warn=bool(fused))
+    calls = _kernel_calls(optimizer, index, group, params, states, warn=bool(fused))
     if calls is None:
         return False
     _run_kernel(optimizer, group, calls, amp)
@@ -155,9 +159,8 @@ def _cpu_model() -> str:
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    p, i64p, d, i, u32 = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
-                          ctypes.c_int, ctypes.c_uint32)
-    pp = ctypes.POINTER(ctypes.c_void_p)
+    i64p, d, i, u32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_double, ctypes.c_int, ctypes.c_uint32
+    pp = ctypes.c_void_p  # the address of an array of data pointers (_Pointers)
     library.qhadam_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, pp,
                                     d, d, d, d, d, d, d, i, d, u32, i]
     library.qhadam_step.restype = None
@@ -167,25 +170,104 @@ def _declare(library: ctypes.CDLL) -> None:
 
 class _KernelCall:
     """One bucket's tensors, as the kernel takes them: the pointer arrays of the parameters,
-    gradients, moments, masters or compensations and counters, and the sizes."""
+    gradients (refilled each step), moments, masters or compensations and counters, and the
+    sizes."""
 
     def __init__(self, library: ctypes.CDLL, params: list[Tensor], tensors: dict[str, list],
-                 random: bool) -> None:
-        self.library, self.random, self.n = library, random, len(params)
-        self.sizes = (ctypes.c_int64 * self.n)(*[p.numel() for p in params])
-        self.pointers = {key: _pointers(values) for key, values in tensors.items()}
-        self.pointers["params"] = _pointers(params)
+                 random: bool, local: bool, extras: bool) -> None:
+        self.library, self.random, self.n, self.extras = library, random, len(params), extras
+        self.params, self.local = params, local  # the bucket's params as given (DTensor or not)
+        self.numels = [p.numel() for p in tensors["params"]]
+        self.sizes = (ctypes.c_int64 * self.n)(*self.numels)
+        self.pointers = {key: _Pointers(values) for key, values in tensors.items()}
+
+    def point_to_grads(self) -> bool:
+        """Point the call at the params' current gradients, or return False if one is not what
+        the kernel reads: contiguous, of its param's size. (A gradient's dtype and device are
+        its param's: torch's ``grad`` setter and autograd see to that, and the plan was made
+        with the params checked; a param given new storage makes a new plan.)"""
+        grads = [p.grad for p in self.params]
+        if self.local:
+            grads = [_base._local(g) for g in grads]
+        if not all(g.is_contiguous() and g.numel() == n for g, n in zip(grads, self.numels)):
+            return False
+        self.pointers["grads"] = _Pointers(grads)
+        return True
 
 
-def _kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
-                  warn: bool) -> list[_KernelCall] | None:
-    """The kernel calls of the group's step, one per bucket, or None if the kernel does not
-    serve this group. Every tensor is checked each step (device, dtype, size, layout): the
-    kernel trusts what it is given, and state can be replaced between steps."""
+class _KernelPlan:
+    """A group's kernel calls and what they were made from. A step reuses them while it gets
+    the same params (with gradients), the same state tensors (by identity: qhfast makes the
+    plans again whenever it makes or replaces state, and a user's replacement changes an
+    identity) and the same parameter storage; only the gradients are checked and pointed to
+    again. Anything else makes a new plan, checking every tensor."""
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...],
+                 calls: list[_KernelCall]) -> None:
+        self.params, self.keys, self.calls = params, keys, calls
+        self.state_tensors = _state_tensors(states, keys)
+        self.local = any(call.local for call in calls)  # DTensors: their shards' storage
+        self.param_pointers = _param_pointers(params, self.local)
+
+    def serves(self, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and all(all(map(operator.is_, new, old)) for new, old
+                        in zip(_state_tensors(states, self.keys), self.state_tensors))
+                and _param_pointers(params, self.local) == self.param_pointers)
+
+
+def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list]:
+    return [[s.get(key) for s in states] for key in keys]
+
+
+def _param_pointers(params: list[Tensor], local: bool) -> list[int]:
+    if local:
+        return [_base._local(p).data_ptr() for p in params]
+    return [p.data_ptr() for p in params]
+
+
+def drop_kernel_plans(optimizer: Any) -> None:
+    """Forget the optimizer's kernel plans: its state was made or replaced (a plan would also
+    keep the old state tensors alive until the next step)."""
+    _PLANS.pop(optimizer, None)
+
+
+#: per optimizer, each group's last kernel plan, by group index
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_calls(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
+                  states: list[dict[str, Any]], warn: bool) -> list[_KernelCall] | None:
+    """The kernel calls of the group's step (``param_groups[index]``), one per bucket, or None
+    if the kernel does not serve this group: from the group's plan when it still serves (the
+    gradients checked), else made afresh with every tensor checked."""
     kernel = getattr(optimizer, "_cpu_kernel", None)
     if kernel is None or group["differentiable"] or group["capturable"]:
         return None  # capturable: the kernel reads found_inf and tensor hyperparameters
+    plans = _PLANS.setdefault(optimizer, {})
+    plan = plans.get(index)
+    if plan is None or not plan.serves(params, states):
+        calls = _new_kernel_calls(optimizer, group, params, states, warn)
+        if calls is None:
+            plans.pop(index, None)
+            return None
+        keys = (*optimizer._buffer_keys, *optimizer._counter_keys)
+        extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
+        if extra_key and any(call.extras for call in calls):
+            keys += (extra_key,)
+        plan = plans[index] = _KernelPlan(params, states, keys, calls)
+    for call in plan.calls:
+        if not call.point_to_grads():
+            return None
+    return plan.calls
+
+
+def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
+                      states: list[dict[str, Any]], warn: bool) -> list[_KernelCall] | None:
+    """The kernel calls of the group's step with every tensor checked (device, dtype, size,
+    layout: the kernel trusts what it is given), or None if the kernel does not serve it."""
     mode = group["low_precision"]
+    state_of = dict(zip(map(id, params), states))
     calls = []
     for bucket in _base._buckets(params).values():
         local = _base._local if any(isinstance(p, _base.DTensor) for p in bucket) else None
@@ -200,19 +282,21 @@ def _kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
         low = dtype in (torch.bfloat16, torch.float16)
         if dtype == torch.float16 and mode in _RANDOM_MODES:
             return None
-        states = [optimizer.state[p] for p in bucket]
+        bucket_states = [state_of[id(p)] for p in bucket]
         tensors: dict[str, list] = {"grads": grads}
         for key in (*optimizer._buffer_keys, *optimizer._counter_keys):
-            tensors[key] = [s[key] for s in states]
+            tensors[key] = [s[key] for s in bucket_states]
         extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(mode) if low else None
-        tensors["extras"] = [s[extra_key] for s in states] if extra_key else [None] * len(states)
+        tensors["extras"] = ([s[extra_key] for s in bucket_states] if extra_key
+                             else [None] * len(bucket_states))
         if local is not None:
             tensors = {key: [None if t is None else local(t) for t in values]
                        for key, values in tensors.items()}
         buffer_dtype = tensors[optimizer._buffer_keys[0]][0].dtype
         if buffer_dtype not in (_REAL_DTYPE[_REAL[dtype]], torch.bfloat16):
             return None
-        expected = {"grads": dtype, "extras": torch.float32 if mode == "master" else dtype}
+        expected = {"params": dtype, "grads": dtype,
+                    "extras": torch.float32 if mode == "master" else dtype}
         expected.update({key: buffer_dtype for key in optimizer._buffer_keys})
         counter = "double"
         if optimizer._counter_keys:
@@ -222,44 +306,41 @@ def _kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
                 return None
             expected.update({key: counter_dtype for key in optimizer._counter_keys})
         sizes = [p.numel() for p in bucket_params]
-        if not all(p.is_contiguous() for p in bucket_params):
-            return None
-        if not all(g.dtype == dtype and g.is_cpu and g.is_contiguous() and g.numel() == n
-                   for g, n in zip(grads, sizes)):
-            return None
-        # the state is checked when it is new to the kernel: (the ids of) its tensors, then
-        # only if qhfast replaced them (init, load_state_dict, a mode change) or the user did
-        state_tensors = [t for key, values in tensors.items() if key != "grads" for t in values]
-        fingerprint = (optimizer._state_generation, tuple(map(id, state_tensors)), tuple(sizes))
-        checked = _checked_states.setdefault(optimizer, {})
-        if checked.get(id(states[0])) != fingerprint:
-            for key, values in tensors.items():
-                if key == "grads" or (key == "extras" and extra_key is None):
-                    continue
-                want, elements = expected[key], key not in optimizer._counter_keys
-                if not all(t.dtype == want and t.is_cpu and t.is_contiguous()
-                           and t.numel() == (n if elements else 1)
-                           for t, n in zip(values, sizes)):
-                    return None
-            checked[id(states[0])] = fingerprint
+        tensors["params"] = bucket_params
+        for key, values in tensors.items():
+            if key == "extras" and extra_key is None:
+                continue
+            want, elements = expected[key], key not in optimizer._counter_keys
+            if not all(t.dtype == want and t.is_cpu and t.is_contiguous()
+                       and t.numel() == (n if elements else 1)
+                       for t, n in zip(values, sizes)):
+                return None
         variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
                    int(buffer_dtype == torch.bfloat16), counter)
         library = _library(variant, warn)
         if library is None:
             return None
         random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)
-        calls.append(_KernelCall(library, bucket_params, tensors, random))
+        calls.append(_KernelCall(library, bucket, tensors, random, local is not None,
+                                 extra_key is not None))
     return calls
 
 
 _REAL_DTYPE = {"float": torch.float32, "double": torch.float64}
-#: per optimizer, the state generation, state tensors (by id) and sizes each bucket's state was
-#: last checked with, by the id of its first state dict; a stale entry only costs a check
-_checked_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _pointers(tensors: list[Tensor | None]) -> Any:
-    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+_POINTER_CODE = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # array's code for void *
+
+
+class _Pointers:
+    """An array of the tensors' data pointers (0 for None) for a ``void **`` argument:
+    ``address`` is what the kernel gets, valid while this object lives."""
+
+    __slots__ = ("array", "address")
+
+    def __init__(self, tensors: list[Tensor | None]) -> None:
+        self.array = array.array(_POINTER_CODE, [0 if t is None else t.data_ptr() for t in tensors])
+        self.address = self.array.buffer_info()[0]
 
 
 def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall], amp: Any) -> None:
@@ -272,7 +353,7 @@ def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall],
     threads = torch.get_num_threads()
     for call in calls:
         seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64)) if call.random else 0
-        pointer = call.pointers
+        pointer = {key: pointers.address for key, pointers in call.pointers.items()}
         if optimizer._cpu_kernel == "qhadam":
             (beta1, beta2), (nu1, nu2) = value["betas"], value["nus"]
             call.library.qhadam_step(
