@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(28, *(len(name) for name in samples))
     for name, times in samples.items():
         q1, median, q3 = step_bench.quartiles(times)
-        line = f"{name:{width}s} median {median * 1e3:6.1f} ms   p25-p75 {q1 * 1e3:.1f}-{q3 * 1e3:.1f}"
+        line = f"{name:{width}s} median {median * 1e3:7.2f} ms   p25-p75 {q1 * 1e3:.2f}-{q3 * 1e3:.2f}"
         if args.modes:
             optimizer = contenders[name]
             line += (f"   / fp32 {median / medians['qhfast fp32']:.2f}"

@@ -9,7 +9,9 @@ Two implementations, picked per param group at its step:
   the tensors, so a 200-tensor group costs what a 2-tensor one does. It serves CPU groups
   whose tensors are contiguous: fp32/fp64 parameters, bf16 parameters in every
   ``low_precision`` mode and fp16 parameters with ``"master"`` or ``"nearest"``, moments in
-  the compute dtype or bf16.
+  the compute dtype or bf16. Each group's calls (their pointer tables) are kept between steps
+  while the params, their storage and the state tensors stay the same; a step checks and points
+  to the gradients only (``_KernelPlan``).
 * **the compiled group step**: everything else (CUDA, where inductor emits Triton; the
   combinations the kernel lacks) runs the group's eager step through ``torch.compile``.
 

@@ -215,6 +215,42 @@ def test_state_replaced_between_steps_is_checked_again():
     assert max_relative_error(final(foreach=False), final()) < 1e-12
 
 
+def test_the_kernel_plan_follows_what_changes_between_steps():
+    """A group's kernel calls are kept between steps (qhfast._fused._KernelPlan) and must be
+    made again when what they point to changes: a param given new storage (the old one would
+    be updated instead), a non-contiguous gradient for one step (another path takes that
+    step), the state replaced by load_state_dict, a new param group, and the intermittent
+    param coming and going. Each event happens to the per-tensor run too; float64, 1e-12."""
+    problem = Problem()
+
+    def final(**options):
+        params = problem.params()
+        extra = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).requires_grad_()
+        optimizer = OPTIMIZERS["QHAdamW"](params, **options)
+        for t in range(12):
+            problem.set_grads(params, t)
+            if t == 3:
+                params[2].data = params[2].data.clone()  # same values, new storage
+            if t == 5:
+                params[0].grad = params[0].grad.t().contiguous().t()
+                assert not params[0].grad.is_contiguous()
+            if t == 7:
+                optimizer.load_state_dict(optimizer.state_dict())
+            if t == 8:
+                optimizer.add_param_group({"params": [extra], "lr": 0.02})
+            if t >= 8:
+                extra.grad = extra.detach() * 0.5 - 0.1 * t
+            optimizer.step()
+            # the kernel ran and kept a plan per group (except where a check sent the step
+            # elsewhere, t = 5, or the new group's state, made after group 0 stepped, dropped
+            # every plan, t = 8)
+            if not options and t not in (5, 8):
+                assert set(qhfast._fused._PLANS[optimizer]) == ({0, 1} if t >= 8 else {0})
+        return [p.detach().clone() for p in [*params, extra]]
+
+    assert max_relative_error(final(foreach=False), final()) < 1e-12
+
+
 def test_without_a_compiler_the_kernel_warns_and_the_compiled_step_runs(monkeypatch, tmp_path):
     """fused=True warns once and takes the compiled group step; the default path (no flags)
     takes the eager path without a word. Both get the eager trajectory."""
