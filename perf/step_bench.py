@@ -128,13 +128,18 @@ DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16 master", "QHAdam bf16 n
 #: optimizer asks first, qhfast's default and fused paths against torch's and qhoptim
 QUICK_ROWS = (
     "qhfast QHM fp32 (default)", "qhfast QHM fp32 fused",
-    "qhfast QHAdam fp32 (default)", "qhfast QHAdam fp32 fused", "qhfast QHAdam fp32 foreach",
+    "qhfast QHAdam fp32 (default)", "qhfast QHAdam fp32 fused",
     "qhfast QHAdam bf16 master (default)", "qhfast QHAdam bf16 master fused",
     "qhfast QHAdam bf16 stochastic+bf16-state (default)",
     "torch SGD momentum fp32 loop (default)", "torch SGD momentum fp32 fused",
-    "torch Adam fp32 loop (default)", "torch Adam fp32 foreach", "torch Adam fp32 fused",
+    "torch Adam fp32 loop (default)", "torch Adam fp32 fused",
     "torch Adam bf16 loop (default)", "torch Adam bf16 fused",
+    # on a GPU the defaults are foreach (qhfast's and torch's)
+    "qhfast QHM fp32 foreach (default)", "qhfast QHAdam fp32 foreach (default)",
+    "qhfast QHAdam bf16 master foreach (default)",
+    "qhfast QHAdam bf16 stochastic+bf16-state foreach (default)",
     "torch SGD momentum fp32 foreach (default)", "torch Adam fp32 foreach (default)",
+    "torch Adam bf16 foreach (default)",
     "torch Adam fp32 loop", "torch SGD momentum fp32 loop",
     "qhfast QHM fp32 CUDA graph", "qhfast QHAdam fp32 CUDA graph", "torch Adam fp32 fused CUDA graph",
     "qhoptim 1.1.0 QHM fp32", "qhoptim 1.1.0 QHAdam fp32",

@@ -147,6 +147,25 @@ def test_step_rows_cover_every_precision_mode_with_exact_bytes():
     assert set(runner.results) >= {f"qhfast QHAdam {tag} foreach" for tag in PRECISION_BYTES}
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_quick_table_has_each_librarys_default_and_fused_rows(device):
+    """The first run answers "faster than what I use?" on either device: its rows include
+    qhfast's and torch's default paths (the per-tensor loop and qhfast's kernel on the CPU,
+    foreach on a GPU: rows named differently) and fused steps, for QHAdam/Adam and QHM/SGD,
+    and bf16 with masters. (Only the names are built here: nothing runs on the device.)"""
+    import step_bench
+
+    names = {row.name for row in step_bench.rows(device, full=False)}
+    default = "(default)" if device == "cpu" else "foreach (default)"
+    torch_default = "loop (default)" if device == "cpu" else "foreach (default)"
+    assert {f"qhfast QHAdam fp32 {default}", f"qhfast QHM fp32 {default}",
+            f"qhfast QHAdam bf16 master {default}", "qhfast QHAdam fp32 fused",
+            "qhfast QHM fp32 fused", "qhfast QHAdam bf16 master fused",
+            f"torch Adam fp32 {torch_default}", f"torch SGD momentum fp32 {torch_default}",
+            "torch Adam fp32 fused", "torch SGD momentum fp32 fused",
+            "qhoptim 1.1.0 QHAdam fp32", "qhoptim 1.1.0 QHM fp32"} <= names
+
+
 def test_peak_step_memory_counts_the_temporaries_on_the_cpu():
     """The profiler-based peak sees a step's temporaries: torch's foreach Adam holds a
     denominator list (4 B/param in fp32), the fused kernel none."""
