@@ -180,6 +180,27 @@ static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, 
 enum { NO_DECAY, COUPLED_DECAY, DECOUPLED_DECAY };
 enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are nonzero */
 
+/* the span's parameter, gradient and MODE's extra tensor, under the names LOAD_THETA and
+ * STORE_THETA use */
+#define SPAN_TENSORS(span)                                                                \
+    param_t *param = (span).param;                                                        \
+    const param_t *grad = (span).grad;                                                    \
+    float *master = (span).master;                                                        \
+    uint16_t *compensation = (span).compensation;                                         \
+    (void)master;                                                                         \
+    (void)compensation
+
+/* the start of every element's update (both optimizers): its random bits r, the working value
+ * theta (decayed first when the decay is decoupled) and the step's gradient d (scaled, the
+ * coupled decay added) */
+#define BEGIN_ELEMENT(i)                                                                  \
+    const uint32_t r = RANDOM(i);                                                         \
+    (void)r; /* unused where nothing is rounded stochastically */                         \
+    real theta = LOAD_THETA(i);                                                           \
+    if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;                             \
+    real d = (real)LOAD_PARAM(grad, i) * factor;                                          \
+    if (decay_kind == COUPLED_DECAY) d = d + coupled * theta
+
 /* ---- QHAdam ------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -190,23 +211,14 @@ typedef struct {
 INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
                             const int decay_kind, const int terms, const int nu2_is_one,
                             const int low_weight) {
-    param_t *param = span.param;
-    const param_t *grad = span.grad;
+    SPAN_TENSORS(span);
     state_t *m_ = span.first, *v_ = span.second;
-    float *master = span.master;
-    uint16_t *compensation = span.compensation;
-    (void)master;
-    (void)compensation;
     const real f1 = s->f1, one_minus_f1 = s->one_minus_f1, f2 = s->f2, keep2 = s->keep2;
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
     const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
     const real eps = s->eps;
     for (int64_t i = span.start; i < span.stop; i++) {
-        const uint32_t r = RANDOM(i);
-        real theta = LOAD_THETA(i);
-        if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;
-        real d = (real)LOAD_PARAM(grad, i) * factor;
-        if (decay_kind == COUPLED_DECAY) d = d + coupled * theta;
+        BEGIN_ELEMENT(i);
         const real m0 = LOAD_STATE(m_, i);
         const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
         const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
@@ -277,22 +289,13 @@ typedef struct {
 
 INLINE void qhm_elements(span_t span, const qhm_scalars *s, uint32_t seed,
                          const int decay_kind, const int terms, const int low_weight) {
-    param_t *param = span.param;
-    const param_t *grad = span.grad;
+    SPAN_TENSORS(span);
     state_t *b_ = span.first;
-    float *master = span.master;
-    uint16_t *compensation = span.compensation;
-    (void)master;
-    (void)compensation;
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
     const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
     const real d_scale = s->d_scale;
     for (int64_t i = span.start; i < span.stop; i++) {
-        const uint32_t r = RANDOM(i);
-        real theta = LOAD_THETA(i);
-        if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;
-        real d = (real)LOAD_PARAM(grad, i) * factor;
-        if (decay_kind == COUPLED_DECAY) d = d + coupled * theta;
+        BEGIN_ELEMENT(i);
         const real b0 = LOAD_STATE(b_, i);
         const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
         if (terms & FIRST_TERM) theta = theta + b_scale * b;

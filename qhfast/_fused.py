@@ -175,12 +175,12 @@ class _KernelCall:
     gradients (refilled each step), moments, masters or compensations and counters, and the
     sizes."""
 
-    def __init__(self, library: ctypes.CDLL, params: list[Tensor], tensors: dict[str, list],
-                 random: bool, local: bool, extras: bool) -> None:
+    def __init__(self, library: ctypes.CDLL, params: list[Tensor], sizes: list[int],
+                 tensors: dict[str, list], random: bool, local: bool, extras: bool) -> None:
         self.library, self.random, self.n, self.extras = library, random, len(params), extras
         self.params, self.local = params, local  # the bucket's params as given (DTensor or not)
-        self.numels = [p.numel() for p in tensors["params"]]
-        self.sizes = (ctypes.c_int64 * self.n)(*self.numels)
+        self.numels = sizes
+        self.sizes = (ctypes.c_int64 * self.n)(*sizes)
         self.pointers = {key: _Pointers(values) for key, values in tensors.items()}
 
     def point_to_grads(self) -> bool:
@@ -323,7 +323,7 @@ def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor
         if library is None:
             return None
         random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)
-        calls.append(_KernelCall(library, bucket, tensors, random, local is not None,
+        calls.append(_KernelCall(library, bucket, sizes, tensors, random, local is not None,
                                  extra_key is not None))
     return calls
 

@@ -203,6 +203,33 @@ def test_quality_runs_end_to_end(capsys, tmp_path):
     assert "Task `lm`" in table and "Task `mlp`" not in table and len(_quality_rows(table)) == 8
 
 
+def test_the_quality_tasks_bf16_linear_computes_as_a_bf16_gemm():
+    """quality.Linear on bf16 weights: output and gradients in bf16, each the float64 result
+    of the same bf16 operands rounded to bf16 (a bf16 GEMM sums in fp32: the fp32 sum of 32
+    exact products is within a few fp32 ulps of the float64 one, far inside the half bf16 ulp
+    the final rounding allows, so at most one bf16 ulp apart); in fp32 it is nn.Linear."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = quality.Linear(32, 16).to(torch.bfloat16)
+    x = torch.randn(8, 32).to(torch.bfloat16).requires_grad_()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    expected = x.detach().double() @ w.T + b
+    ulp = expected.abs().clamp(min=1e-3) * 2.0**-7  # a bf16 ulp is at most 2^-7 relative
+    assert ((y.double() - expected).abs() <= ulp).all()
+    y.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    g = 2 * y.detach().double()
+    assert ((layer.weight.grad.double() - g.T @ x.detach().double()).abs()
+            <= (g.T @ x.detach().double()).abs().clamp(min=1e-2) * 2.0**-7).all()
+    fp32 = quality.Linear(32, 16)
+    plain = torch.nn.Linear(32, 16)
+    plain.load_state_dict(fp32.state_dict())
+    assert torch.equal(fp32(x.detach().float()), plain(x.detach().float()))
+
+
 def test_lm_source_is_learnable_and_its_entropy_is_below_uniform():
     """The language-model task's source: fixed by its seed, and far from uniform (there is
     something to learn), with held-out sequences separate from the training ones."""
