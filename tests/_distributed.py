@@ -1,5 +1,6 @@
 """Shared pieces of the distributed tests: the model, the data, the single-process reference,
-and the rank workers that torch.multiprocessing spawns (2 ranks, gloo, CPU).
+and the rank workers that torch.multiprocessing spawns (gloo, CPU: one spawn of 2 ranks runs
+``two_rank_runs``, one of 4 ranks the 2-D mesh).
 
 The reference accumulates the gradients of the ranks' half batches and divides by the world
 size: what DDP's all-reduce and FSDP2's reduce-scatter compute (two terms, a power-of-two
@@ -356,6 +357,15 @@ def train_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:
     results[("tp_in_backward", "QHAdamW")] = full_params(model)
     results["grads_released"] = all(p.grad is None for p in model.parameters())
     return results
+
+
+def two_rank_runs(rank: int, world: int, out_dir: str, from_single: str) -> dict:
+    """Everything the 2-rank tests check, in one spawn (a spawn's start-up, torch's import and
+    the process group, costs more than most of the work): the DDP/FSDP2/ZeRO training, the DCP
+    round trips and tensor parallelism."""
+    return {"train": train_many(rank, world, out_dir),
+            "checkpoints": checkpoint_round_trip(rank, world, out_dir, from_single),
+            "tensor_parallel": train_tensor_parallel(rank, world, out_dir)}
 
 
 def train_fsdp_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:

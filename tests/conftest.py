@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.config
 from torch._dynamo.utils import counters
+
+# Inductor compiles in this process: its pool of compile workers (each a process importing
+# torch) costs more than it saves on the suite's small graphs, and CI runs suites side by side.
+# The environment variable reaches the processes the tests start (distributed ranks).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+torch._inductor.config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
 
 
 @pytest.fixture

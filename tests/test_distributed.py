@@ -1,7 +1,9 @@
-"""DDP, FSDP2, DCP checkpoints and ZeRO with qhfast, on 2 real gloo processes on the CPU.
+"""DDP, FSDP2, DCP checkpoints, ZeRO and tensor parallelism with qhfast, on real gloo processes
+on the CPU.
 
-Two spawns cover everything (process start-up dominates the cost): one trains every
-DDP/FSDP2/ZeRO setting, one runs the checkpoint round trips. References run in this process.
+Two spawns cover everything (process start-up dominates the cost): one of 2 ranks trains
+every DDP/FSDP2/ZeRO and tensor-parallel setting and runs the checkpoint round trips, one of
+4 ranks the 2-D mesh. References run in this process.
 """
 
 import pytest
@@ -29,8 +31,26 @@ def _assert_identical(expected, actual):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return D.spawn(D.train_many, tmp_path_factory.mktemp("train_many"))
+def two_ranks(tmp_path_factory):
+    """The results of D.two_rank_runs on each of 2 ranks, and the checkpoint directory. The
+    single-process checkpoint that the ranks load is written first (at step 3: a plain model,
+    no process group); the single process then continues to STEPS as the reference."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    directory = tmp_path_factory.mktemp("two_ranks")
+    model, optimizer = _reference("QHAdamW", torch.bfloat16, steps=3)
+    dcp.save({"model": get_model_state_dict(model),
+              "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=directory / "single")
+    D.train_reference(model, optimizer, range(3, D.STEPS))
+    ranks = D.spawn(D.two_rank_runs, directory, str(directory / "single"), timeout=300.0)
+    return directory, D.full_params(model), ranks
+
+
+@pytest.fixture(scope="module")
+def trained(two_ranks):
+    return [rank_results["train"] for rank_results in two_ranks[2]]
 
 
 @pytest.mark.parametrize("name", D.OPTIMIZERS)
@@ -141,20 +161,9 @@ def test_zero_redundancy_optimizer(trained):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A checkpoint written by one process (plain model, no process group) at step 3, and the
-    2-rank results; the single process continues to STEPS as the reference."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    directory = tmp_path_factory.mktemp("checkpoints")
-    model, optimizer = _reference("QHAdamW", torch.bfloat16, steps=3)
-    dcp.save({"model": get_model_state_dict(model),
-              "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=directory / "single")
-    D.train_reference(model, optimizer, range(3, D.STEPS))
-    ranks = D.spawn(D.checkpoint_round_trip, directory, str(directory / "single"))
-    return directory, D.full_params(model), ranks
+def checkpoints(two_ranks):
+    directory, single_process, ranks = two_ranks
+    return directory, single_process, [rank_results["checkpoints"] for rank_results in ranks]
 
 
 def test_dcp_round_trip_resumes_the_same_trajectory(checkpoints):
@@ -251,8 +260,8 @@ def _assert_close(expected, actual, tolerance=TP_TOLERANCE):
 
 
 @pytest.fixture(scope="module")
-def tensor_parallel(tmp_path_factory):
-    return D.spawn(D.train_tensor_parallel, tmp_path_factory.mktemp("tensor_parallel"))
+def tensor_parallel(two_ranks):
+    return [rank_results["tensor_parallel"] for rank_results in two_ranks[2]]
 
 
 def test_tensor_parallel_params_are_sharded_on_dim_0_and_1_and_replicated(tensor_parallel):
