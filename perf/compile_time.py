@@ -60,13 +60,13 @@ def measure(args: argparse.Namespace) -> int:
     shapes = step_bench.transformer_shapes(args.blocks, args.width)
     params = step_bench.make_params(shapes, torch.float32, "cpu")
     optimizer = qhfast.QHAdam(params, **step_bench.QHADAM_SETTINGS, fused=True)
-    built = qhfast._fused.builds
+    built = qhfast.kernels.cpu.builds
     start = time.perf_counter()
     optimizer.step()
     seconds = time.perf_counter() - start
     if not args.compiled:
         print(f"CPU kernel: {len(shapes)} tensors, first step {seconds:.2f} s "
-              f"({qhfast._fused.builds - built} kernel built)")
+              f"({qhfast.kernels.cpu.builds - built} kernel built)")
         return 0
     phases = dict(zip(*torch._dynamo.utils.compile_times(repr="csv")))
     print(f"compiled group step, options {qhfast._fused.FUSED_INDUCTOR_OPTIONS or 'inductor defaults'}: "

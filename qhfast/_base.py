@@ -270,7 +270,7 @@ class QHOptimizer(Optimizer):
     #: OneCycleLR/CyclicLR): the fused step takes them as tensors, so a change does not
     #: recompile; the others it takes as constants (a change recompiles, a smaller graph)
     _scheduled_hyperparameters: tuple[str, ...] = ()
-    #: the function of qhfast/_cpu_kernel.c that runs ``fused=True`` on the CPU (None: none)
+    #: the function of qhfast/kernels/cpu_kernel.c that runs ``fused=True`` on the CPU (None: none)
     _cpu_kernel: str | None = None
     #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of unscaling
     #: the gradients itself (which refuses fp16 gradients) and reading found_inf on the host

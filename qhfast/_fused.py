@@ -2,7 +2,7 @@
 
 Two implementations, picked per param group at its step:
 
-* **the CPU kernel** (``_cpu_kernel.c``): one C function per optimizer, called through
+* **the CPU kernel** (``kernels/cpu_kernel.c``, built and loaded by ``kernels/cpu.py``): one C function per optimizer, called through
   ``ctypes`` on a chunk table of a bucket's tensors and spread over OpenMP threads (the
   multi-tensor-apply design of torch's fused kernels). It is compiled once per combination of
   dtypes and precision mode (about a second, cached on disk), whatever the number or shapes of
@@ -23,17 +23,10 @@ from __future__ import annotations
 
 import array
 import ctypes
-import hashlib
 import os
-import platform
-import subprocess
-import tempfile
-import threading
 import operator
 import types
-import warnings
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +34,7 @@ from torch import Tensor
 
 from . import _base
 from ._precision import COMPENSATION_KEY, MASTER_KEY
+from .kernels import cpu as _cpu
 
 __all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL"]
 
@@ -81,7 +75,6 @@ def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tens
 # --------------------------------------------------------------------------------------------
 # the CPU kernel
 
-_SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 _REAL = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float",
          torch.float16: "float"}
 _PARAM = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -89,86 +82,6 @@ _MODE = {"master": 1, "kahan": 2, "stochastic": 3, "nearest": 4}
 _COUNTER = {torch.float64: "double", torch.float32: "float"}
 #: the modes that draw random numbers (besides bf16 moments)
 _RANDOM_MODES = ("kahan", "stochastic")
-
-_libraries: dict[tuple, ctypes.CDLL | None] = {}
-#: why a variant could not be built, and those whose failure has been reported
-_failures: dict[tuple, str] = {}
-_warned: set[tuple] = set()
-_compile_lock = threading.Lock()
-#: how many kernel variants this process has compiled or loaded (tests read it)
-builds = 0
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("QHFAST_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qhfast")
-    return Path(root)
-
-
-def _library(variant: tuple, warn: bool) -> ctypes.CDLL | None:
-    """The compiled kernel for ``variant`` (REAL, PARAM, MODE, STATE, COUNTER): loaded from the
-    disk cache or compiled (``cc``, about a second); None if it cannot be (with a warning
-    once, if ``warn``)."""
-    if variant in _libraries:
-        library = _libraries[variant]
-        if library is None and warn and variant not in _warned:
-            _warned.add(variant)
-            warnings.warn(f"qhfast could not build its fused CPU kernel ({_failures[variant]}); "
-                          "fused=True falls back to torch.compile", RuntimeWarning, stacklevel=5)
-        return library
-    with _compile_lock:
-        if variant in _libraries:
-            return _library(variant, warn)
-        real, param, mode, state, counter = variant
-        defines = [f"-DREAL={real}", f"-DPARAM={param}", f"-DMODE={mode}", f"-DSTATE={state}",
-                   f"-DCOUNTER={counter}"]
-        compiler = os.environ.get("CC", "cc")
-        flags = ["-O3", "-march=native", "-std=gnu11", "-fopenmp", "-ffp-contract=off",
-                 "-fno-math-errno", "-fno-trapping-math", "-fno-unswitch-loops", "-fPIC", "-shared"]
-        source = _SOURCE.read_bytes()
-        key = hashlib.sha256(b"\0".join([source, " ".join(defines + flags).encode(),
-                                         compiler.encode(), platform.machine().encode(),
-                                         _cpu_model().encode()])).hexdigest()[:24]
-        path = _cache_dir() / f"qhfast_cpu_kernel_{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-                    built = Path(scratch) / path.name
-                    subprocess.run([compiler, *flags, *defines, str(_SOURCE), "-o", str(built),
-                                    "-lm"], check=True, capture_output=True, text=True)
-                    os.replace(built, path)
-            library = ctypes.CDLL(str(path))
-        except (OSError, subprocess.CalledProcessError) as error:
-            _failures[variant] = (getattr(error, "stderr", "") or str(error)).strip()[:500]
-            _libraries[variant] = None  # type: ignore[assignment]
-            return _library(variant, warn)
-        _declare(library)
-        global builds
-        builds += 1
-        _libraries[variant] = library
-        return library
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _declare(library: ctypes.CDLL) -> None:
-    i64p, d, i, u32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_double, ctypes.c_int, ctypes.c_uint32
-    pp = ctypes.c_void_p  # the address of an array of data pointers (_Pointers)
-    library.qhadam_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, pp,
-                                    d, d, d, d, d, d, d, i, d, u32, i]
-    library.qhadam_step.restype = None
-    library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, d, d, d, d, i, d, u32, i]
-    library.qhm_step.restype = None
-
 
 class _KernelCall:
     """One bucket's tensors, as the kernel takes them: the pointer arrays of the parameters,
@@ -319,7 +232,7 @@ def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor
                 return None
         variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
                    int(buffer_dtype == torch.bfloat16), counter)
-        library = _library(variant, warn)
+        library = _cpu.load(variant, warn)
         if library is None:
             return None
         random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)

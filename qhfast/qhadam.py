@@ -233,7 +233,7 @@ class QHAdam(QHOptimizer):
     """
 
     _counter_keys = ("beta1_weight", "beta2_weight")
-    #: the function of qhfast/_cpu_kernel.c that runs fused=True on the CPU
+    #: the function of qhfast/kernels/cpu_kernel.c that runs fused=True on the CPU
     _cpu_kernel = "qhadam"
     _buffer_keys = ("exp_avg", "exp_avg_sq")
     _tensor_hyperparameters = ("lr", "betas", "nus")

@@ -108,7 +108,7 @@ class QHM(QHOptimizer):
     """
 
     _buffer_keys = ("momentum_buffer",)
-    #: the function of qhfast/_cpu_kernel.c that runs fused=True on the CPU
+    #: the function of qhfast/kernels/cpu_kernel.c that runs fused=True on the CPU
     _cpu_kernel = "qhm"
     _tensor_hyperparameters = ("lr", "momentum", "nu")
     _scheduled_hyperparameters = ("lr", "momentum")

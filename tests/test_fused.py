@@ -1,6 +1,6 @@
 """fused=True: each group's step in one pass over memory.
 
-On the CPU it runs the C kernel of qhfast/_cpu_kernel.c (compiled once per dtype combination,
+On the CPU it runs the C kernel of qhfast/kernels/cpu_kernel.c (compiled once per dtype combination,
 about a second); elsewhere, and for what the kernel does not serve, the group's step compiled
 by torch.compile (inductor). The tests of the compiled group step force it on the CPU with
 the ``compiled_group_step`` fixture (``qhfast._fused.CPU_KERNEL = False``) and compile small
@@ -150,7 +150,7 @@ def test_one_kernel_build_serves_any_number_of_tensors_and_schedules():
     for p in small:
         p.grad = torch.ones_like(p)
     qhfast.QHAdam(small, fused=True).step()
-    built = dict(qhfast._fused._libraries)
+    built = dict(qhfast.kernels.cpu._libraries)
     generator = torch.Generator().manual_seed(0)
     shapes = [(int(torch.randint(1, 40, (), generator=generator)),) for _ in range(300)]
 
@@ -166,7 +166,7 @@ def test_one_kernel_build_serves_any_number_of_tensors_and_schedules():
         return [p.detach().clone() for p in params]
 
     assert max_relative_error(final(foreach=False), final(fused=True)) < 1e-12
-    assert qhfast._fused._libraries == built
+    assert qhfast.kernels.cpu._libraries == built
 
 
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
@@ -254,8 +254,8 @@ def test_the_kernel_plan_follows_what_changes_between_steps():
 def test_without_a_compiler_the_kernel_warns_and_the_compiled_step_runs(monkeypatch, tmp_path):
     """fused=True warns once and takes the compiled group step; the default path (no flags)
     takes the eager path without a word. Both get the eager trajectory."""
-    monkeypatch.setattr(qhfast._fused, "_libraries", {})
-    monkeypatch.setattr(qhfast._fused, "_warned", set())
+    monkeypatch.setattr(qhfast.kernels.cpu, "_libraries", {})
+    monkeypatch.setattr(qhfast.kernels.cpu, "_warned", set())
     monkeypatch.setenv("QHFAST_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     expected = run(lambda p: OPTIMIZERS["QHM"](p, foreach=False), 6)
