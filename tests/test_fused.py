@@ -141,6 +141,50 @@ def test_kernel_kahan_accumulates_updates_below_half_an_ulp():
     assert torch.equal(finals["nearest"], torch.ones(64))
 
 
+def test_kernel_reads_every_fp16_value_as_torch_does():
+    """The kernel converts fp16 in integer and float operations (vectorized on any x86-64):
+    each of the 65536 fp16 values, as a gradient, reaches the fp32 master as torch's
+    conversion gives it. QHM with ν = 0 and β = 0 is SGD; with maximize and lr 1 the master,
+    0 at first, becomes 0 + g exactly (-0.0 becomes +0.0, which equals)."""
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    p = torch.zeros(halves.numel(), dtype=torch.float16, requires_grad=True)
+    optimizer = qhfast.QHM([p], lr=1.0, momentum=0.0, nu=0.0, maximize=True, fused=True)
+    p.grad = halves.clone()
+    optimizer.step()
+    master, expected = optimizer.state[p]["master_param"], halves.float()
+    nan = expected.isnan()
+    assert torch.equal(master.isnan(), nan) and torch.equal(master[~nan], expected[~nan])
+    assert torch.equal(p.detach()[~nan], halves[~nan])  # and back, bit for bit but NaNs
+
+
+def test_kernel_rounds_fp32_to_fp16_as_torch_does():
+    """fp32 masters written to fp16 parameters: round to nearest even as torch's conversion,
+    over every exponent (random bit patterns), ties, the subnormal range and its edges,
+    overflow to infinity at 65520 and NaN. A zero update (zero gradients) leaves the master
+    as it was, so the parameter is the master rounded."""
+    generator = torch.Generator().manual_seed(0)
+    random = torch.randint(-(1 << 31), 1 << 31, (1 << 16,), generator=generator,
+                           dtype=torch.int64).to(torch.int32).view(torch.float32)
+    tiny = torch.finfo(torch.float16).smallest_normal  # 2^-14
+    edges = torch.tensor([0.0, -0.0, 2.0**-25, 3 * 2.0**-25, 2.0**-24, 1.5 * 2.0**-24, tiny,
+                          tiny * (1 - 2.0**-12), tiny * (1 - 2.0**-11), 1 + 2.0**-11,
+                          1 + 3 * 2.0**-11, 65504.0, 65519.99, 65520.0, 1e30, float("inf"),
+                          float("-inf"), float("nan"), 2.0**-149])
+    values = torch.cat([random, edges, -edges, edges * 3.3, edges / 3.3])
+    values = values[values.isfinite() | values.isnan()]  # ±inf stay as edges
+    values = torch.cat([values, torch.tensor([float("inf"), float("-inf")])])
+    p = torch.zeros(values.numel(), dtype=torch.float16, requires_grad=True)
+    optimizer = qhfast.QHM([p], lr=1.0, momentum=0.0, nu=0.0, fused=True)
+    p.grad = torch.zeros_like(p)
+    optimizer.step()  # makes the master
+    optimizer.state[p]["master_param"].copy_(values)
+    optimizer.step()
+    expected, actual = values.to(torch.float16), p.detach()
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 def test_one_kernel_build_serves_any_number_of_tensors_and_schedules():
     """The kernel is compiled per dtype combination, not per tensor or per graph: a 300-tensor
     optimizer whose lr, betas and nus change every step uses the library a 3-tensor one built,

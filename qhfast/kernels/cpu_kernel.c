@@ -13,8 +13,9 @@
  *   STATE    0: the moments are REAL; 1: bf16, written with stochastic rounding
  *   COUNTER  the type of QHAdam's normalizers: double (CPU counters) or float (capturable)
  *
- * The arithmetic follows the eager foreach path op for op (qhfast/qhadam.py, qhfast/qhm.py),
- * with torch's CPU lerp and scalar casts, so the two agree to the compute type's rounding.
+ * The arithmetic follows the eager foreach path (qhfast/qhadam.py, qhfast/qhm.py), with torch's
+ * CPU lerp and scalar casts, so the two agree to the compute type's rounding; QHAdam's two
+ * terms share one division (the eager path divides each).
  * Random bits for stochastic rounding come from a counter-based hash of (seed, element): the
  * caller draws the seed from torch's generator each step.
  */
@@ -40,6 +41,12 @@ static inline uint32_t float_bits(float f) {
     return u;
 }
 
+static inline float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* round to nearest even, NaN to torch's canonical bf16 NaN (c10::BFloat16) */
 static inline uint16_t float_to_bf16_nearest(float f) {
     uint32_t u = float_bits(f);
@@ -50,6 +57,39 @@ static inline uint16_t float_to_bf16_nearest(float f) {
 /* up with probability (dropped bits) / 2^16: unbiased; r holds 16 random bits */
 static inline uint16_t float_to_bf16_stochastic(float f, uint32_t r) {
     return (uint16_t)((float_bits(f) + (r & 0xFFFFu)) >> 16);
+}
+
+/* fp16 <-> fp32 in integer and float operations that the compiler vectorizes on any x86-64
+ * (no F16C, no AVX512-FP16 needed: compilers do not vectorize _Float16 conversions without the
+ * latter), bit for bit torch's conversions. */
+
+/* exact: a normal half's exponent rebased from 15 to 127; a subnormal half m * 2^-24 as
+ * (0.5 + m * 2^-24) - 0.5; infinities and NaNs keep their payload */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, magnitude = h & 0x7FFFu;
+    const uint32_t normal = (magnitude << 13) + ((127u - 15u) << 23);
+    const uint32_t special = (magnitude << 13) | 0x7F800000u;
+    const uint32_t subnormal = float_bits(bits_float(0x3F000000u | magnitude) - 0.5f);
+    uint32_t bits = magnitude < 0x0400u ? subnormal : normal;
+    bits = magnitude >= 0x7C00u ? special : bits;
+    return bits_float(sign | bits);
+}
+
+/* round to nearest even; overflow to infinity; NaN to 0x7E00 with its sign (c10::Half).
+ * Below 2^-14 (subnormal halves) adding 0.5 rounds the magnitude to a multiple of 2^-24 in the
+ * FPU's own round-to-nearest-even, and the sum's low bits are the half (2^-14 itself lands on
+ * 0x0400, the smallest normal); above, the 13 dropped bits round to even in integers and the
+ * exponent is rebased */
+static inline uint16_t float_to_half_nearest(float f) {
+    const uint32_t u = float_bits(f), magnitude = u & 0x7FFFFFFFu;
+    const float a = fabsf(f); /* the selects test floats: with integer tests gcc 12 gives up */
+    const uint32_t small = float_bits(a + 0.5f) - 0x3F000000u;
+    const uint32_t normal =
+        ((magnitude + 0x0FFFu + ((magnitude >> 13) & 1u)) >> 13) - ((127u - 15u) << 10);
+    uint32_t half = a < 0x1p-14f ? small : normal;
+    half = half > 0x7C00u ? 0x7C00u : half;
+    half = a != a ? 0x7E00u : half; /* NaN */
+    return (uint16_t)(((u >> 16) & 0x8000u) | half);
 }
 
 static inline uint32_t mix32(uint32_t x) { /* a 32-bit finalizer (lowbias32) */
@@ -68,11 +108,10 @@ typedef real param_t;
 typedef uint16_t param_t;
 #define LOAD_PARAM(p, i) bf16_to_float((p)[i])
 #define STORE_NEAREST(p, i, x) ((p)[i] = float_to_bf16_nearest(x))
-#define NEAREST_VALUE(x) bf16_to_float(float_to_bf16_nearest(x))
 #else
-typedef _Float16 param_t;
-#define LOAD_PARAM(p, i) ((float)(p)[i])
-#define STORE_NEAREST(p, i, x) ((p)[i] = (_Float16)(x))
+typedef uint16_t param_t;
+#define LOAD_PARAM(p, i) half_to_float((p)[i])
+#define STORE_NEAREST(p, i, x) ((p)[i] = float_to_half_nearest(x))
 #endif
 
 #if STATE == 0
@@ -108,9 +147,9 @@ typedef uint16_t state_t;
 #define LOAD_THETA(i) (LOAD_PARAM(param, i) + bf16_to_float(compensation[i]))
 #define STORE_THETA(i, x, r)                                                           \
     do {                                                                               \
-        float rounded_ = NEAREST_VALUE(x);                                             \
-        param[i] = float_to_bf16_nearest(rounded_);                                    \
-        compensation[i] = float_to_bf16_stochastic((x) - rounded_, (r) >> 16);         \
+        const uint16_t nearest_ = float_to_bf16_nearest(x);                            \
+        param[i] = nearest_;                                                           \
+        compensation[i] = float_to_bf16_stochastic((x) - bf16_to_float(nearest_), (r) >> 16); \
     } while (0)
 #elif MODE == 3 /* stochastic */
 #define LOAD_THETA(i) LOAD_PARAM(param, i)
@@ -169,9 +208,13 @@ static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, 
     return span;
 }
 
-/* the random bits of element i of a span */
+/* the random bits of element i of a span: 32 from a hash of (element, seed), one 16-bit draw
+ * per half. A third rounding of the element (QHAdam's parameter, after both moments) takes the
+ * upper half of MORE_RANDOM: a multiplicative (Weyl) hash with a second seed, one multiply.
+ * Each is uniform over seeds for every element, and the two are independent as the seeds are:
+ * what unbiased stochastic rounding needs. */
 #define RANDOM(i) (NEEDS_RANDOM ? mix32((uint32_t)(span.offset + (i)) ^ seed) : 0u)
-#define RANDOM2(r) (NEEDS_RANDOM ? mix32((r) ^ 0x68E31DA4u) : 0u)
+#define MORE_RANDOM(i) (((uint32_t)(span.offset + (i)) ^ seed2) * 0x9E3779B1u)
 
 /* The element loops are straight loops the compiler vectorizes: a flag that picks between
  * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
@@ -209,7 +252,7 @@ typedef struct {
 } qhadam_scalars;
 
 INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
-                            const int decay_kind, const int terms, const int nu2_is_one,
+                            uint32_t seed2, const int decay_kind, const int terms, const int nu2_is_one,
                             const int low_weight) {
     SPAN_TENSORS(span);
     state_t *m_ = span.first, *v_ = span.second;
@@ -224,18 +267,20 @@ INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
         const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
         real den = nu2_is_one ? v : v * nu2 + one_minus_nu2 * d * d;
         den = SQRT(den) + eps;
-        if (terms & FIRST_TERM) theta = theta + m_scale * m / den;
-        if (terms & GRAD_TERM) theta = theta + d_scale * d / den;
+        /* one division: (m_scale*m + d_scale*d)/den, a term whose ν drops it left out */
+        real step = (terms & FIRST_TERM) ? m_scale * m : d_scale * d;
+        if (terms == (FIRST_TERM | GRAD_TERM)) step = step + d_scale * d;
+        theta = theta + step / den;
         STORE_STATE(m_, i, m, r);
-        STORE_STATE(v_, i, v, RANDOM2(r));
-        STORE_THETA(i, theta, r);
+        STORE_STATE(v_, i, v, r >> 16);
+        STORE_THETA(i, theta, STATE == 1 ? MORE_RANDOM(i) : r);
     }
 }
 
 /* Advances both normalizers of every tensor (w <- 1 + beta*w) and updates every element:
  *   d = g*grad_factor (+ wd*theta if coupled);  theta *= 1 - lr*wd first if decoupled
  *   m = lerp(m, d, 1/w1);  v = v*(1 - 1/w2) + (1/w2)*d*d
- *   theta += (-lr*nu1)*m/den + (-lr*(1 - nu1))*d/den,  den = sqrt(nu2*v + (1 - nu2)*d*d) + eps
+ *   theta += ((-lr*nu1)*m + (-lr*(1 - nu1))*d)/den,  den = sqrt(nu2*v + (1 - nu2)*d*d) + eps
  * extras[t]: the fp32 master (MODE 1) or the bf16 compensation (MODE 2), else unused. */
 void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void **exp_avgs,
                  void **exp_avg_sqs, void **extras, void **beta1_weights, void **beta2_weights,
@@ -259,6 +304,7 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
                                                : COUPLED_DECAY;
     const int terms = (nu1 != 0.0 ? FIRST_TERM : 0) | (nu1 != 1.0 ? GRAD_TERM : 0);
     const int nu2_is_one = nu2 == 1.0;
+    const uint32_t seed2 = mix32(seed ^ 0x68E31DA4u);
     qhadam_scalars call = {0, 0, 0, 0, (real)(1.0 - lr * weight_decay), (real)weight_decay,
                            (real)grad_factor, (real)nu2, (real)(1.0 - nu2), (real)(-lr * nu1),
                            (real)(-lr * (1.0 - nu1)), (real)eps};
@@ -272,10 +318,10 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
         s.f2 = (real)fractions[2 * t + 1];
         s.keep2 = (real)(1.0 - fractions[2 * t + 1]);
         const int low_weight = fabs((double)s.f1) < 0.5;
-if (nu2_is_one && low_weight) qhadam_elements(span, &s, seed, decay_kind, terms, 1, 1);
-        else if (nu2_is_one) qhadam_elements(span, &s, seed, decay_kind, terms, 1, 0);
-        else if (low_weight) qhadam_elements(span, &s, seed, decay_kind, terms, 0, 1);
-        else qhadam_elements(span, &s, seed, decay_kind, terms, 0, 0);
+if (nu2_is_one && low_weight) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 1, 1);
+        else if (nu2_is_one) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 1, 0);
+        else if (low_weight) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 1);
+        else qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 0);
     }
     free(chunks);
     free(fractions);
