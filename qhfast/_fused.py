@@ -7,9 +7,8 @@ Two implementations, picked per param group at its step:
   multi-tensor-apply design of torch's fused kernels). It is compiled once per combination of
   dtypes and precision mode (about a second, cached on disk), whatever the number or shapes of
   the tensors, so a 200-tensor group costs what a 2-tensor one does. It serves CPU groups
-  whose tensors are contiguous: fp32/fp64 parameters, bf16 parameters in every
-  ``low_precision`` mode and fp16 parameters with ``"master"`` or ``"nearest"``, moments in
-  the compute dtype or bf16. Each group's calls (their pointer tables) are kept between steps
+  whose tensors are contiguous: fp32/fp64 parameters and bf16/fp16 parameters in every
+  ``low_precision`` mode, moments in the compute dtype or bf16. Each group's calls (their pointer tables) are kept between steps
   while the params, their storage and the state tensors stay the same; a step checks and points
   to the gradients only (``_KernelPlan``).
 * **the compiled group step**: everything else (CUDA, where inductor emits Triton; the
@@ -195,8 +194,6 @@ def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor
         if bucket_params[0].device.type != "cpu" or dtype not in _PARAM:
             return None
         low = dtype in (torch.bfloat16, torch.float16)
-        if dtype == torch.float16 and mode in _RANDOM_MODES:
-            return None
         bucket_states = [state_of[id(p)] for p in bucket]
         tensors: dict[str, list] = {"grads": grads}
         for key in (*optimizer._buffer_keys, *optimizer._counter_keys):

@@ -97,30 +97,33 @@ def test_kernel_tracks_the_foreach_path_in_low_precision(name, dtype):
     assert counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_kernel_lean_modes_track_the_fp32_run_and_follow_the_rng(name):
-    """bf16 params without masters and bf16 moments: kahan and stochastic within the bounds of
-    test_low_precision_modes.test_each_mode_tracks_the_fp32_run (2 and 8 bf16 eps over 300
-    steps; here 30) of the fp32 run, with the state each mode promises; the same RNG seed
-    gives the same bits, another seed other bits. nearest (no randomness with fp32 moments)
-    stays within one eps of the eager foreach path (measured: equal)."""
+def test_kernel_lean_modes_track_the_fp32_run_and_follow_the_rng(name, dtype):
+    """bf16/fp16 params without masters and bf16 moments: kahan and stochastic within the
+    bounds of test_low_precision_modes.test_each_mode_tracks_the_fp32_run (2 and 8 bf16 eps
+    over 300 steps; here 30; the bf16 moments set them for fp16 parameters too) of the fp32
+    run, with the state each mode promises; the same RNG seed gives the same bits, another seed
+    other bits. nearest (no randomness with fp32 moments) stays within one eps of the
+    parameter's dtype of the eager foreach path (measured: equal)."""
     expected, _ = _final(name, torch.float32, every_step=True)
     eps = torch.finfo(torch.bfloat16).eps
     for mode, bound in {"kahan": 2 * eps, "stochastic": 8 * eps}.items():
         options = dict(fused=True, low_precision=mode, state_dtype=torch.bfloat16)
-        actual, optimizer = _final(name, torch.bfloat16, every_step=True, **options)
+        actual, optimizer = _final(name, dtype, every_step=True, **options)
         assert max_relative_error(expected, actual) < bound, mode
         state = optimizer.state[optimizer.param_groups[0]["params"][0]]
         dtypes = {k: v.dtype for k, v in state.items() if v.dim() > 0}
+        assert dtypes.pop("kahan_compensation", dtype) == dtype
         assert set(dtypes.values()) == {torch.bfloat16}
-        assert ("kahan_compensation" in dtypes) == (mode == "kahan")
-        again, _ = _final(name, torch.bfloat16, every_step=True, **options)
-        other, _ = _final(name, torch.bfloat16, every_step=True, seed=1, **options)
+        assert ("kahan_compensation" in state) == (mode == "kahan")
+        again, _ = _final(name, dtype, every_step=True, **options)
+        other, _ = _final(name, dtype, every_step=True, seed=1, **options)
         assert all(torch.equal(a, b) for a, b in zip(actual, again))
         assert not all(torch.equal(a, b) for a, b in zip(actual, other))
-    eager, _ = _final(name, torch.bfloat16, every_step=True, low_precision="nearest", foreach=True)
-    fused, _ = _final(name, torch.bfloat16, every_step=True, low_precision="nearest", fused=True)
-    assert max_relative_error(eager, fused) < eps
+    eager, _ = _final(name, dtype, every_step=True, low_precision="nearest", foreach=True)
+    fused, _ = _final(name, dtype, every_step=True, low_precision="nearest", fused=True)
+    assert max_relative_error(eager, fused) < torch.finfo(dtype).eps
     assert counters["stats"]["unique_graphs"] == 0
 
 
@@ -183,6 +186,27 @@ def test_kernel_rounds_fp32_to_fp16_as_torch_does():
     nan = expected.isnan()
     assert torch.equal(actual.isnan(), nan)
     assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype,start,spacing", [
+    (torch.bfloat16, 1.0, 2.0**-7), (torch.bfloat16, -1.0, 2.0**-7),
+    (torch.float16, 1.0, 2.0**-10), (torch.float16, -1.0, 2.0**-10),
+    (torch.float16, 2.0**-24, 2.0**-24),  # the subnormal range (a fixed spacing of 2^-24)
+], ids=["bf16", "bf16_negative", "fp16", "fp16_negative", "fp16_subnormal"])
+def test_kernel_stochastic_rounding_is_unbiased(dtype, start, spacing):
+    """The kernel's "stochastic" mode: 2^16 parameters at ``start`` each take an SGD step of an
+    eighth of their spacing (QHM, ν = 0, maximize with lr 1/8 and the gradient one spacing),
+    so each must land on ``start`` or the next value, up with probability 1/8. The mean's
+    standard error is spacing·sqrt(7/64/2^16) = 0.0013 spacings: within 0.01 (7.7 of them)."""
+    torch.manual_seed(0)
+    p = torch.full((1 << 16,), start, dtype=dtype, requires_grad=True)
+    optimizer = qhfast.QHM([p], lr=0.125, momentum=0.0, nu=0.0, maximize=True, fused=True,
+                           low_precision="stochastic")
+    p.grad = torch.full_like(p, spacing if start > 0 else -spacing)
+    optimizer.step()
+    moved = (p.detach().double() - start) / (spacing if start > 0 else -spacing)
+    assert ((moved == 0) | (moved == 1)).all()
+    assert abs(moved.mean().item() - 0.125) < 0.01
 
 
 def test_one_kernel_build_serves_any_number_of_tensors_and_schedules():

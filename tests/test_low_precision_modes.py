@@ -197,10 +197,7 @@ def test_kahan_step_is_the_fp32_step_on_param_plus_compensation(name, dtype, pat
     params = problem.params(dtype)
     twins = [p.detach().float().requires_grad_() for p in params]
     optimizer = OPTIMIZERS[name](params, weight_decay=0.05, low_precision="kahan", **path)
-    # by default fp16 kahan takes the per-tensor path (the kernel rounds at random in bf16
-    # only): its twin must do the same arithmetic
-    twin_path = dict(foreach=False) if not path and dtype == torch.float16 else path
-    reference = OPTIMIZERS[name](twins, weight_decay=0.05, **twin_path)
+    reference = OPTIMIZERS[name](twins, weight_decay=0.05, **path)
     for t in range(25):
         problem.set_grads(params, t)
         for p, r in zip(params, twins):

@@ -9,7 +9,7 @@
  *   REAL     the compute type: float (fp32/bf16/fp16 parameters) or double (fp64)
  *   PARAM    0: the parameter is REAL; 1: bf16; 2: fp16
  *   MODE     for bf16/fp16 parameters, where the fp32 result lives (qhfast/_precision.py):
- *            1 master, 2 kahan (bf16 only), 3 stochastic (bf16 only), 4 nearest; 0 for REAL
+ *            1 master, 2 kahan, 3 stochastic, 4 nearest; 0 for REAL
  *   STATE    0: the moments are REAL; 1: bf16, written with stochastic rounding
  *   COUNTER  the type of QHAdam's normalizers: double (CPU counters) or float (capturable)
  *
@@ -92,6 +92,22 @@ static inline uint16_t float_to_half_nearest(float f) {
     return (uint16_t)(((u >> 16) & 0x8000u) | half);
 }
 
+/* up or down at random, unbiased; r holds 16 random bits. From 2^-14 up the 13 dropped bits
+ * carry with probability (dropped bits) / 2^13 (as for bf16, sign-magnitude; infinities stay,
+ * overflow goes to infinity); below, the value is floor(a * 2^24) or one more subnormal step,
+ * up with probability (the fraction, to 2^-16) */
+static inline uint16_t float_to_half_stochastic(float f, uint32_t r) {
+    const uint32_t u = float_bits(f), magnitude = u & 0x7FFFFFFFu;
+    const float a = fabsf(f), scaled = a * 0x1p24f; /* exact: a power-of-two scaling */
+    const float below = truncf(scaled);             /* below 2^-14: at most 1024 */
+    const uint32_t small = (uint32_t)below + (scaled - below > (float)(r & 0xFFFFu) * 0x1p-16f);
+    const uint32_t normal = ((magnitude + (r & 0x1FFFu)) >> 13) - ((127u - 15u) << 10);
+    uint32_t half = a < 0x1p-14f ? small : normal;
+    half = half > 0x7C00u ? 0x7C00u : half;
+    half = a != a ? 0x7E00u : half; /* NaN */
+    return (uint16_t)(((u >> 16) & 0x8000u) | half);
+}
+
 static inline uint32_t mix32(uint32_t x) { /* a 32-bit finalizer (lowbias32) */
     x ^= x >> 16;
     x *= 0x7FEB352Du;
@@ -101,17 +117,24 @@ static inline uint32_t mix32(uint32_t x) { /* a 32-bit finalizer (lowbias32) */
     return x;
 }
 
+/* the parameter's format: FROM_PARAM reads a bf16/fp16 value, TO_PARAM_NEAREST and
+ * TO_PARAM_STOCHASTIC round to it */
 #if PARAM == 0
 typedef real param_t;
 #define LOAD_PARAM(p, i) ((p)[i])
-#elif PARAM == 1
-typedef uint16_t param_t;
-#define LOAD_PARAM(p, i) bf16_to_float((p)[i])
-#define STORE_NEAREST(p, i, x) ((p)[i] = float_to_bf16_nearest(x))
 #else
 typedef uint16_t param_t;
-#define LOAD_PARAM(p, i) half_to_float((p)[i])
-#define STORE_NEAREST(p, i, x) ((p)[i] = float_to_half_nearest(x))
+#if PARAM == 1
+#define FROM_PARAM bf16_to_float
+#define TO_PARAM_NEAREST float_to_bf16_nearest
+#define TO_PARAM_STOCHASTIC float_to_bf16_stochastic
+#else
+#define FROM_PARAM half_to_float
+#define TO_PARAM_NEAREST float_to_half_nearest
+#define TO_PARAM_STOCHASTIC float_to_half_stochastic
+#endif
+#define LOAD_PARAM(p, i) FROM_PARAM((p)[i])
+#define STORE_NEAREST(p, i, x) ((p)[i] = TO_PARAM_NEAREST(x))
 #endif
 
 #if STATE == 0
@@ -144,16 +167,16 @@ typedef uint16_t state_t;
 #define LOAD_THETA(i) (master[i])
 #define STORE_THETA(i, x, r) (master[i] = (x), STORE_NEAREST(param, i, x))
 #elif MODE == 2 /* kahan: theta + c is exact in fp32; c keeps what rounding theta lost */
-#define LOAD_THETA(i) (LOAD_PARAM(param, i) + bf16_to_float(compensation[i]))
+#define LOAD_THETA(i) (LOAD_PARAM(param, i) + FROM_PARAM(compensation[i]))
 #define STORE_THETA(i, x, r)                                                           \
     do {                                                                               \
-        const uint16_t nearest_ = float_to_bf16_nearest(x);                            \
+        const uint16_t nearest_ = TO_PARAM_NEAREST(x);                                 \
         param[i] = nearest_;                                                           \
-        compensation[i] = float_to_bf16_stochastic((x) - bf16_to_float(nearest_), (r) >> 16); \
+        compensation[i] = TO_PARAM_STOCHASTIC((x) - FROM_PARAM(nearest_), (r) >> 16);  \
     } while (0)
 #elif MODE == 3 /* stochastic */
 #define LOAD_THETA(i) LOAD_PARAM(param, i)
-#define STORE_THETA(i, x, r) (param[i] = float_to_bf16_stochastic(x, (r) >> 16))
+#define STORE_THETA(i, x, r) (param[i] = TO_PARAM_STOCHASTIC(x, (r) >> 16))
 #else /* nearest */
 #define LOAD_THETA(i) LOAD_PARAM(param, i)
 #define STORE_THETA(i, x, r) STORE_NEAREST(param, i, x)
