@@ -14,7 +14,7 @@ Two implementations, picked per param group at its step:
 * **the compiled group step**: everything else (CUDA, where inductor emits Triton; the
   combinations the kernel lacks) runs the group's eager step through ``torch.compile``.
 
-The kernel's random numbers (stochastic rounding) come from a hash of a seed drawn each step
+The kernel's random numbers (stochastic rounding) come from a hash of seeds drawn each step
 from torch's default CPU generator: the same RNG state gives the same run.
 """
 
@@ -264,7 +264,7 @@ def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall],
     value = {name: _hyper(group[name]) for name in optimizer._tensor_hyperparameters}
     threads = torch.get_num_threads()
     for call in calls:
-        seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64)) if call.random else 0
+        seed = _draw_seeds() if call.random else 0
         pointer = {key: pointers.address for key, pointers in call.pointers.items()}
         if optimizer._cpu_kernel == "qhadam":
             (beta1, beta2), (nu1, nu2) = value["betas"], value["nus"]
@@ -280,6 +280,11 @@ def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall],
                 pointer["momentum_buffer"], pointer["extras"], value["lr"], value["momentum"],
                 value["nu"], float(group["weight_decay"]),
                 int(group["weight_decay_type"] == "direct"), factor, seed, threads)
+
+
+def _draw_seeds() -> int:
+    """64 random bits from torch's default CPU generator: the kernel's two 32-bit seeds."""
+    return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)
 
 
 def _hyper(value: Any) -> Any:

@@ -95,10 +95,10 @@ def _cpu_model() -> str:
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    i64p, d, i, u32 = ctypes.POINTER(ctypes.c_int64), ctypes.c_double, ctypes.c_int, ctypes.c_uint32
+    i64p, d, i, u64 = ctypes.POINTER(ctypes.c_int64), ctypes.c_double, ctypes.c_int, ctypes.c_uint64
     pp = ctypes.c_void_p  # the address of an array of data pointers (_Pointers)
     library.qhadam_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, pp,
-                                    d, d, d, d, d, d, d, i, d, u32, i]
+                                    d, d, d, d, d, d, d, i, d, u64, i]
     library.qhadam_step.restype = None
-    library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, d, d, d, d, i, d, u32, i]
+    library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, d, d, d, d, i, d, u64, i]
     library.qhm_step.restype = None

@@ -17,7 +17,7 @@
  * CPU lerp and scalar casts, so the two agree to the compute type's rounding; QHAdam's two
  * terms share one division (the eager path divides each).
  * Random bits for stochastic rounding come from a counter-based hash of (seed, element): the
- * caller draws the seed from torch's generator each step.
+ * caller draws 64 bits of seeds from torch's generator each step.
  */
 #include <math.h>
 #include <stdint.h>
@@ -106,15 +106,6 @@ static inline uint16_t float_to_half_stochastic(float f, uint32_t r) {
     half = half > 0x7C00u ? 0x7C00u : half;
     half = a != a ? 0x7E00u : half; /* NaN */
     return (uint16_t)(((u >> 16) & 0x8000u) | half);
-}
-
-static inline uint32_t mix32(uint32_t x) { /* a 32-bit finalizer (lowbias32) */
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    x ^= x >> 16;
-    return x;
 }
 
 /* the parameter's format: FROM_PARAM reads a bf16/fp16 value, TO_PARAM_NEAREST and
@@ -231,12 +222,19 @@ static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, 
     return span;
 }
 
-/* the random bits of element i of a span: 32 from a hash of (element, seed), one 16-bit draw
- * per half. A third rounding of the element (QHAdam's parameter, after both moments) takes the
- * upper half of MORE_RANDOM: a multiplicative (Weyl) hash with a second seed, one multiply.
- * Each is uniform over seeds for every element, and the two are independent as the seeds are:
- * what unbiased stochastic rounding needs. */
-#define RANDOM(i) (NEEDS_RANDOM ? mix32((uint32_t)(span.offset + (i)) ^ seed) : 0u)
+/* The random bits of element i of a span (its index over the whole call): 32 from RANDOM,
+ * one 16-bit draw per half; a third rounding of the element (QHAdam's parameter after both
+ * moments) takes the upper half of MORE_RANDOM, from the other 32 bits of the step's seeds.
+ * Unbiased rounding needs each draw uniform over the seeds for every element, and the draws
+ * of one element independent: any bijection of (index ^ seed) gives that, and the halves of
+ * one uniform 32-bit value, or values of independent seeds, are independent. The hash only
+ * spreads neighbouring elements apart: a multiply by the golden ratio (a Weyl sequence,
+ * evenly spread in the upper bits) with the upper half folded into the lower. */
+static inline uint32_t weyl_hash(uint32_t x) {
+    x *= 0x9E3779B1u;
+    return x ^ (x >> 16);
+}
+#define RANDOM(i) (NEEDS_RANDOM ? weyl_hash((uint32_t)(span.offset + (i)) ^ seed) : 0u)
 #define MORE_RANDOM(i) (((uint32_t)(span.offset + (i)) ^ seed2) * 0x9E3779B1u)
 
 /* The element loops are straight loops the compiler vectorizes: a flag that picks between
@@ -308,7 +306,7 @@ INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
 void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void **exp_avgs,
                  void **exp_avg_sqs, void **extras, void **beta1_weights, void **beta2_weights,
                  double beta1, double beta2, double lr, double nu1, double nu2, double eps,
-                 double weight_decay, int decoupled, double grad_factor, uint32_t seed,
+                 double weight_decay, int decoupled, double grad_factor, uint64_t seeds,
                  int threads) {
     double *fractions = malloc(sizeof(double) * 2 * (n > 0 ? n : 1));
     for (int t = 0; t < n; t++) {
@@ -327,7 +325,7 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
                                                : COUPLED_DECAY;
     const int terms = (nu1 != 0.0 ? FIRST_TERM : 0) | (nu1 != 1.0 ? GRAD_TERM : 0);
     const int nu2_is_one = nu2 == 1.0;
-    const uint32_t seed2 = mix32(seed ^ 0x68E31DA4u);
+    const uint32_t seed = (uint32_t)seeds, seed2 = (uint32_t)(seeds >> 32);
     qhadam_scalars call = {0, 0, 0, 0, (real)(1.0 - lr * weight_decay), (real)weight_decay,
                            (real)grad_factor, (real)nu2, (real)(1.0 - nu2), (real)(-lr * nu1),
                            (real)(-lr * (1.0 - nu1)), (real)eps};
@@ -378,7 +376,8 @@ INLINE void qhm_elements(span_t span, const qhm_scalars *s, uint32_t seed,
  *   buf = lerp(buf, d, 1 - momentum);  theta += (-lr*nu)*buf + (-lr*(1 - nu))*d */
 void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **buffers,
               void **extras, double lr, double momentum, double nu, double weight_decay,
-              int direct, double grad_factor, uint32_t seed, int threads) {
+              int direct, double grad_factor, uint64_t seeds, int threads) {
+    const uint32_t seed = (uint32_t)seeds;
     int64_t count;
     chunk_t *chunks = make_chunks(n, sizes, &count);
     const int decay_kind = weight_decay == 0.0 ? NO_DECAY
