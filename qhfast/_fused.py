@@ -51,13 +51,14 @@ def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[
     torch.compile the step is compiled anyway), tensors off the CPU or not contiguous, an
     unsupported combination, no compiler, ``capturable=True`` (the kernel reads GradScaler's
     found_inf and tensor hyperparameters on the host). ``fused=None`` groups take it too: it
-    is the fastest CPU path, and where it cannot be built they take the eager path silently."""
+    is the fastest CPU path; where it cannot be built (a ``RuntimeWarning`` once per process,
+    see ``kernels/cpu.py``) they take the eager path."""
     fused = group["fused"]
     if not CPU_KERNEL or torch.compiler.is_compiling():
         return False
     if not (fused or (fused is None and group["foreach"] is None)):
         return False
-    calls = _kernel_calls(optimizer, index, group, params, states, warn=bool(fused))
+    calls = _kernel_calls(optimizer, index, group, params, states)
     if calls is None:
         return False
     _run_kernel(optimizer, group, calls, amp)
@@ -151,7 +152,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _kernel_calls(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
-                  states: list[dict[str, Any]], warn: bool) -> list[_KernelCall] | None:
+                  states: list[dict[str, Any]]) -> list[_KernelCall] | None:
     """The kernel calls of the group's step (``param_groups[index]``), one per bucket, or None
     if the kernel does not serve this group: from the group's plan when it still serves (the
     gradients checked), else made afresh with every tensor checked."""
@@ -161,7 +162,7 @@ def _kernel_calls(optimizer: Any, index: int, group: dict[str, Any], params: lis
     plans = _PLANS.setdefault(optimizer, {})
     plan = plans.get(index)
     if plan is None or not plan.serves(params, states):
-        calls = _new_kernel_calls(optimizer, group, params, states, warn)
+        calls = _new_kernel_calls(optimizer, group, params, states)
         if calls is None:
             plans.pop(index, None)
             return None
@@ -177,7 +178,7 @@ def _kernel_calls(optimizer: Any, index: int, group: dict[str, Any], params: lis
 
 
 def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
-                      states: list[dict[str, Any]], warn: bool) -> list[_KernelCall] | None:
+                      states: list[dict[str, Any]]) -> list[_KernelCall] | None:
     """The kernel calls of the group's step with every tensor checked (device, dtype, size,
     layout: the kernel trusts what it is given), or None if the kernel does not serve it."""
     mode = group["low_precision"]
@@ -229,7 +230,7 @@ def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor
                 return None
         variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
                    int(buffer_dtype == torch.bfloat16), counter)
-        library = _cpu.load(variant, warn)
+        library = _cpu.load(variant)
         if library is None:
             return None
         random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)

@@ -2,19 +2,41 @@
 
 The source is compiled once per variant, a combination of the macros it documents (the compute
 type, the parameter and state formats, the precision mode, the counter type), whatever the
-number or shapes of the tensors it will update. Built libraries are kept on disk
-(``$QHFAST_CACHE_DIR``, default ``~/.cache/qhfast``) under a key of the source, the flags, the
-compiler and the CPU, and loaded with ``ctypes``. This module knows nothing of optimizers: the
-orchestration (``qhfast._fused``) picks the variant and calls ``qhadam_step`` / ``qhm_step``.
+number or shapes of the tensors it will update, and loaded with ``ctypes``. This module knows
+nothing of optimizers: the orchestration (``qhfast._fused``) picks the variant and calls
+``qhadam_step`` / ``qhm_step``.
+
+The disk cache (``$QHFAST_CACHE_DIR``, default ``~/.cache/qhfast``) keeps one file per variant,
+named by a hash of the source, the compiler and its flags and the CPU:
+
+* an entry is the library followed by a trailer, a magic string and the SHA-256 of the
+  library. It is compiled in a scratch directory beside it and moved into place with
+  ``os.replace``, so processes building it at once (``torchrun``'s first step) each leave a
+  whole entry. Before loading, the whole entry is read and checked: a truncated, empty or
+  otherwise damaged one (a full disk, an interrupted copy) is rebuilt, never loaded;
+* the cache is only read from a directory that no other user can write into: made with mode
+  0o700, refused if owned by another user or group- or world-writable, and so are entries.
+  A refused directory, or one that cannot be made or written, gives a ``RuntimeWarning`` (once
+  per process and directory) and the process builds its kernels in a private temporary
+  directory, removed at exit;
+* a compiler without OpenMP (macOS's clang) fails on ``-fopenmp``: the kernel is then built
+  without it, single-threaded (the pragmas are ignored), under its own key;
+* where no kernel can be built or loaded (no C compiler), :func:`load` returns None and a
+  ``RuntimeWarning``, once per process, says why and what to do.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import platform
+import shlex
+import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -23,65 +45,174 @@ from pathlib import Path
 __all__ = ["load", "SOURCE", "builds"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno",
+         "-fno-trapping-math", "-fno-unswitch-loops", "-fPIC", "-shared"]
+#: the start of an entry's trailer (the SHA-256 of the library follows); part of the key
+_MAGIC = b"qhfast-kernel-v1"
+_TRAILER_SIZE = len(_MAGIC) + 32
 
 _libraries: dict[tuple, ctypes.CDLL | None] = {}
-#: why a variant could not be built, and those whose failure has been reported
-_failures: dict[tuple, str] = {}
-_warned: set[tuple] = set()
-_compile_lock = threading.Lock()
+#: what this process has warned about (each once)
+_warned: set = set()
+#: compilers that failed with -fopenmp in this process
+_without_openmp: set[tuple[str, ...]] = set()
+#: this process's private cache, where the configured one cannot be used (made on demand)
+_private: Path | None = None
+_lock = threading.Lock()
 #: how many kernel variants this process has compiled or loaded (tests read it)
 builds = 0
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("QHFAST_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qhfast")
-    return Path(root)
-
-
-def load(variant: tuple, warn: bool) -> ctypes.CDLL | None:
+def load(variant: tuple) -> ctypes.CDLL | None:
     """The compiled kernel for ``variant`` (REAL, PARAM, MODE, STATE, COUNTER): loaded from the
-    disk cache or compiled (``cc``, about a second); None if it cannot be (with a warning
-    once, if ``warn``)."""
-    if variant in _libraries:
-        library = _libraries[variant]
-        if library is None and warn and variant not in _warned:
-            _warned.add(variant)
-            warnings.warn(f"qhfast could not build its fused CPU kernel ({_failures[variant]}); "
-                          "fused=True falls back to torch.compile", RuntimeWarning, stacklevel=5)
-        return library
-    with _compile_lock:
-        if variant in _libraries:
-            return load(variant, warn)
-        real, param, mode, state, counter = variant
-        defines = [f"-DREAL={real}", f"-DPARAM={param}", f"-DMODE={mode}", f"-DSTATE={state}",
-                   f"-DCOUNTER={counter}"]
-        compiler = os.environ.get("CC", "cc")
-        flags = ["-O3", "-march=native", "-std=gnu11", "-fopenmp", "-ffp-contract=off",
-                 "-fno-math-errno", "-fno-trapping-math", "-fno-unswitch-loops", "-fPIC", "-shared"]
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(b"\0".join([source, " ".join(defines + flags).encode(),
-                                         compiler.encode(), platform.machine().encode(),
-                                         _cpu_model().encode()])).hexdigest()[:24]
-        path = _cache_dir() / f"qhfast_cpu_kernel_{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-                    built = Path(scratch) / path.name
-                    subprocess.run([compiler, *flags, *defines, str(SOURCE), "-o", str(built),
-                                    "-lm"], check=True, capture_output=True, text=True)
-                    os.replace(built, path)
-            library = ctypes.CDLL(str(path))
-        except (OSError, subprocess.CalledProcessError) as error:
-            _failures[variant] = (getattr(error, "stderr", "") or str(error)).strip()[:500]
-            _libraries[variant] = None  # type: ignore[assignment]
-            return load(variant, warn)
-        _declare(library)
-        global builds
-        builds += 1
-        _libraries[variant] = library
-        return library
+    disk cache or compiled (``$CC``, default ``cc``; about a second); None if it cannot be
+    (with a ``RuntimeWarning``, once per process)."""
+    if variant not in _libraries:
+        with _lock:
+            if variant not in _libraries:
+                _libraries[variant] = _load(variant)
+    return _libraries[variant]
+
+
+def _load(variant: tuple) -> ctypes.CDLL | None:
+    real, param, mode, state, counter = variant
+    defines = [f"-DREAL={real}", f"-DPARAM={param}", f"-DMODE={mode}", f"-DSTATE={state}",
+               f"-DCOUNTER={counter}"]
+    compiler = tuple(shlex.split(os.environ.get("CC") or "cc"))
+    try:
+        directory = _cache_dir()
+        # with OpenMP; else (a compiler without it) without, single-threaded, under its own key
+        for openmp in (["-fopenmp"], []):
+            options = [*FLAGS, *openmp, *defines]
+            path = directory / f"qhfast_cpu_kernel_{_key(compiler, options)}.so"
+            if _verified(path):
+                break
+            if openmp and compiler in _without_openmp:
+                continue
+            try:
+                path = _build(compiler, options, path)
+                break
+            except subprocess.CalledProcessError:
+                if not openmp:
+                    raise
+                _without_openmp.add(compiler)  # e.g. macOS's clang: not tried again
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as error:
+        _warn("build", f"qhfast could not build its CPU kernel ({_cause(error)}), so CPU steps "
+                       "run several times slower: on the eager path by default, through "
+                       "torch.compile with fused=True. Install a C compiler or set CC to one; "
+                       "QHFAST_CPU_KERNEL=0 turns the kernel off, and this warning with it.")
+        return None
+    _declare(library)
+    global builds
+    builds += 1
+    return library
+
+
+def _key(compiler: tuple[str, ...], options: list[str]) -> str:
+    parts = [_MAGIC, SOURCE.read_bytes(), shlex.join([*compiler, *options]).encode(),
+             platform.machine().encode(), _cpu_model().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:24]
+
+
+def _cache_dir() -> Path:
+    """The configured cache directory (made if missing), or this process's private one where
+    it cannot be made or another user could write into it."""
+    directory = Path(os.environ.get("QHFAST_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qhfast"))
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = _unsafe(directory.stat())
+    except OSError as error:
+        problem = f"it cannot be made ({error})"
+    if problem is None:
+        return directory
+    return _refuse(directory, problem)
+
+
+def _refuse(directory: Path, problem: str) -> Path:
+    _warn(("cache", str(directory)),
+          f"qhfast does not use the kernel cache {directory}: {problem}. This process builds its "
+          "CPU kernels in a private temporary directory instead (about a second each). Set "
+          "QHFAST_CACHE_DIR to a directory that only you can write (mode 700).")
+    global _private
+    if _private is None:
+        _private = Path(tempfile.mkdtemp(prefix="qhfast-"))
+        atexit.register(shutil.rmtree, _private, ignore_errors=True)
+    return _private
+
+
+def _unsafe(info: os.stat_result) -> str | None:
+    """Why another user could have written this file or directory, or None."""
+    if not hasattr(os, "getuid"):
+        return None  # Windows: no POSIX owner and mode
+    if info.st_uid != os.getuid():
+        return f"it is owned by another user (uid {info.st_uid}), who could put code in it"
+    if info.st_mode & 0o022:
+        return (f"other users can write to it (mode {stat.S_IMODE(info.st_mode):o}), "
+                "and put code in it")
+    return None
+
+
+def _trailer(library: bytes) -> bytes:
+    return _MAGIC + hashlib.sha256(library).digest()
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` is a whole entry (its trailer matches) that no other user can have
+    written."""
+    try:
+        with open(path, "rb") as file:
+            info, data = os.fstat(file.fileno()), file.read()
+    except OSError:
+        return False
+    library = data[:-_TRAILER_SIZE]
+    return bool(library) and data[-_TRAILER_SIZE:] == _trailer(library) and _unsafe(info) is None
+
+
+def _build(compiler: tuple[str, ...], options: list[str], path: Path) -> Path:
+    """Compile the entry ``path`` in a scratch directory beside it and move it there
+    atomically; where that directory cannot be written, into the private one. Returns the
+    entry's path."""
+    try:
+        scratch = tempfile.mkdtemp(prefix=".build-", dir=path.parent)
+    except OSError as error:
+        if path.parent == _private:
+            raise
+        path = _refuse(path.parent, f"it cannot be written ({error})") / path.name
+        scratch = tempfile.mkdtemp(prefix=".build-", dir=path.parent)
+    try:
+        built = Path(scratch) / path.name
+        subprocess.run([*compiler, *options, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                       capture_output=True, text=True)
+        library = built.read_bytes()
+        built.write_bytes(library + _trailer(library))
+        built.chmod(0o700)  # not writable by others, whatever the umask
+        os.replace(built, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _cause(error: Exception) -> str:
+    if isinstance(error, subprocess.CalledProcessError):
+        output = (error.stderr or "").strip()
+        return (f"{shlex.join(error.cmd[:1])} exited with status {error.returncode}"
+                + (f": {output[:500]}" if output else ""))
+    return str(error)
+
+
+def _warn(key: object, message: str) -> None:
+    """A RuntimeWarning, once per process and ``key``, pointing at the caller's code (the
+    first frame outside qhfast and torch, e.g. ``optimizer.step()``)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("qhfast",
+                                                                                       "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _cpu_model() -> str:
