@@ -266,3 +266,27 @@ print(json.dumps({{"loaded": library is not None, "builds": cpu.builds}}))
     assert [json.loads(out) for out, _ in outputs] == [{"loaded": True, "builds": 1}] * 4
     (entry,) = os.listdir(cache)
     assert cpu._verified(cache / entry)
+
+
+def test_the_default_cache_made_open_by_0_1_0_is_closed_and_a_chosen_one_is_not(tmp_path,
+                                                                                monkeypatch):
+    """qhfast 0.1.0 made ``~/.cache/qhfast`` under the umask (775 with Ubuntu's 002): the
+    default directory, if ours, is set to 700 and used; a group-writable directory the user
+    chose (``QHFAST_CACHE_DIR``, perhaps shared on purpose) is left as it is, with a warning,
+    and a private directory is used instead."""
+    monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setattr(cpu, "_private", None)
+    default = tmp_path / "xdg" / "qhfast"
+    default.mkdir(parents=True)
+    default.chmod(0o775)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("QHFAST_CACHE_DIR", raising=False)
+    assert cpu._cache_dir() == default and (default.stat().st_mode & 0o777) == 0o700
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    chosen.chmod(0o775)
+    monkeypatch.setenv("QHFAST_CACHE_DIR", str(chosen))
+    with pytest.warns(RuntimeWarning, match="other users can write to it"):
+        private = cpu._cache_dir()
+    assert private != chosen and (chosen.stat().st_mode & 0o777) == 0o775
+    assert (private.stat().st_mode & 0o777) == 0o700

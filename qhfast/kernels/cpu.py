@@ -118,11 +118,18 @@ def _key(compiler: tuple[str, ...], options: list[str]) -> str:
 def _cache_dir() -> Path:
     """The configured cache directory (made if missing), or this process's private one where
     it cannot be made or another user could write into it."""
-    directory = Path(os.environ.get("QHFAST_CACHE_DIR") or os.path.join(
+    configured = os.environ.get("QHFAST_CACHE_DIR")
+    directory = Path(configured or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qhfast"))
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        problem = _unsafe(directory.stat())
+        info = directory.stat()
+        if not configured and info.st_mode & 0o077 and _unsafe(info, mode=False) is None:
+            # the default directory, ours, made by qhfast 0.1.0 under the umask (775 with
+            # Ubuntu's 002): closed to others; entries others could have written are rebuilt
+            directory.chmod(0o700)
+            info = directory.stat()
+        problem = _unsafe(info)
     except OSError as error:
         problem = f"it cannot be made ({error})"
     if problem is None:
@@ -142,13 +149,14 @@ def _refuse(directory: Path, problem: str) -> Path:
     return _private
 
 
-def _unsafe(info: os.stat_result) -> str | None:
-    """Why another user could have written this file or directory, or None."""
+def _unsafe(info: os.stat_result, mode: bool = True) -> str | None:
+    """Why another user could have written this file or directory (by its owner, and by its
+    mode unless ``mode`` is False), or None."""
     if not hasattr(os, "getuid"):
         return None  # Windows: no POSIX owner and mode
     if info.st_uid != os.getuid():
         return f"it is owned by another user (uid {info.st_uid}), who could put code in it"
-    if info.st_mode & 0o022:
+    if mode and info.st_mode & 0o022:
         return (f"other users can write to it (mode {stat.S_IMODE(info.st_mode):o}), "
                 "and put code in it")
     return None
