@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m perf" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     warnings.filterwarnings("ignore", message="This overload of add", category=UserWarning)
     began = time.perf_counter()
+    allocator = step_bench.fix_malloc_placement()
 
     def progress(text: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f} s] {text}", file=sys.stderr, flush=True)
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Bandwidth ({args.device}, 256 MiB buffers, measured before every row of every round): "
         f"copy {spread(streams['copy'])} GB/s, update (x += y) {spread(streams['update'])} GB/s "
         "(median, min-max). A row's floor is its moved bytes over the faster stream's median "
-        "in the measurements just before it.",
+        "in the measurements just before it. GB/s: moved bytes over the median step; "
+        "\"GB/s / fp32's\": that against the row with fp32 parameters and state on the same "
+        "path (a lean mode as fast as its bytes scores 1).",
+        "",
+        f"Allocator: {allocator}.",
         "",
     ]
     lines += step_table(runner.results, numel)
@@ -195,20 +200,24 @@ def step_table(results: dict[str, step_bench.Measurement], numel: int) -> list[s
     medians = {name: statistics.median(r.times) for name, r in results.items() if not r.missing}
     default_adam = next(v for k, v in medians.items() if k.startswith("torch Adam fp32") and "(default)" in k)
     fused_adam = medians["torch Adam fp32 fused"]
+    gbps = {name: results[name].traffic_bytes * numel / median / 1e9
+            for name, median in medians.items()}
     lines = ["| optimizer | median ms | p25-p75 ms | / torch Adam default | / torch Adam fused "
-             "| / floor | moved B/param | state B/param | step temp B/param |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| / floor | moved B/param | GB/s | GB/s / fp32's | state B/param | step temp B/param |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if r.missing:
-            lines.append(f"| {name} | {r.missing} |" + " |" * 8)
+            lines.append(f"| {name} | {r.missing} |" + " |" * 10)
             continue
         q1, median, q3 = step_bench.quartiles(r.times)
         floor = r.traffic_bytes * numel / (statistics.median(r.bandwidths) * 1e9)
         temp = "-" if r.peak_bytes is None else f"{r.peak_bytes:.2f}"
+        twin = step_bench.fp32_twin(name)
+        share = f"{gbps[name] / gbps[twin]:.2f}" if twin in gbps and twin != name else "-"
         lines.append(
             f"| {name} | {median * 1e3:.2f} | {q1 * 1e3:.2f}-{q3 * 1e3:.2f} | {median / default_adam:.2f} "
             f"| {median / fused_adam:.2f} | {median / floor:.2f} | {r.traffic_bytes:.0f} "
-            f"| {r.state_bytes:.2f} | {temp} |"
+            f"| {gbps[name]:.1f} | {share} | {r.state_bytes:.2f} | {temp} |"
         )
     return lines
 

@@ -7,6 +7,7 @@
     python perf/compare.py --dtype bfloat16 --low-precision kahan --state-dtype bfloat16
     python perf/compare.py --modes                     # every precision variant against each other
     python perf/compare.py --modes --foreach           # the same on the foreach path
+    python perf/compare.py --modes --large --rounds 3 --steps 3   # 64M params in 8 tensors
 
 The machine's speed drifts between processes by more than most changes are worth, so
 ``python -m perf`` tables cannot judge a small change. Here every contender steps the same
@@ -15,9 +16,11 @@ parameter tensors, in rounds that alternate between them, and the medians are co
 ``--low-precision`` and ``--state-dtype`` pass qhfast's precision options to the qhfast
 contenders (a revision from before them rejects them). ``--modes`` races the working tree's
 qhfast in every precision variant of ``step_bench.PRECISION_VARIANTS`` (fp32 parameters, and
-bf16 parameters in each ``low_precision`` mode, with and without bf16 moments) against each
+bf16/fp16 parameters in each ``low_precision`` mode, with and without bf16 moments) against each
 other and torch, each dtype's contenders sharing one parameter set, and prints each one's
-state and moved bytes per parameter and its time relative to the fp32 and bf16-master ones.
+state and moved bytes per parameter, its time relative to the fp32 and bf16-master ones, and
+its effective bandwidth (moved bytes over the median step) against the fp32 one's. Every run
+fixes glibc's mmap threshold (``step_bench.fix_malloc_placement``).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", help="git revision to compare against")
     parser.add_argument("--optimizer", choices=sorted(SETTINGS), default="QHAdam")
     parser.add_argument("--blocks", type=int, default=11)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=12)
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="qhfast with fused=True (compiles first) against torch's fused kernel")
     parser.add_argument("--foreach", action="store_true",
                         help="qhfast and torch with foreach=True (not the per-tensor loop)")
+    parser.add_argument("--large", action="store_true",
+                        help="64M parameters in 8 tensors (memory-bound: the bytes issue's setting)")
     parser.add_argument("--tiny", action="store_true",
                         help="the same number of tensors with 4 elements each: what is left is overhead")
     parser.add_argument("--low-precision", choices=["master", "kahan", "stochastic", "nearest"],
@@ -116,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     shapes = step_bench.transformer_shapes(args.blocks)
     if args.tiny:
         shapes = [(4,)] * len(shapes)
+    if args.large:  # the bytes issue's setting: 64M parameters in 8 tensors
+        shapes = [(8 * 2**20,)] * 8
+    allocator = step_bench.fix_malloc_placement()
     contenders = {}
     if args.modes:
         qhfast = qhfast_at(None)
         params = {dtype: step_bench.make_params(shapes, dtype, "cpu")
-                  for dtype in (torch.float32, torch.bfloat16)}
+                  for dtype in (torch.float32, torch.bfloat16, torch.float16)}
         for tag, dtype, options in step_bench.PRECISION_VARIANTS:
             if args.optimizer == "QHM" and tag in step_bench.QHADAM_ONLY:
                 continue
@@ -142,19 +150,25 @@ def main(argv: list[str] | None = None) -> int:
             samples[name] += step_bench.time_steps(optimizer.step, args.steps, 0, "cpu")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# python perf/compare.py {command}")
-    print(f"# {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.2f}M params; "
-          f"{args.rounds} rounds x {args.steps} steps, interleaved, same tensors; torch {torch.__version__}")
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(f"# {len(shapes)} tensors, {numel / 1e6:.2f}M params; {args.rounds} rounds x "
+          f"{args.steps} steps, interleaved, same tensors; torch {torch.__version__}; {allocator}")
     medians = {name: statistics.median(times) for name, times in samples.items()}
+    traffic = {name: step_bench.traffic_bytes_per_param(o) for name, o in contenders.items()}
     width = max(28, *(len(name) for name in samples))
     for name, times in samples.items():
         q1, median, q3 = step_bench.quartiles(times)
         line = f"{name:{width}s} median {median * 1e3:7.2f} ms   p25-p75 {q1 * 1e3:.2f}-{q3 * 1e3:.2f}"
         if args.modes:
             optimizer = contenders[name]
+            moved = step_bench.traffic_bytes_per_param(optimizer)
+            gbps = moved * numel / median / 1e9
+            fp32_gbps = traffic["qhfast fp32"] * numel / medians["qhfast fp32"] / 1e9
             line += (f"   / fp32 {median / medians['qhfast fp32']:.2f}"
                      f"   / bf16 master {median / medians['qhfast bf16 master']:.2f}"
                      f"   state {step_bench.state_bytes_per_param(optimizer):5.2f} B/param"
-                     f"   moved {step_bench.traffic_bytes_per_param(optimizer):3.0f} B/param")
+                     f"   moved {moved:3.0f} B/param   {gbps:5.1f} GB/s"
+                     f" ({gbps / fp32_gbps:.2f} of fp32's)")
         print(line)
     return 0
 

@@ -17,9 +17,10 @@ QH rows use the paper's recommended settings (QHM ``nu=0.7, momentum=0.999``; QH
 qhfast rows come in precision variants (``PRECISION_VARIANTS``), named after the dtype: fp32
 parameters (and QHAdam with bf16 moments, ``fp32 bf16-state``), and bf16 parameters with each
 ``low_precision`` mode (``master``, ``kahan``, ``stochastic``, ``nearest``), ``+bf16-state``
-where the moments are stored in bf16 (``state_dtype=torch.bfloat16``). State per bf16 parameter
-element, QHAdam / QHM: master 12 / 8 bytes, kahan 10 / 6, kahan+bf16-state 6 / 4, stochastic
-8 / 4, stochastic+bf16-state 4 / 2, nearest 8 / 4.
+where the moments are stored in bf16 (``state_dtype=torch.bfloat16``); fp16 parameters in
+the same modes. State per bf16 (or fp16) parameter element, QHAdam / QHM: master 12 / 8 bytes,
+kahan 10 / 6, kahan+bf16-state 6 / 4, stochastic 8 / 4, stochastic+bf16-state 4 / 2, nearest
+8 / 4.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ PRECISION_VARIANTS: tuple[tuple[str, torch.dtype, dict], ...] = (
     ("bf16 stochastic+bf16-state", torch.bfloat16,
      dict(low_precision="stochastic", state_dtype=torch.bfloat16)),
     ("bf16 nearest", torch.bfloat16, dict(low_precision="nearest")),
+    ("fp16 master", torch.float16, dict(low_precision="master")),
+    ("fp16 kahan+bf16-state", torch.float16, dict(low_precision="kahan", state_dtype=torch.bfloat16)),
+    ("fp16 stochastic+bf16-state", torch.float16,
+     dict(low_precision="stochastic", state_dtype=torch.bfloat16)),
+    ("fp16 nearest", torch.float16, dict(low_precision="nearest")),
 )
 #: variants with QHAdam rows only (QHM's state is one momentum buffer: fp32 with bf16 state
 #: says nothing the QHAdam row does not)
@@ -144,6 +150,35 @@ QUICK_ROWS = (
     "qhfast QHM fp32 CUDA graph", "qhfast QHAdam fp32 CUDA graph", "torch Adam fp32 fused CUDA graph",
     "qhoptim 1.1.0 QHM fp32", "qhoptim 1.1.0 QHAdam fp32",
 )
+
+
+def fp32_twin(name: str) -> str:
+    """The row with fp32 parameters and state on the same path as ``name`` (the row whose
+    effective bandwidth a precision variant is measured against): its dtype tag replaced."""
+    tags = sorted({tag for tag, _, _ in PRECISION_VARIANTS} | set(DTYPES), key=len, reverse=True)
+    for tag in tags:
+        if f" {tag} " in f"{name} ":
+            return f"{name} ".replace(f" {tag} ", " fp32 ", 1).rstrip()
+    return name
+
+
+def fix_malloc_placement() -> str:
+    """Keep glibc's allocator from deciding a comparison. After a large tensor is freed, glibc
+    raises its mmap threshold and serves later tensors from the heap, one after another at
+    addresses that coincide modulo 2 MiB, where the same streaming step runs ~40% slower (the
+    bytes issue measured it); which rows got such tensors would then depend on the order of the
+    rows. A fixed threshold (64 KiB, as ``MALLOC_MMAP_THRESHOLD_=65536`` would set) gives every
+    large tensor its own mapping. Returns what was done, for the results."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        done = libc.mallopt(-3, 65536) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        done = False
+    return ("glibc's mmap threshold fixed at 64 KiB (mallopt, as MALLOC_MMAP_THRESHOLD_=65536)"
+            if done else "the allocator as it is (no glibc mallopt)")
 
 
 def rows(device: str, fused: bool = True, every_fused: bool = False, full: bool = True) -> list[Row]:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
@@ -23,8 +24,8 @@ def _table_rows(table: str) -> list[list[str]]:
 
 
 def _rows(table: str) -> dict[str, list[str]]:
-    """The step table's rows by name (9 cells: the quality tables have 6)."""
-    return {cells[0]: cells[1:] for cells in _table_rows(table) if len(cells) == 9}
+    """The step table's rows by name (11 cells: the quality tables have 6)."""
+    return {cells[0]: cells[1:] for cells in _table_rows(table) if len(cells) == 11}
 
 
 def _quality_rows(table: str) -> list[list[str]]:
@@ -41,6 +42,10 @@ PRECISION_BYTES = {
     "bf16 stochastic": ((8, 22), (4, 14)),
     "bf16 stochastic+bf16-state": ((4, 14), (2, 10)),
     "bf16 nearest": ((8, 22), (4, 14)),
+    "fp16 master": ((12, 28), (8, 20)),
+    "fp16 kahan+bf16-state": ((6, 18), (4, 14)),
+    "fp16 stochastic+bf16-state": ((4, 14), (2, 10)),
+    "fp16 nearest": ((8, 22), (4, 14)),
 }
 
 
@@ -68,11 +73,24 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     assert "round 1/1" in done.stderr and "s left" in done.stderr  # progress, time left
     assert "Failed to initialize NumPy" not in done.stderr
     rows = _rows(done.stdout)
-    # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, state, temp
-    assert rows["qhfast QHAdam fp32 (default)"][5:7] == ["28", "8.00"]
-    assert rows["qhfast QHAdam fp32 per-tensor"][5:7] == ["28", "8.00"]
-    assert rows["qhfast QHAdam fp32 fused"][5:7] == ["28", "8.00"]
-    assert rows["qhfast QHAdam fp32 bf16-state (default)"][5:7] == ["20", "4.00"]
+    # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, GB/s,
+    # GB/s / fp32's, state, temp
+    moved_and_state = {name: (cells[5], cells[8]) for name, cells in rows.items()}
+    assert moved_and_state["qhfast QHAdam fp32 (default)"] == ("28", "8.00")
+    assert moved_and_state["qhfast QHAdam fp32 per-tensor"] == ("28", "8.00")
+    assert moved_and_state["qhfast QHAdam fp32 fused"] == ("28", "8.00")
+    assert moved_and_state["qhfast QHAdam fp32 bf16-state (default)"] == ("20", "4.00")
+    # effective bandwidth: moved bytes over the step, and against the fp32 row of the path
+    lean, fp32 = rows["qhfast QHAdam fp32 bf16-state (default)"], rows["qhfast QHAdam fp32 (default)"]
+    # (the medians are printed to 0.005 ms, the ratios to 0.005, GB/s to 0.05)
+    import step_bench
+
+    numel = sum(torch.Size(shape).numel() for shape in step_bench.transformer_shapes(1, 64))
+    lean_ms, fp32_ms = float(lean[0]), float(fp32[0])
+    ratio, slack = (20 / lean_ms) / (28 / fp32_ms), 0.005 / lean_ms + 0.005 / fp32_ms
+    assert fp32[7] == "-" and abs(float(lean[7]) - ratio) <= 0.005 + ratio * slack
+    gbps = 28 * numel / fp32_ms / 1e6
+    assert abs(float(fp32[6]) - gbps) <= 0.05 + gbps * 0.005 / fp32_ms
     assert rows["torch Adam fp32 fused"][3] == "1.00"
     assert float(rows["qhfast QHAdam fp32 foreach"][4]) > 0  # a floor ratio was computed
     assert "qhoptim 1.1.0 QHAdam fp32" in rows
