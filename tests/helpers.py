@@ -100,6 +100,21 @@ def max_relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor])
     )
 
 
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many steps of their floating dtype (fp16, bf16 or fp32, the same for both) lie
+    between ``a`` and ``b``, elementwise, as int64: 0 for the same value (+0 and -0 alike), 1 for
+    neighbours."""
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    assert a.dtype == b.dtype and a.dtype in bits
+
+    def ordinal(x: torch.Tensor) -> torch.Tensor:  # sign-magnitude bits to a monotonic integer
+        i = x.contiguous().view(bits[x.dtype]).to(torch.int64)
+        magnitude = i & (torch.iinfo(bits[x.dtype]).max)
+        return torch.where(i < 0, -magnitude, magnitude)
+
+    return (ordinal(a) - ordinal(b)).abs()
+
+
 def snapshot(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
     """Deep copy of everything a step could change: params, grads, state, hyperparameters."""
 
