@@ -92,17 +92,18 @@ static inline uint16_t float_to_half_nearest(float f) {
     return (uint16_t)(((u >> 16) & 0x8000u) | half);
 }
 
-/* up or down at random, unbiased; r holds 16 random bits. From 2^-14 up the 13 dropped bits
- * carry with probability (dropped bits) / 2^13 (as for bf16, sign-magnitude; infinities stay,
- * overflow goes to infinity); below, the value is floor(a * 2^24) or one more subnormal step,
- * up with probability (the fraction, to 2^-16) */
+/* up or down at random, unbiased; r holds 13 (or more) random bits. From 2^-14 up the 13
+ * dropped bits carry with probability (dropped bits) / 2^13 (as for bf16, sign-magnitude;
+ * infinities stay, overflow goes to infinity). Below, on the subnormal grid (2^-24 apart),
+ * the same on a + 2^-14, whose fp32 bits hold a's grid position in the same place (that
+ * addition rounds a to 2^-37 first: a bias of at most 2^-14 of the grid spacing), less the
+ * 2^-14 */
 static inline uint16_t float_to_half_stochastic(float f, uint32_t r) {
-    const uint32_t u = float_bits(f), magnitude = u & 0x7FFFFFFFu;
-    const float a = fabsf(f), scaled = a * 0x1p24f; /* exact: a power-of-two scaling */
-    const float below = truncf(scaled);             /* below 2^-14: at most 1024 */
-    const uint32_t small = (uint32_t)below + (scaled - below > (float)(r & 0xFFFFu) * 0x1p-16f);
-    const uint32_t normal = ((magnitude + (r & 0x1FFFu)) >> 13) - ((127u - 15u) << 10);
-    uint32_t half = a < 0x1p-14f ? small : normal;
+    const uint32_t u = float_bits(f);
+    const float a = fabsf(f);
+    const int subnormal = a < 0x1p-14f;
+    const uint32_t bits = subnormal ? float_bits(a + 0x1p-14f) : u & 0x7FFFFFFFu;
+    uint32_t half = ((bits + (r & 0x1FFFu)) >> 13) - ((127u - 15u) << 10) - (subnormal ? 0x0400u : 0u);
     half = half > 0x7C00u ? 0x7C00u : half;
     half = a != a ? 0x7E00u : half; /* NaN */
     return (uint16_t)(((u >> 16) & 0x8000u) | half);
@@ -234,8 +235,8 @@ static inline uint32_t weyl_hash(uint32_t x) {
     x *= 0x9E3779B1u;
     return x ^ (x >> 16);
 }
-#define RANDOM(i) (NEEDS_RANDOM ? weyl_hash((uint32_t)(span.offset + (i)) ^ seed) : 0u)
-#define MORE_RANDOM(i) (((uint32_t)(span.offset + (i)) ^ seed2) * 0x9E3779B1u)
+#define RANDOM(i) (NEEDS_RANDOM ? weyl_hash(element ^ seed) : 0u)
+#define MORE_RANDOM(i) ((element ^ seed2) * 0x9E3779B1u)
 
 /* The element loops are straight loops the compiler vectorizes: a flag that picks between
  * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
@@ -281,7 +282,11 @@ INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
     const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
     const real eps = s->eps;
-    for (int64_t i = span.start; i < span.stop; i++) {
+    const uint32_t first = (uint32_t)(span.offset + span.start);
+    const int count = (int)(span.stop - span.start);
+    for (int k = 0; k < count; k++) {
+        const int64_t i = span.start + k;
+        const uint32_t element = first + (uint32_t)k;
         BEGIN_ELEMENT(i);
         const real m0 = LOAD_STATE(m_, i);
         const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
@@ -361,7 +366,11 @@ INLINE void qhm_elements(span_t span, const qhm_scalars *s, uint32_t seed,
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
     const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
     const real d_scale = s->d_scale;
-    for (int64_t i = span.start; i < span.stop; i++) {
+    const uint32_t first = (uint32_t)(span.offset + span.start);
+    const int count = (int)(span.stop - span.start);
+    for (int k = 0; k < count; k++) {
+        const int64_t i = span.start + k;
+        const uint32_t element = first + (uint32_t)k;
         BEGIN_ELEMENT(i);
         const real b0 = LOAD_STATE(b_, i);
         const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
