@@ -178,10 +178,12 @@ def qhadam_apply(
             torch._foreach_add_(denom, eps)
     if found_inf is not None:  # a skipped step must not compute 0/0 (eps = 0, no history)
         skip = found_inf.to(params[0].dtype)
+        # alpha selects the Tensor overload: without it a 0-d tensor binds to the Scalar one,
+        # which reads its value on the host (a sync; an error inside CUDA-graph capture)
         if recording:
-            denom = torch._foreach_add(denom, skip)
+            denom = torch._foreach_add(denom, skip, alpha=1.0)
         else:
-            torch._foreach_add_(denom, skip)
+            torch._foreach_add_(denom, skip, alpha=1.0)
 
     if maybe_nonzero(nu1):
         foreach_addcdiv_(params, exp_avgs, denom, -lr * nu1)
