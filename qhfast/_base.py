@@ -453,8 +453,8 @@ class QHOptimizer(Optimizer):
         # Check every group before touching any tensor: a step that raises changes nothing.
         with_grads = [self._params_with_grads(group) for group in self.param_groups]
         # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        grad_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
+        found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
         sync_free = all(
             self._device_path(group) for group, params in zip(self.param_groups, with_grads) if params
         )
@@ -687,6 +687,19 @@ def _counters_on_device(group: dict[str, Any]) -> bool:
     """Whether the group's step counters live on the parameters' device (read by no host);
     differentiable steps compute their factors there too, as tensors autograd can follow."""
     return bool(group["capturable"] or group["fused"] or group["differentiable"])
+
+
+def _amp_scalar(value: Tensor | None, name: str) -> Tensor | None:
+    """GradScaler's ``grad_scale`` or ``found_inf`` as a 0-d tensor: a 1-element one of any
+    shape (GradScaler's own are ``(1,)``, as torch's fused optimizers accept) is viewed as 0-d,
+    with no copy and no host read; anything else raises ``ValueError`` before the step."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"optimizer.{name} must be a tensor of one element (GradScaler's "
+                         f"scale or found_inf), got {shape}")
+    return value.reshape(())
 
 
 class AmpArgs(NamedTuple):

@@ -204,3 +204,30 @@ def test_a_skipped_first_step_leaves_a_fresh_optimizer(name, mode):
             scaler.update()
         runs.append([p.detach().clone() for p in params])
     assert_same(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["float_path", "device_path"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_grad_scale_and_found_inf_of_shape_1_are_taken_as_0_d(name, capturable):
+    """GradScaler's tensors are of shape (1,), and torch's fused optimizers take those: the
+    same steps with (1,)-shaped and 0-d grad_scale/found_inf land on the same bits. A tensor of
+    two elements raises ValueError naming it and changes nothing."""
+    finals = []
+    for shape in ((), (1,)):
+        problem = Problem()
+        params = problem.params(torch.float32)
+        optimizer = OPTIMIZERS[name](params, capturable=capturable)
+        for t, skip in enumerate((0.0, 1.0, 0.0)):
+            problem.set_grads(params, t)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(8.0)
+            optimizer.grad_scale = torch.full(shape, 8.0)
+            optimizer.found_inf = torch.full(shape, skip)
+            optimizer.step()
+        finals.append(snapshot(optimizer, params))
+    assert_same(finals[0], finals[1])
+    optimizer.grad_scale = torch.full((2,), 8.0)
+    with pytest.raises(ValueError, match="grad_scale must be a tensor of one element"):
+        optimizer.step()
+    assert_same(snapshot(optimizer, params), finals[1])
