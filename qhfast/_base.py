@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, required
 
 from . import _differentiable as differentiable
 from . import _fused
@@ -310,7 +310,8 @@ class QHOptimizer(Optimizer):
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
         )
-        self._check_group(defaults)
+        if not any(value is required for value in defaults.values()):
+            self._check_group(defaults)  # else each group is checked with what it gives
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
         #: index (not id(group): dynamo before torch 2.13 cannot trace id() of a dict)
         self._precision_made: dict[int, tuple[str, torch.dtype | None]] = {}
@@ -372,6 +373,8 @@ class QHOptimizer(Optimizer):
         merged = precision.upgrade_group({k: v for k, v in param_group.items() if k != "params"})
         for key, value in self.defaults.items():
             merged.setdefault(key, value)
+            if merged[key] is required:  # neither the constructor nor the group gave it
+                raise TypeError(f"{type(self).__name__}() missing required argument: '{key}'")
         self._check_group(merged)
         precision.upgrade_group(param_group)
         super().add_param_group(param_group)

@@ -131,9 +131,8 @@ class QHM(QHOptimizer):
         state_dtype: torch.dtype | None = None,
         master_weights: bool | None = None,
     ) -> None:
-        for name, value in (("lr", lr), ("momentum", momentum), ("nu", nu)):
-            if value is required:
-                raise TypeError(f"QHM() missing required argument: '{name}'")
+        # lr, momentum and nu may instead come in every param group (torch.optim's `required`):
+        # a group that has none of its own raises TypeError in add_param_group
         defaults = dict(
             lr=lr,
             momentum=momentum,

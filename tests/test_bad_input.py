@@ -135,3 +135,24 @@ def test_state_dict_with_an_invalid_hyperparameter_is_refused_and_changes_nothin
     with pytest.raises(ValueError, match=r"Invalid learning rate: -0.5 \(lr must be"):
         optimizer.load_state_dict(corrupt)
     assert_same(snapshot(optimizer, params), before)
+
+
+def test_qhm_takes_its_required_hyperparameters_from_every_param_group():
+    """As torch.optim's ``required``: lr, momentum and nu given by each param group instead of
+    the constructor give the constructor's trajectory; a group added later without them raises
+    TypeError naming the first missing one and adds nothing."""
+    settings = dict(lr=0.1, momentum=0.9, nu=0.7)
+    finals = []
+    for make in (lambda ps: qhfast.QHM(ps, **settings),
+                 lambda ps: qhfast.QHM([{"params": ps, **settings}])):
+        params = [_param(), _param()]
+        optimizer = make(params)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, float(t + 1))
+            optimizer.step()
+        finals.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    with pytest.raises(TypeError, match="QHM\\(\\) missing required argument: 'momentum'"):
+        optimizer.add_param_group({"params": [_param()], "lr": 0.1})
+    assert len(optimizer.param_groups) == 1
