@@ -198,6 +198,11 @@ def prepare_grads(
 # the base class
 
 
+#: the devices ``fused=True`` has a step for: the C kernel (or the compiled group step) on the
+#: CPU, the group's step compiled by inductor (Triton) on CUDA and XPU
+FUSED_DEVICES = ("cpu", "cuda", "xpu")
+
+
 class QHOptimizer(Optimizer):
     """Base of QHM and QHAdam: flags, validation, grouping, fp32 masters, state_dict handling.
 
@@ -404,6 +409,12 @@ class QHOptimizer(Optimizer):
                 f"complex parameters, got a parameter of dtype {p.dtype} (its update is rounded "
                 "to it, as low_precision says, which autograd cannot differentiate)"
             )
+        if group["fused"] and p.device.type not in FUSED_DEVICES:
+            raise RuntimeError(
+                f"{type(self).__name__} with fused=True needs parameters on a device it has a "
+                f"fused step for ({', '.join(FUSED_DEVICES)}), got a parameter on "
+                f"{p.device.type}; use fused=None (the default) or foreach"
+            )
         if p.is_complex() and group["state_dtype"] is not None:
             raise ValueError(
                 f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
@@ -499,7 +510,7 @@ class QHOptimizer(Optimizer):
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
-        checked_dtypes = set()  # what _check_param says depends on the dtype (and the group)
+        checked = set()  # what _check_param says depends on the dtype and device (and the group)
         differentiable = group["differentiable"]
         for p in group["params"]:
             grad = p.grad
@@ -509,9 +520,10 @@ class QHOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if not (type(grad) is Tensor and type(p) in _PLAIN_PARAM_TYPES):
                 _check_distributed_grad(p, type(self).__name__)
-            if p.dtype not in checked_dtypes:
+            kind = (p.dtype, p.device.type)
+            if kind not in checked:
                 self._check_param(p, group)  # options may have changed since add_param_group
-                checked_dtypes.add(p.dtype)
+                checked.add(kind)
             if differentiable and p.is_leaf and p.requires_grad:
                 raise RuntimeError(
                     f"{type(self).__name__} with differentiable=True updates its parameters in "

@@ -156,3 +156,19 @@ def test_qhm_takes_its_required_hyperparameters_from_every_param_group():
     with pytest.raises(TypeError, match="QHM\\(\\) missing required argument: 'momentum'"):
         optimizer.add_param_group({"params": [_param()], "lr": 0.1})
     assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_on_a_device_without_a_fused_step_is_refused_before_anything_is_made(name):
+    """fused=True with parameters on the meta device (no kernel, and inductor cannot compile
+    for it) raises RuntimeError naming the devices it serves: at construction, and at a step
+    of a group switched to fused=True later, before any state is made."""
+    p = torch.zeros(3, device="meta", requires_grad=True)
+    with pytest.raises(RuntimeError, match="fused=True needs parameters on a device"):
+        OPTIMIZERS[name]([p], fused=True)
+    optimizer = OPTIMIZERS[name]([p])
+    optimizer.param_groups[0]["fused"] = True
+    p.grad = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True needs parameters on a device"):
+        optimizer.step()
+    assert not optimizer.state
