@@ -344,7 +344,13 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
         s.f2 = (real)fractions[2 * t + 1];
         s.keep2 = (real)(1.0 - fractions[2 * t + 1]);
         const int low_weight = fabs((double)s.f1) < 0.5;
-if (nu2_is_one && low_weight) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 1, 1);
+        /* the usual case (ν2 = 1, after the first step) with its decay a constant */
+        if (nu2_is_one && low_weight && decay_kind == NO_DECAY)
+            qhadam_elements(span, &s, seed, seed2, NO_DECAY, terms, 1, 1);
+        else if (nu2_is_one && low_weight && decay_kind == DECOUPLED_DECAY)
+            qhadam_elements(span, &s, seed, seed2, DECOUPLED_DECAY, terms, 1, 1);
+        else if (nu2_is_one && low_weight)
+            qhadam_elements(span, &s, seed, seed2, COUPLED_DECAY, terms, 1, 1);
         else if (nu2_is_one) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 1, 0);
         else if (low_weight) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 1);
         else qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 0);
