@@ -144,8 +144,20 @@ def test_kernel_kahan_accumulates_updates_below_half_an_ulp():
     assert torch.equal(finals["nearest"], torch.ones(64))
 
 
+@pytest.fixture(params=["native", "no_f16c"])
+def fp16_conversions(request, monkeypatch):
+    """The kernel's two ways to convert fp16: F16C instructions on a staged block where the
+    machine has them (this one: "native"), and integer and float operations where it has not
+    ("no_f16c": built with -mno-f16c, under its own cache key)."""
+    if request.param == "no_f16c":
+        monkeypatch.setattr(qhfast.kernels.cpu, "FLAGS", [*qhfast.kernels.cpu.FLAGS, "-mno-f16c"])
+        monkeypatch.setattr(qhfast.kernels.cpu, "_libraries", {})
+    return request.param
+
+
+@pytest.mark.usefixtures("fp16_conversions")
 def test_kernel_reads_every_fp16_value_as_torch_does():
-    """The kernel converts fp16 in integer and float operations (vectorized on any x86-64):
+    """The kernel converts fp16 (with F16C, or in integer and float operations without):
     each of the 65536 fp16 values, as a gradient, reaches the fp32 master as torch's
     conversion gives it. QHM with ν = 0 and β = 0 is SGD; with maximize and lr 1 the master,
     0 at first, becomes 0 + g exactly (-0.0 becomes +0.0, which equals)."""
@@ -160,6 +172,7 @@ def test_kernel_reads_every_fp16_value_as_torch_does():
     assert torch.equal(p.detach()[~nan], halves[~nan])  # and back, bit for bit but NaNs
 
 
+@pytest.mark.usefixtures("fp16_conversions")
 def test_kernel_rounds_fp32_to_fp16_as_torch_does():
     """fp32 masters written to fp16 parameters: round to nearest even as torch's conversion,
     over every exponent (random bit patterns), ties, the subnormal range and its edges,
@@ -193,6 +206,7 @@ def test_kernel_rounds_fp32_to_fp16_as_torch_does():
     (torch.float16, 1.0, 2.0**-10), (torch.float16, -1.0, 2.0**-10),
     (torch.float16, 2.0**-24, 2.0**-24),  # the subnormal range (a fixed spacing of 2^-24)
 ], ids=["bf16", "bf16_negative", "fp16", "fp16_negative", "fp16_subnormal"])
+@pytest.mark.usefixtures("fp16_conversions")
 def test_kernel_stochastic_rounding_is_unbiased(dtype, start, spacing):
     """The kernel's "stochastic" mode: 2^16 parameters at ``start`` each take an SGD step of an
     eighth of their spacing (QHM, ν = 0, maximize with lr 1/8 and the gradient one spacing),

@@ -129,6 +129,42 @@ typedef uint16_t param_t;
 #define STORE_NEAREST(p, i, x) ((p)[i] = TO_PARAM_NEAREST(x))
 #endif
 
+/* fp16 with F16C (x86 since 2013): the element loop reads and writes fp32 copies of a block of
+ * the fp16 tensors (gradient, parameter, compensation) in a stage that stays in L1, converted
+ * 8 at a time by vcvtph2ps / vcvtps2ph (round to nearest even, as torch). The loop itself
+ * cannot use the conversion instructions: compilers vectorize no _Float16 conversion without
+ * AVX512-FP16. Without F16C the loop converts in integer and float operations (above). */
+#if PARAM == 2 && defined(__F16C__)
+#include <immintrin.h>
+#define STAGED 1
+#define BLOCK 512
+typedef struct {
+    float grad[BLOCK], theta[BLOCK], compensation[BLOCK], out[BLOCK];
+    uint32_t bits[BLOCK]; /* MODE 2: the random bits of each element's compensation */
+} stage_t;
+
+static void halves_to_floats(const uint16_t *src, float *dst, int n) {
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + k))));
+    for (; k < n; k++) dst[k] = _cvtsh_ss(src[k]);
+}
+
+static void floats_to_halves(const float *src, uint16_t *dst, int n) {
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm_storeu_si128((__m128i *)(dst + k),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+    for (; k < n; k++) dst[k] = _cvtss_sh(src[k], _MM_FROUND_TO_NEAREST_INT);
+}
+#else
+#define STAGED 0
+#define BLOCK (1 << 30) /* one block: the whole span */
+typedef struct {
+    char unused;
+} stage_t;
+#endif
+
 #if STATE == 0
 typedef real state_t;
 #define LOAD_STATE(s, i) ((s)[i])
@@ -152,26 +188,43 @@ typedef uint16_t state_t;
 
 /* ---- the parameter's working value, read and written as MODE says ------------------------ */
 
+/* (element i of the tensor, k of the block: staged fp16 reads and writes the stage at k) */
+#if STAGED
+#define LOAD_GRAD(k, i) (stage->grad[k])
+#define LOAD_PARAM_VALUE(k, i) (stage->theta[k])
+#define LOAD_COMPENSATION(k, i) (stage->compensation[k])
+#define STORE_ROUNDED(k, i, x) (stage->out[k] = (x)) /* rounded by stage_out */
+#else
+#define LOAD_GRAD(k, i) LOAD_PARAM(grad, i)
+#define LOAD_PARAM_VALUE(k, i) LOAD_PARAM(param, i)
+#define LOAD_COMPENSATION(k, i) FROM_PARAM(compensation[i])
+#define STORE_ROUNDED(k, i, x) STORE_NEAREST(param, i, x)
+#endif
+
 #if MODE == 0
-#define LOAD_THETA(i) LOAD_PARAM(param, i)
-#define STORE_THETA(i, x, r) (param[i] = (x))
+#define LOAD_THETA(k, i) LOAD_PARAM(param, i)
+#define STORE_THETA(k, i, x, r) (param[i] = (x))
 #elif MODE == 1 /* master */
-#define LOAD_THETA(i) (master[i])
-#define STORE_THETA(i, x, r) (master[i] = (x), STORE_NEAREST(param, i, x))
+#define LOAD_THETA(k, i) (master[i])
+#define STORE_THETA(k, i, x, r) (master[i] = (x), STORE_ROUNDED(k, i, x))
 #elif MODE == 2 /* kahan: theta + c is exact in fp32; c keeps what rounding theta lost */
-#define LOAD_THETA(i) (LOAD_PARAM(param, i) + FROM_PARAM(compensation[i]))
-#define STORE_THETA(i, x, r)                                                           \
+#define LOAD_THETA(k, i) (LOAD_PARAM_VALUE(k, i) + LOAD_COMPENSATION(k, i))
+#if STAGED /* rounded to nearest by stage_out, which then rounds the rest into c */
+#define STORE_THETA(k, i, x, r) (stage->out[k] = (x), stage->bits[k] = (r))
+#else
+#define STORE_THETA(k, i, x, r)                                                        \
     do {                                                                               \
         const uint16_t nearest_ = TO_PARAM_NEAREST(x);                                 \
         param[i] = nearest_;                                                           \
         compensation[i] = TO_PARAM_STOCHASTIC((x) - FROM_PARAM(nearest_), (r) >> 16);  \
     } while (0)
+#endif
 #elif MODE == 3 /* stochastic */
-#define LOAD_THETA(i) LOAD_PARAM(param, i)
-#define STORE_THETA(i, x, r) (param[i] = TO_PARAM_STOCHASTIC(x, (r) >> 16))
+#define LOAD_THETA(k, i) LOAD_PARAM_VALUE(k, i)
+#define STORE_THETA(k, i, x, r) (param[i] = TO_PARAM_STOCHASTIC(x, (r) >> 16))
 #else /* nearest */
-#define LOAD_THETA(i) LOAD_PARAM(param, i)
-#define STORE_THETA(i, x, r) STORE_NEAREST(param, i, x)
+#define LOAD_THETA(k, i) LOAD_PARAM_VALUE(k, i)
+#define STORE_THETA(k, i, x, r) STORE_ROUNDED(k, i, x)
 #endif
 
 /* ---- the chunk table ---------------------------------------------------------------------- */
@@ -252,19 +305,54 @@ enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are n
     const param_t *grad = (span).grad;                                                    \
     float *master = (span).master;                                                        \
     uint16_t *compensation = (span).compensation;                                         \
-    (void)master;                                                                         \
-    (void)compensation
+    (void)param, (void)grad, (void)master, (void)compensation
 
 /* the start of every element's update (both optimizers): its random bits r, the working value
  * theta (decayed first when the decay is decoupled) and the step's gradient d (scaled, the
  * coupled decay added) */
-#define BEGIN_ELEMENT(i)                                                                  \
+#define BEGIN_ELEMENT(k, i)                                                               \
     const uint32_t r = RANDOM(i);                                                         \
     (void)r; /* unused where nothing is rounded stochastically */                         \
-    real theta = LOAD_THETA(i);                                                           \
+    real theta = LOAD_THETA(k, i);                                                        \
     if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;                             \
-    real d = (real)LOAD_PARAM(grad, i) * factor;                                          \
+    real d = (real)LOAD_GRAD(k, i) * factor;                                              \
     if (decay_kind == COUPLED_DECAY) d = d + coupled * theta
+
+/* A span's elements block by block: each block staged in and out where STAGED (one block,
+ * the whole span, with nothing staged otherwise). `elements` is the element loop's call with
+ * (span, lo, count, &stage) first. */
+#define BY_BLOCK(span, elements, ...)                                                     \
+    do {                                                                                  \
+        stage_t stage_;                                                                   \
+        for (int64_t lo_ = (span).start; lo_ < (span).stop; lo_ += BLOCK) {               \
+            const int count_ = (int)((span).stop - lo_ < BLOCK ? (span).stop - lo_ : BLOCK); \
+            stage_in(&(span), lo_, count_, &stage_);                                      \
+            elements((span), lo_, count_, &stage_, __VA_ARGS__);                          \
+            stage_out(&(span), lo_, count_, &stage_);                                     \
+        }                                                                                 \
+    } while (0)
+
+#if STAGED
+static inline void stage_in(const span_t *span, int64_t lo, int count, stage_t *stage) {
+    halves_to_floats(span->grad + lo, stage->grad, count);
+    if (MODE != 1) halves_to_floats(span->param + lo, stage->theta, count);
+    if (MODE == 2) halves_to_floats(span->compensation + lo, stage->compensation, count);
+}
+
+static inline void stage_out(const span_t *span, int64_t lo, int count, stage_t *stage) {
+    if (MODE == 3) return; /* written by the loop, rounded at random */
+    floats_to_halves(stage->out, span->param + lo, count);
+    if (MODE != 2) return;
+    /* kahan: c = what rounding theta to nearest lost, itself rounded at random */
+    halves_to_floats(span->param + lo, stage->theta, count);
+    uint16_t *compensation = span->compensation + lo;
+    for (int k = 0; k < count; k++)
+        compensation[k] = TO_PARAM_STOCHASTIC(stage->out[k] - stage->theta[k], stage->bits[k] >> 16);
+}
+#else
+#define stage_in(span, lo, count, stage) ((void)0)
+#define stage_out(span, lo, count, stage) ((void)0)
+#endif
 
 /* ---- QHAdam ------------------------------------------------------------------------------- */
 
@@ -273,8 +361,9 @@ typedef struct {
     real decay, coupled, factor, nu2, one_minus_nu2, m_scale, d_scale, eps; /* per call */
 } qhadam_scalars;
 
-INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
-                            uint32_t seed2, const int decay_kind, const int terms, const int nu2_is_one,
+INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
+                            const qhadam_scalars *s, uint32_t seed, uint32_t seed2,
+                            const int decay_kind, const int terms, const int nu2_is_one,
                             const int low_weight) {
     SPAN_TENSORS(span);
     state_t *m_ = span.first, *v_ = span.second;
@@ -282,12 +371,12 @@ INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
     const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
     const real eps = s->eps;
-    const uint32_t first = (uint32_t)(span.offset + span.start);
-    const int count = (int)(span.stop - span.start);
+    const uint32_t first = (uint32_t)(span.offset + lo);
+    (void)stage;
     for (int k = 0; k < count; k++) {
-        const int64_t i = span.start + k;
+        const int64_t i = lo + k;
         const uint32_t element = first + (uint32_t)k;
-        BEGIN_ELEMENT(i);
+        BEGIN_ELEMENT(k, i);
         const real m0 = LOAD_STATE(m_, i);
         const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
         const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
@@ -299,7 +388,7 @@ INLINE void qhadam_elements(span_t span, const qhadam_scalars *s, uint32_t seed,
         theta = theta + step / den;
         STORE_STATE(m_, i, m, r);
         STORE_STATE(v_, i, v, r >> 16);
-        STORE_THETA(i, theta, STATE == 1 ? MORE_RANDOM(i) : r);
+        STORE_THETA(k, i, theta, STATE == 1 ? MORE_RANDOM(i) : r);
     }
 }
 
@@ -346,14 +435,14 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
         const int low_weight = fabs((double)s.f1) < 0.5;
         /* the usual case (ν2 = 1, after the first step) with its decay a constant */
         if (nu2_is_one && low_weight && decay_kind == NO_DECAY)
-            qhadam_elements(span, &s, seed, seed2, NO_DECAY, terms, 1, 1);
+            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, NO_DECAY, terms, 1, 1);
         else if (nu2_is_one && low_weight && decay_kind == DECOUPLED_DECAY)
-            qhadam_elements(span, &s, seed, seed2, DECOUPLED_DECAY, terms, 1, 1);
+            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, DECOUPLED_DECAY, terms, 1, 1);
         else if (nu2_is_one && low_weight)
-            qhadam_elements(span, &s, seed, seed2, COUPLED_DECAY, terms, 1, 1);
-        else if (nu2_is_one) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 1, 0);
-        else if (low_weight) qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 1);
-        else qhadam_elements(span, &s, seed, seed2, decay_kind, terms, 0, 0);
+            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, COUPLED_DECAY, terms, 1, 1);
+        else if (nu2_is_one) BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 1, 0);
+        else if (low_weight) BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 1);
+        else BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 0);
     }
     free(chunks);
     free(fractions);
@@ -365,25 +454,26 @@ typedef struct {
     real decay, coupled, factor, weight, one_minus_weight, b_scale, d_scale;
 } qhm_scalars;
 
-INLINE void qhm_elements(span_t span, const qhm_scalars *s, uint32_t seed,
-                         const int decay_kind, const int terms, const int low_weight) {
+INLINE void qhm_elements(span_t span, int64_t lo, int count, stage_t *stage,
+                         const qhm_scalars *s, uint32_t seed, const int decay_kind,
+                         const int terms, const int low_weight) {
     SPAN_TENSORS(span);
     state_t *b_ = span.first;
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
     const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
     const real d_scale = s->d_scale;
-    const uint32_t first = (uint32_t)(span.offset + span.start);
-    const int count = (int)(span.stop - span.start);
+    const uint32_t first = (uint32_t)(span.offset + lo);
+    (void)stage;
     for (int k = 0; k < count; k++) {
-        const int64_t i = span.start + k;
+        const int64_t i = lo + k;
         const uint32_t element = first + (uint32_t)k;
-        BEGIN_ELEMENT(i);
+        BEGIN_ELEMENT(k, i);
         const real b0 = LOAD_STATE(b_, i);
         const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
         if (terms & FIRST_TERM) theta = theta + b_scale * b;
         if (terms & GRAD_TERM) theta = theta + d_scale * d;
         STORE_STATE(b_, i, b, r);
-        STORE_THETA(i, theta, r);
+        STORE_THETA(k, i, theta, r);
     }
 }
 
@@ -407,9 +497,9 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
         const span_t span = span_of(&chunks[k], params, grads, buffers, NULL, extras);
-if (decay_kind == NO_DECAY && terms == 3 && low_weight) qhm_elements(span, &s, seed, NO_DECAY, 3, 1);
-        else if (low_weight) qhm_elements(span, &s, seed, decay_kind, terms, 1);
-        else qhm_elements(span, &s, seed, decay_kind, terms, 0);
+if (decay_kind == NO_DECAY && terms == 3 && low_weight) BY_BLOCK(span, qhm_elements, &s, seed, NO_DECAY, 3, 1);
+        else if (low_weight) BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 1);
+        else BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 0);
     }
     free(chunks);
 }
