@@ -22,7 +22,8 @@ _RANDOM_OPS = {"randint_like", "rand_like", "randn_like", "random_", "uniform_",
 
 
 class _HostReads(TorchDispatchMode):
-    """Records each host read of a tensor value (and answers 0) under a FakeTensorMode."""
+    """Records each host read of a tensor value under a FakeTensorMode (and answers 0 for a
+    CUDA tensor, 1 for a CPU one)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,7 +33,8 @@ class _HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default:
             self.reads.append(args[0].device)
-            return 0.0
+            # a CUDA read here is found_inf (0: no skip); CPU step counters are read by design
+            return 0.0 if args[0].device.type == "cuda" else 1.0
         name = func.overloadpacket.__name__
         if name in _RANDOM_OPS:  # a CPU build has no CUDA generator: an uninitialized result
             out = torch.empty_like(args[0], dtype=kwargs.get("dtype") or args[0].dtype)
@@ -94,3 +96,55 @@ def test_a_capturable_step_under_a_grad_scaler_reads_nothing_on_the_host(name, p
             optimizer.step()
         assert stepping.reads == []
         assert all(value.device.type == "cuda" for value in optimizer.state[p].values())
+
+
+OPTIMIZERS = {"QHAdam": (qhfast.QHAdam, {}),
+              "QHM": (qhfast.QHM, dict(lr=0.1, momentum=0.9, nu=0.7))}
+PATHS = {"default": {}, "foreach": dict(foreach=True), "per_tensor": dict(foreach=False),
+         "capturable": dict(capturable=True)}
+MODES = {
+    "fp32": (torch.float32, {}),
+    "fp32_bf16_state": (torch.float32, dict(state_dtype=torch.bfloat16)),
+    "bf16_master": (torch.bfloat16, dict(low_precision="master")),
+    "bf16_kahan": (torch.bfloat16, dict(low_precision="kahan")),
+    "bf16_stochastic_bf16_state": (torch.bfloat16, dict(low_precision="stochastic",
+                                                        state_dtype=torch.bfloat16)),
+    "fp16_nearest": (torch.float16, dict(low_precision="nearest")),
+    "complex64": (torch.complex64, {}),
+}
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["", "grad_scaler"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode, scaler):
+    """Three steps and a state_dict round trip on fake CUDA tensors (an op mixing devices
+    would raise), with and without GradScaler's (1,)-shaped grad_scale/found_inf: capturable
+    reads no CUDA value on the host, the other paths at most found_inf once a step (as torch's
+    non-fused optimizers); moments, masters and compensations live on the parameter's device,
+    and so do the step counters with capturable (else on the CPU, as torch's). Not here:
+    fused=True (compiled by inductor, which fake tensors cannot run), differentiable and
+    step_in_backward (autograd on fake CUDA tensors aborts a CPU build)."""
+    cls, options = OPTIMIZERS[name]
+    dtype, mode_options = MODES[mode]
+    options = {**options, **PATHS[path], **mode_options}
+    with FakeTensorMode(), _DtypeCopies(), _HostReads():
+        p = torch.empty(10, device="cuda", dtype=dtype).requires_grad_()
+        optimizer = cls([p], **options)
+        reads = []
+        for _ in range(3):
+            p.grad = torch.empty(10, device="cuda", dtype=dtype)
+            if scaler:
+                optimizer.grad_scale = torch.full((1,), 2.0**10, device="cuda")
+                optimizer.found_inf = torch.full((1,), 0.0, device="cuda")
+            with _HostReads() as stepping:
+                optimizer.step()
+            reads.append(sum(device.type == "cuda" for device in stepping.reads))
+        assert reads == [1 if scaler and path != "capturable" else 0] * 3
+        resumed = cls([p], **options)
+        resumed.load_state_dict(optimizer.state_dict())
+        for state in (optimizer.state[p], resumed.state[p]):
+            for key, value in state.items():
+                on_device = value.dim() > 0 or path == "capturable"
+                assert value.device.type == ("cuda" if on_device else "cpu"), key

@@ -288,8 +288,8 @@ static inline uint32_t weyl_hash(uint32_t x) {
     x *= 0x9E3779B1u;
     return x ^ (x >> 16);
 }
-#define RANDOM(i) (NEEDS_RANDOM ? weyl_hash(element ^ seed) : 0u)
-#define MORE_RANDOM(i) ((element ^ seed2) * 0x9E3779B1u)
+#define RANDOM(element) (NEEDS_RANDOM ? weyl_hash((element) ^ seed) : 0u)
+#define MORE_RANDOM(element) (((element) ^ seed2) * 0x9E3779B1u)
 
 /* The element loops are straight loops the compiler vectorizes: a flag that picks between
  * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
@@ -307,15 +307,18 @@ enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are n
     uint16_t *compensation = (span).compensation;                                         \
     (void)param, (void)grad, (void)master, (void)compensation
 
-/* the start of every element's update (both optimizers): its random bits r, the working value
- * theta (decayed first when the decay is decoupled) and the step's gradient d (scaled, the
- * coupled decay added) */
-#define BEGIN_ELEMENT(k, i)                                                               \
-    const uint32_t r = RANDOM(i);                                                         \
+/* the start of every element's update (both optimizers), element k of the block: its index i
+ * in the tensor and over the call (element), its random bits r, the working value theta
+ * (decayed first when the decay is decoupled) and the step's gradient d (scaled, the coupled
+ * decay added) */
+#define BEGIN_ELEMENT(k)                                                                  \
+    const int64_t i = lo + (k);                                                           \
+    const uint32_t element = first + (uint32_t)(k);                                       \
+    const uint32_t r = RANDOM(element);                                                   \
     (void)r; /* unused where nothing is rounded stochastically */                         \
-    real theta = LOAD_THETA(k, i);                                                        \
+    real theta = LOAD_THETA((k), i);                                                      \
     if (decay_kind == DECOUPLED_DECAY) theta = theta * decay;                             \
-    real d = (real)LOAD_GRAD(k, i) * factor;                                              \
+    real d = (real)LOAD_GRAD((k), i) * factor;                                            \
     if (decay_kind == COUPLED_DECAY) d = d + coupled * theta
 
 /* A span's elements block by block: each block staged in and out where STAGED (one block,
@@ -371,12 +374,10 @@ INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
     const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
     const real eps = s->eps;
-    const uint32_t first = (uint32_t)(span.offset + lo);
+    const uint32_t first = (uint32_t)(span.offset + lo); /* the block's first, over the call */
     (void)stage;
     for (int k = 0; k < count; k++) {
-        const int64_t i = lo + k;
-        const uint32_t element = first + (uint32_t)k;
-        BEGIN_ELEMENT(k, i);
+        BEGIN_ELEMENT(k);
         const real m0 = LOAD_STATE(m_, i);
         const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
         const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
@@ -388,7 +389,7 @@ INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
         theta = theta + step / den;
         STORE_STATE(m_, i, m, r);
         STORE_STATE(v_, i, v, r >> 16);
-        STORE_THETA(k, i, theta, STATE == 1 ? MORE_RANDOM(i) : r);
+        STORE_THETA(k, i, theta, STATE == 1 ? MORE_RANDOM(element) : r);
     }
 }
 
@@ -462,12 +463,10 @@ INLINE void qhm_elements(span_t span, int64_t lo, int count, stage_t *stage,
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
     const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
     const real d_scale = s->d_scale;
-    const uint32_t first = (uint32_t)(span.offset + lo);
+    const uint32_t first = (uint32_t)(span.offset + lo); /* the block's first, over the call */
     (void)stage;
     for (int k = 0; k < count; k++) {
-        const int64_t i = lo + k;
-        const uint32_t element = first + (uint32_t)k;
-        BEGIN_ELEMENT(k, i);
+        BEGIN_ELEMENT(k);
         const real b0 = LOAD_STATE(b_, i);
         const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
         if (terms & FIRST_TERM) theta = theta + b_scale * b;
