@@ -41,7 +41,9 @@ VARIANTS = {
     "bf16 stochastic+bf16-state": ("float", 1, 3, 1, torch.bfloat16, None),
     "bf16 nearest": ("float", 1, 4, 0, torch.bfloat16, None),
     "fp16 master": ("float", 2, 1, 0, torch.float16, torch.float32),
+    "fp16 kahan": ("float", 2, 2, 0, torch.float16, torch.float16),
     "fp16 kahan+bf16-state": ("float", 2, 2, 1, torch.float16, torch.float16),
+    "fp16 stochastic": ("float", 2, 3, 0, torch.float16, None),
     "fp16 stochastic+bf16-state": ("float", 2, 3, 1, torch.float16, None),
     "fp16 nearest": ("float", 2, 4, 0, torch.float16, None),
 }

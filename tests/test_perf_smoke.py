@@ -43,7 +43,9 @@ PRECISION_BYTES = {
     "bf16 stochastic+bf16-state": ((4, 14), (2, 10)),
     "bf16 nearest": ((8, 22), (4, 14)),
     "fp16 master": ((12, 28), (8, 20)),
+    "fp16 kahan": ((10, 26), (6, 18)),
     "fp16 kahan+bf16-state": ((6, 18), (4, 14)),
+    "fp16 stochastic": ((8, 22), (4, 14)),
     "fp16 stochastic+bf16-state": ((4, 14), (2, 10)),
     "fp16 nearest": ((8, 22), (4, 14)),
 }
