@@ -199,8 +199,8 @@ def prepare_grads(
 
 
 #: the devices ``fused=True`` has a step for: the C kernel (or the compiled group step) on the
-#: CPU, the group's step compiled by inductor (Triton) on CUDA and XPU
-FUSED_DEVICES = ("cpu", "cuda", "xpu")
+#: CPU, the group's step compiled by inductor elsewhere (Triton on CUDA and XPU, Metal on MPS)
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 class QHOptimizer(Optimizer):
@@ -315,7 +315,7 @@ class QHOptimizer(Optimizer):
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
         )
-        if not any(value is required for value in defaults.values()):
+        if not any(isinstance(value, type(required)) for value in defaults.values()):
             self._check_group(defaults)  # else each group is checked with what it gives
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
         #: index (not id(group): dynamo before torch 2.13 cannot trace id() of a dict)
@@ -378,7 +378,8 @@ class QHOptimizer(Optimizer):
         merged = precision.upgrade_group({k: v for k, v in param_group.items() if k != "params"})
         for key, value in self.defaults.items():
             merged.setdefault(key, value)
-            if merged[key] is required:  # neither the constructor nor the group gave it
+            if isinstance(merged[key], type(required)):  # neither constructor nor group gave it
+                # (by type: a pickled or deep-copied optimizer holds a copy of the sentinel)
                 raise TypeError(f"{type(self).__name__}() missing required argument: '{key}'")
         self._check_group(merged)
         precision.upgrade_group(param_group)
@@ -390,7 +391,7 @@ class QHOptimizer(Optimizer):
                 self._check_param(p, group)
             if in_backward is not None:
                 in_backward.check(group)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         if in_backward is not None:  # qhfast.step_in_backward is active: hook these too

@@ -183,7 +183,9 @@ def stochastic_round_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
             # rounded, so negative values are unbiased too; infinities stay infinite
             bits = src.view(torch.int32)
             noisy = bits + torch.randint_like(bits, 0, 1 << 16)
-            dst.copy_(noisy.bitwise_and_(-(1 << 16)).view(torch.float32))
+            rounded = noisy.bitwise_and_(-(1 << 16)).view(torch.float32)
+            # a NaN stays a NaN (the addition could carry its payload into the sign)
+            dst.copy_(torch.where(src.isnan(), src, rounded))
         else:
             spacing = _spacing(src, dst.dtype)
             scaled = src / spacing  # exact: a power-of-two scaling

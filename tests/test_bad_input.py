@@ -1,5 +1,6 @@
 """Every bad input raises a clear error naming the argument and its range, and changes nothing."""
 
+import copy
 import math
 
 import expecttest
@@ -156,6 +157,9 @@ def test_qhm_takes_its_required_hyperparameters_from_every_param_group():
     with pytest.raises(TypeError, match="QHM\\(\\) missing required argument: 'momentum'"):
         optimizer.add_param_group({"params": [_param()], "lr": 0.1})
     assert len(optimizer.param_groups) == 1
+    copied = copy.deepcopy(optimizer)  # its defaults hold a copy of torch's sentinel
+    with pytest.raises(TypeError, match="QHM\\(\\) missing required argument: 'momentum'"):
+        copied.add_param_group({"params": [_param()], "lr": 0.1})
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -172,3 +176,7 @@ def test_fused_on_a_device_without_a_fused_step_is_refused_before_anything_is_ma
     with pytest.raises(RuntimeError, match="fused=True needs parameters on a device"):
         optimizer.step()
     assert not optimizer.state
+    fused = OPTIMIZERS[name]([_param()], fused=True)  # and a group added later: not kept
+    with pytest.raises(RuntimeError, match="fused=True needs parameters on a device"):
+        fused.add_param_group({"params": [p]})
+    assert len(fused.param_groups) == 1

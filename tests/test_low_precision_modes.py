@@ -589,3 +589,17 @@ def test_each_mode_tracks_the_fp32_run(name):
     for state_dtype in (None, torch.bfloat16):
         actual = final(torch.bfloat16, low_precision="stochastic", state_dtype=state_dtype)
         assert max_relative_error(expected, actual) < 8 * eps
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_a_nan_stays_a_nan_in_bf16_state(path):
+    """A NaN gradient whose fp32 payload is all ones (0x7FFFFFFF): adding the random bits of
+    stochastic rounding to it carries into the sign bit (a -0.0) unless NaN is kept apart, so
+    a momentum buffer stored in bf16 must come out NaN, whatever the draw, on every path."""
+    torch.manual_seed(0)
+    p = torch.zeros(4096, requires_grad=True)
+    optimizer = qhfast.QHM([p], lr=0.1, momentum=0.9, nu=0.7, state_dtype=torch.bfloat16, **path)
+    p.grad = torch.full((4096,), 0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    assert p.grad.isnan().all()
+    optimizer.step()
+    assert optimizer.state[p]["momentum_buffer"].isnan().all()

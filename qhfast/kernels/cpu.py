@@ -92,9 +92,10 @@ def _load(variant: tuple) -> ctypes.CDLL | None:
             try:
                 path = _build(compiler, options, path)
                 break
-            except subprocess.CalledProcessError:
-                if not openmp:
-                    raise
+            except subprocess.CalledProcessError as error:
+                said = (error.stderr or "").lower()
+                if not openmp or not any(word in said for word in ("openmp", "gomp", "omp.h")):
+                    raise  # a failure of its own, not a compiler without OpenMP
                 _without_openmp.add(compiler)  # e.g. macOS's clang: not tried again
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as error:
@@ -192,7 +193,7 @@ def _build(compiler: tuple[str, ...], options: list[str], path: Path) -> Path:
     try:
         built = Path(scratch) / path.name
         subprocess.run([*compiler, *options, str(SOURCE), "-o", str(built), "-lm"], check=True,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, errors="replace")
         library = built.read_bytes()
         built.write_bytes(library + _trailer(library))
         built.chmod(0o700)  # not writable by others, whatever the umask
@@ -224,13 +225,16 @@ def _warn(key: object, message: str) -> None:
 
 
 def _cpu_model() -> str:
+    """The CPU as -march=native sees it: its model and its instruction-set flags (x86's
+    "model name" and "flags", Arm's "Features"), so that a cache shared between machines (a
+    network home, VMs of one model name) never loads code built for other instructions."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    seen = dict.fromkeys(line for line in lines if line.startswith(keys))  # first of each, ordered
+    return "\n".join(seen) or platform.processor()
 
 
 def _declare(library: ctypes.CDLL) -> None:

@@ -54,9 +54,11 @@ static inline uint16_t float_to_bf16_nearest(float f) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)rounded;
 }
 
-/* up with probability (dropped bits) / 2^16: unbiased; r holds 16 random bits */
+/* up with probability (dropped bits) / 2^16: unbiased; r holds 16 random bits. A NaN stays a
+ * NaN (the addition could carry its payload into the sign, or leave an infinity) */
 static inline uint16_t float_to_bf16_stochastic(float f, uint32_t r) {
-    return (uint16_t)((float_bits(f) + (r & 0xFFFFu)) >> 16);
+    const uint16_t rounded = (uint16_t)((float_bits(f) + (r & 0xFFFFu)) >> 16);
+    return f != f ? (uint16_t)0x7FC0u : rounded;
 }
 
 /* fp16 <-> fp32 in integer and float operations that the compiler vectorizes on any x86-64
@@ -176,6 +178,9 @@ typedef uint16_t state_t;
 #endif
 
 #define NEEDS_RANDOM (STATE == 1 || MODE == 2 || MODE == 3)
+#if (PARAM == 0) != (MODE == 0)
+#error "MODE 0 is for REAL parameters, and bf16/fp16 parameters need a MODE"
+#endif
 
 /* sqrt in the compute type: for float, sqrtf equals sqrt in double rounded to float */
 #define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
@@ -293,7 +298,8 @@ static inline uint32_t weyl_hash(uint32_t x) {
 
 /* The element loops are straight loops the compiler vectorizes: a flag that picks between
  * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
- * a division), and the two flags whose cost counts are constants in inlined copies. */
+ * a division), and the flags whose cost counts are constants in inlined copies (the lerp's
+ * form, ν2 = 1, and the decay kind in the usual case). */
 #define INLINE static inline __attribute__((always_inline))
 enum { NO_DECAY, COUPLED_DECAY, DECOUPLED_DECAY };
 enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are nonzero */
@@ -496,7 +502,8 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
         const span_t span = span_of(&chunks[k], params, grads, buffers, NULL, extras);
-if (decay_kind == NO_DECAY && terms == 3 && low_weight) BY_BLOCK(span, qhm_elements, &s, seed, NO_DECAY, 3, 1);
+        if (decay_kind == NO_DECAY && terms == (FIRST_TERM | GRAD_TERM) && low_weight)
+            BY_BLOCK(span, qhm_elements, &s, seed, NO_DECAY, FIRST_TERM | GRAD_TERM, 1);
         else if (low_weight) BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 1);
         else BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 0);
     }
