@@ -18,7 +18,8 @@ named by a hash of the source, the compiler and its flags and the CPU:
   0o700, refused if owned by another user or group- or world-writable, and so are entries.
   A refused directory, or one that cannot be made or written, gives a ``RuntimeWarning`` (once
   per process and directory) and the process builds its kernels in a private temporary
-  directory, removed at exit;
+  directory, removed at exit. The default directory, if ours and open to others (qhfast 0.1.0
+  made it under the umask), is set to mode 0o700 instead;
 * a compiler without OpenMP (macOS's clang) fails on ``-fopenmp``: the kernel is then built
   without it, single-threaded (the pragmas are ignored), under its own key;
 * where no kernel can be built or loaded (no C compiler), :func:`load` returns None and a
