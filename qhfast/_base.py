@@ -275,8 +275,10 @@ class QHOptimizer(Optimizer):
     #: OneCycleLR/CyclicLR): the fused step takes them as tensors, so a change does not
     #: recompile; the others it takes as constants (a change recompiles, a smaller graph)
     _scheduled_hyperparameters: tuple[str, ...] = ()
-    #: the function of qhfast/kernels/cpu_kernel.c that runs ``fused=True`` on the CPU (None: none)
-    _cpu_kernel: str | None = None
+    #: the kernels' name for the update (``"qhadam"``, ``"qhm"``: the functions of
+    #: qhfast/kernels/cpu_kernel.c and triton_kernel.py) with :meth:`_kernel_hyperparameters`
+    #: what they take; None: no kernel
+    _kernel: str | None = None
     #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of unscaling
     #: the gradients itself (which refuses fp16 gradients) and reading found_inf on the host
     _step_supports_amp_scaling = True
@@ -339,6 +341,12 @@ class QHOptimizer(Optimizer):
         return the step-dependent factors the update needs, one list entry per tensor (the
         per-tensor path hands each tensor its slice). None by default."""
         return {}
+
+    def _kernel_hyperparameters(self, group: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """What the fused kernels take of ``group``: its hyperparameters by the kernels' names
+        (floats or 0-d tensors) and the kind of weight decay (0 none, 1 added to the gradient,
+        2 decoupled)."""
+        raise NotImplementedError
 
     def _update(
         self,
@@ -636,8 +644,9 @@ class QHOptimizer(Optimizer):
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
         device sync), or in the compute dtype on ``p``'s device when capturable or
-        differentiable."""
-        if group["capturable"] or group["differentiable"]:
+        differentiable, or fused on an accelerator (its kernel reads the counters there)."""
+        if (group["capturable"] or group["differentiable"]
+                or (group["fused"] and p.device.type != "cpu")):
             return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
         return torch.tensor(value, dtype=torch.float64)
 

@@ -1,29 +1,35 @@
-"""``fused=True``: each param group's update in one pass over memory.
+"""``fused=True``: each param group's update in one pass over memory, and the choice of path.
 
-Two implementations, picked per param group at its step:
+Three implementations, picked per param group at its step (:func:`kernel_step`, then
+:func:`compiled_group_step`):
 
-* **the CPU kernel** (``kernels/cpu_kernel.c``, built and loaded by ``kernels/cpu.py``): one C function per optimizer, called through
-  ``ctypes`` on a chunk table of a bucket's tensors and spread over OpenMP threads (the
-  multi-tensor-apply design of torch's fused kernels). It is compiled once per combination of
-  dtypes and precision mode (about a second, cached on disk), whatever the number or shapes of
-  the tensors, so a 200-tensor group costs what a 2-tensor one does. It serves CPU groups
-  whose tensors are contiguous: fp32/fp64 parameters and bf16/fp16 parameters in every
-  ``low_precision`` mode, moments in the compute dtype or bf16. Each group's calls (their pointer tables) are kept between steps
-  while the params, their storage and the state tensors stay the same; a step checks and points
-  to the gradients only (``_KernelPlan``).
-* **the compiled group step**: everything else (CUDA, where inductor emits Triton; the
-  combinations the kernel lacks) runs the group's eager step through ``torch.compile``.
+* **the Triton kernel** (``kernels/triton.py``): ``fused=True`` groups on CUDA, in every
+  precision mode, with ``capturable`` or not: one launch per bucket over a chunk table of its
+  tensors, everything (hyperparameters, GradScaler's scale and found_inf, the random seeds)
+  read from device memory, so the step makes no host read. With ``QHFAST_TRITON_ON_CPU=1`` and
+  ``TRITON_INTERPRET=1`` in the environment it serves ``fused=True`` CPU groups too, run by
+  Triton's interpreter: how the suite checks it without a GPU.
+* **the C kernel** (``kernels/cpu_kernel.c``, built and loaded by ``kernels/cpu.py``): CPU
+  groups with ``fused=True`` or the defaults (``fused=None, foreach=None``), not capturable
+  (it reads found_inf and tensor hyperparameters on the host, free on the CPU): one C call per
+  bucket over a chunk table, spread over OpenMP threads, compiled once per combination of
+  dtypes and precision mode (about a second, cached on disk).
+* **the compiled group step**: everything else with ``fused=True`` (other devices, the
+  combinations the kernels lack, no Triton) runs the group's eager step through
+  ``torch.compile``.
 
-The kernel's random numbers (stochastic rounding) come from a hash of seeds drawn each step
-from torch's default CPU generator: the same RNG state gives the same run.
+Both kernels take what a bucket's tensors are by role (:func:`_bucket_tensors` checks them: the
+kernels trust what they are given) and keep it in a plan between steps while the params, their
+storage and the state tensors stay the same; a step checks and points to the gradients only
+(:class:`_GroupPlan`). Their random numbers (stochastic rounding) come from a hash of seeds
+drawn each step from torch's default generator of the parameters' device: the same RNG state
+gives the same run.
 """
 
 from __future__ import annotations
 
-import array
-import ctypes
-import os
 import operator
+import os
 import types
 import weakref
 from typing import Any
@@ -32,103 +38,125 @@ import torch
 from torch import Tensor
 
 from . import _base
-from ._precision import COMPENSATION_KEY, MASTER_KEY
+from ._precision import COMPENSATION_KEY, LOW_PRECISION_DTYPES, MASTER_KEY
 from .kernels import cpu as _cpu
+from .kernels import triton as _triton
 
-__all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL"]
+__all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL",
+           "TRITON_ON_CPU"]
 
 #: whether CPU groups use the C kernel (False: the compiled group step everywhere);
 #: ``QHFAST_CPU_KERNEL=0`` in the environment turns it off
 CPU_KERNEL = os.environ.get("QHFAST_CPU_KERNEL", "1") != "0"
+#: the environment variable that sends ``fused=True`` CPU groups to the Triton kernel, run by
+#: Triton's interpreter (only with ``TRITON_INTERPRET=1``): read at each step
+TRITON_ON_CPU = "QHFAST_TRITON_ON_CPU"
 
 
 def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
                 states: list[dict[str, Any]], amp: Any) -> bool:
     """Step ``params`` (those of ``group``, ``param_groups[index]``, with a gradient; their
-    state ``states``, made) with the CPU
-    kernel and return True, or return False (nothing done) where it does not serve: a group
-    that asked for another path (``fused=False``, a ``foreach`` choice), a traced step (under
-    torch.compile the step is compiled anyway), tensors off the CPU or not contiguous, an
-    unsupported combination, no compiler, ``capturable=True`` (the kernel reads GradScaler's
-    found_inf and tensor hyperparameters on the host). ``fused=None`` groups take it too: it
-    is the fastest CPU path; where it cannot be built (a ``RuntimeWarning`` once per process,
-    see ``kernels/cpu.py``) they take the eager path."""
-    fused = group["fused"]
-    if not CPU_KERNEL or torch.compiler.is_compiling():
+    state ``states``, made) with a kernel and return True, or return False (nothing done) where
+    none serves: a traced step (under torch.compile the step is compiled anyway), a group that
+    asked for another path, tensors a kernel does not take, no compiler or no Triton."""
+    if torch.compiler.is_compiling() or group["differentiable"]:
         return False
-    if not (fused or (fused is None and group["foreach"] is None)):
+    backend = _backend(group, params[0])
+    if backend is None:
         return False
-    calls = _kernel_calls(optimizer, index, group, params, states)
-    if calls is None:
+    plans = _bucket_plans(optimizer, index, group, params, states, backend)
+    if plans is None:
         return False
-    _run_kernel(optimizer, group, calls, amp)
+    hyper, decay = optimizer._kernel_hyperparameters(group)
+    if backend == "triton":
+        for plan in plans:
+            plan.kernel.run(hyper, decay=decay, maximize=group["maximize"],
+                            grad_scale=amp.grad_scale, found_inf=amp.found_inf)
+        return True
+    if amp.found_inf is not None and float(amp.found_inf) != 0.0:
+        return True  # a skipped step changes nothing (on the CPU the value is read for free)
+    scale = None if amp.grad_scale is None else float(amp.grad_scale)
+    values = {name: float(value) for name, value in hyper.items()}
+    threads = torch.get_num_threads()
+    for plan in plans:
+        plan.kernel.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
+                        threads=threads)
     return True
 
 
 def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
                         amp: Any) -> None:
     """Step ``params`` with the group's step compiled by torch.compile (``fused=True`` where
-    the kernel does not serve)."""
+    no kernel serves)."""
     _compiled_group_step(optimizer, group)(optimizer, group, params, amp)
 
 
+def _backend(group: dict[str, Any], param: Tensor) -> str | None:
+    """Which kernel serves the group: "triton", "cpu" or None."""
+    device = _base._local(param).device.type
+    if group["fused"] and _triton.available() and (
+            device == "cuda" or (device == "cpu" and _triton_on_cpu())):
+        return "triton"
+    default = group["fused"] is None and group["foreach"] is None
+    if device == "cpu" and CPU_KERNEL and not group["capturable"] and (group["fused"] or default):
+        return "cpu"
+    return None
+
+
+def _triton_on_cpu() -> bool:
+    return os.environ.get(TRITON_ON_CPU, "0") not in ("", "0") and _triton.interpreting()
+
+
 # --------------------------------------------------------------------------------------------
-# the CPU kernel
+# plans
 
-_REAL = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float",
-         torch.float16: "float"}
-_PARAM = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
-_MODE = {"master": 1, "kahan": 2, "stochastic": 3, "nearest": 4}
-_COUNTER = {torch.float64: "double", torch.float32: "float"}
-#: the modes that draw random numbers (besides bf16 moments)
-_RANDOM_MODES = ("kahan", "stochastic")
+class _BucketPlan:
+    """A bucket's kernel plan (a ``kernels.cpu.Plan`` or ``kernels.triton.Plan``) and the
+    params it was made for, as given (DTensors or not)."""
 
-class _KernelCall:
-    """One bucket's tensors, as the kernel takes them: the pointer arrays of the parameters,
-    gradients (refilled each step), moments, masters or compensations and counters, and the
-    sizes."""
-
-    def __init__(self, library: ctypes.CDLL, params: list[Tensor], sizes: list[int],
-                 tensors: dict[str, list], random: bool, local: bool, extras: bool) -> None:
-        self.library, self.random, self.n, self.extras = library, random, len(params), extras
-        self.params, self.local = params, local  # the bucket's params as given (DTensor or not)
-        self.numels = sizes
-        self.sizes = (ctypes.c_int64 * self.n)(*sizes)
-        self.pointers = {key: _Pointers(values) for key, values in tensors.items()}
+    def __init__(self, kernel: Any, params: list[Tensor], local: bool) -> None:
+        self.kernel, self.params, self.local = kernel, params, local
+        self.numels = [_elements(_base._local(p) if local else p) for p in params]
 
     def point_to_grads(self) -> bool:
-        """Point the call at the params' current gradients, or return False if one is not what
+        """Point the plan at the params' current gradients, or return False if one is not what
         the kernel reads: contiguous, of its param's size. (A gradient's dtype and device are
         its param's: torch's ``grad`` setter and autograd see to that, and the plan was made
         with the params checked; a param given new storage makes a new plan.)"""
         grads = [p.grad for p in self.params]
         if self.local:
             grads = [_base._local(g) for g in grads]
-        if not all(g.is_contiguous() and g.numel() == n for g, n in zip(grads, self.numels)):
+        if not all(g.is_contiguous() and _elements(g) == n for g, n in zip(grads, self.numels)):
             return False
-        self.pointers["grads"] = _Pointers(grads)
+        self.kernel.point_to_grads(grads)
         return True
 
 
-class _KernelPlan:
-    """A group's kernel calls and what they were made from. A step reuses them while it gets
-    the same params (with gradients), the same state tensors (by identity: qhfast makes the
-    plans again whenever it makes or replaces state, and a user's replacement changes an
-    identity) and the same parameter storage; only the gradients are checked and pointed to
-    again. Anything else makes a new plan, checking every tensor."""
+class _GroupPlan:
+    """A group's bucket plans and what they were made from. A step reuses them while it gets
+    the same backend, the same params (with gradients), the same state tensors (by identity:
+    qhfast makes the plans again whenever it makes or replaces state, and a user's replacement
+    changes an identity) and the same parameter storage; only the gradients are checked and
+    pointed to again. Anything else makes a new plan, checking every tensor."""
 
-    def __init__(self, params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...],
-                 calls: list[_KernelCall]) -> None:
-        self.params, self.keys, self.calls = params, keys, calls
+    def __init__(self, backend: str, params: list[Tensor], states: list[dict[str, Any]],
+                 keys: tuple[str, ...], buckets: list[_BucketPlan]) -> None:
+        self.backend, self.params, self.keys, self.buckets = backend, params, keys, buckets
         self.state_tensors = _state_tensors(states, keys)
-        self.local = any(call.local for call in calls)  # DTensors: their shards' storage
+        self.local = any(bucket.local for bucket in buckets)  # DTensors: their shards' storage
         self.param_pointers = _param_pointers(params, self.local)
 
-    def serves(self, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+    def serves(self, backend: str, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+        return (backend == self.backend and len(params) == len(self.params)
+                and all(map(operator.is_, params, self.params))
                 and all(all(map(operator.is_, new, old)) for new, old
                         in zip(_state_tensors(states, self.keys), self.state_tensors))
                 and _param_pointers(params, self.local) == self.param_pointers)
+
+
+def _elements(t: Tensor) -> int:
+    """Elements the kernel sees: a complex tensor's real and imaginary parts apart."""
+    return t.numel() * 2 if t.is_complex() else t.numel()
 
 
 def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list]:
@@ -147,151 +175,107 @@ def drop_kernel_plans(optimizer: Any) -> None:
     _PLANS.pop(optimizer, None)
 
 
-#: per optimizer, each group's last kernel plan, by group index
+#: per optimizer, each group's last plan, by group index
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _kernel_calls(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
-                  states: list[dict[str, Any]]) -> list[_KernelCall] | None:
-    """The kernel calls of the group's step (``param_groups[index]``), one per bucket, or None
-    if the kernel does not serve this group: from the group's plan when it still serves (the
-    gradients checked), else made afresh with every tensor checked."""
-    kernel = getattr(optimizer, "_cpu_kernel", None)
-    if kernel is None or group["differentiable"] or group["capturable"]:
-        return None  # capturable: the kernel reads found_inf and tensor hyperparameters
+def _bucket_plans(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
+                  states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
+    """The bucket plans of the group's step (``param_groups[index]``), pointed at the
+    gradients, or None if the kernel does not serve this group: from the group's plan when it
+    still serves, else made afresh with every tensor checked."""
     plans = _PLANS.setdefault(optimizer, {})
     plan = plans.get(index)
-    if plan is None or not plan.serves(params, states):
-        calls = _new_kernel_calls(optimizer, group, params, states)
-        if calls is None:
+    if plan is None or not plan.serves(backend, params, states):
+        buckets = _new_bucket_plans(optimizer, group, params, states, backend)
+        if buckets is None:
             plans.pop(index, None)
             return None
-        keys = (*optimizer._buffer_keys, *optimizer._counter_keys)
-        extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
-        if extra_key and any(call.extras for call in calls):
-            keys += (extra_key,)
-        plan = plans[index] = _KernelPlan(params, states, keys, calls)
-    for call in plan.calls:
-        if not call.point_to_grads():
+        keys = (*optimizer._buffer_keys, *optimizer._counter_keys, MASTER_KEY, COMPENSATION_KEY)
+        plan = plans[index] = _GroupPlan(backend, params, states, keys, buckets)
+    for bucket in plan.buckets:
+        if not bucket.point_to_grads():
             return None
-    return plan.calls
+    return plan.buckets
 
 
-def _new_kernel_calls(optimizer: Any, group: dict[str, Any], params: list[Tensor],
-                      states: list[dict[str, Any]]) -> list[_KernelCall] | None:
-    """The kernel calls of the group's step with every tensor checked (device, dtype, size,
-    layout: the kernel trusts what it is given), or None if the kernel does not serve it."""
-    mode = group["low_precision"]
+def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor],
+                      states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
     state_of = dict(zip(map(id, params), states))
-    calls = []
+    buckets = []
     for bucket in _base._buckets(params).values():
-        local = _base._local if any(isinstance(p, _base.DTensor) for p in bucket) else None
-        if local is not None:
-            bucket_params = [local(p) for p in bucket]
-            grads = [local(p.grad) for p in bucket]
+        tensors = _bucket_tensors(optimizer, group, bucket, [state_of[id(p)] for p in bucket],
+                                  backend)
+        if tensors is None:
+            return None
+        if backend == "triton":
+            kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"])
         else:
-            bucket_params, grads = bucket, [p.grad for p in bucket]
-        dtype = bucket_params[0].dtype
-        if bucket_params[0].device.type != "cpu" or dtype not in _PARAM:
-            return None
-        low = dtype in (torch.bfloat16, torch.float16)
-        bucket_states = [state_of[id(p)] for p in bucket]
-        tensors: dict[str, list] = {"grads": grads}
-        for key in (*optimizer._buffer_keys, *optimizer._counter_keys):
-            tensors[key] = [s[key] for s in bucket_states]
-        extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(mode) if low else None
-        tensors["extras"] = ([s[extra_key] for s in bucket_states] if extra_key
-                             else [None] * len(bucket_states))
-        if local is not None:
-            tensors = {key: [None if t is None else local(t) for t in values]
-                       for key, values in tensors.items()}
-        buffer_dtype = tensors[optimizer._buffer_keys[0]][0].dtype
-        if buffer_dtype not in (_REAL_DTYPE[_REAL[dtype]], torch.bfloat16):
-            return None
-        expected = {"params": dtype, "grads": dtype,
-                    "extras": torch.float32 if mode == "master" else dtype}
-        expected.update({key: buffer_dtype for key in optimizer._buffer_keys})
-        counter = "double"
-        if optimizer._counter_keys:
-            counter_dtype = tensors[optimizer._counter_keys[0]][0].dtype
-            counter = _COUNTER.get(counter_dtype)
-            if counter is None:
+            kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"])
+            if kernel is None:
                 return None
-            expected.update({key: counter_dtype for key in optimizer._counter_keys})
-        sizes = [p.numel() for p in bucket_params]
-        tensors["params"] = bucket_params
-        for key, values in tensors.items():
-            if key == "extras" and extra_key is None:
-                continue
-            want, elements = expected[key], key not in optimizer._counter_keys
-            if not all(t.dtype == want and t.is_cpu and t.is_contiguous()
-                       and t.numel() == (n if elements else 1)
-                       for t, n in zip(values, sizes)):
-                return None
-        variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
-                   int(buffer_dtype == torch.bfloat16), counter)
-        library = _cpu.load(variant)
-        if library is None:
-            return None
-        random = buffer_dtype == torch.bfloat16 or (low and mode in _RANDOM_MODES)
-        calls.append(_KernelCall(library, bucket, sizes, tensors, random, local is not None,
-                                 extra_key is not None))
-    return calls
+        local = any(isinstance(p, _base.DTensor) for p in bucket)
+        buckets.append(_BucketPlan(kernel, bucket, local))
+    return buckets
 
 
-_REAL_DTYPE = {"float": torch.float32, "double": torch.float64}
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-_POINTER_CODE = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # array's code for void *
-
-
-class _Pointers:
-    """An array of the tensors' data pointers (0 for None) for a ``void **`` argument:
-    ``address`` is what the kernel gets, valid while this object lives."""
-
-    __slots__ = ("array", "address")
-
-    def __init__(self, tensors: list[Tensor | None]) -> None:
-        self.array = array.array(_POINTER_CODE, [0 if t is None else t.data_ptr() for t in tensors])
-        self.address = self.array.buffer_info()[0]
-
-
-def _run_kernel(optimizer: Any, group: dict[str, Any], calls: list[_KernelCall], amp: Any) -> None:
-    factor = -1.0 if group["maximize"] else 1.0
-    if amp.found_inf is not None and float(amp.found_inf) != 0.0:
-        return  # a skipped step changes nothing (on the CPU the value is read for free)
-    if amp.grad_scale is not None:
-        factor /= float(amp.grad_scale)
-    value = {name: _hyper(group[name]) for name in optimizer._tensor_hyperparameters}
-    threads = torch.get_num_threads()
-    for call in calls:
-        seed = _draw_seeds() if call.random else 0
-        pointer = {key: pointers.address for key, pointers in call.pointers.items()}
-        if optimizer._cpu_kernel == "qhadam":
-            (beta1, beta2), (nu1, nu2) = value["betas"], value["nus"]
-            call.library.qhadam_step(
-                call.n, call.sizes, pointer["params"], pointer["grads"], pointer["exp_avg"],
-                pointer["exp_avg_sq"], pointer["extras"], pointer["beta1_weight"],
-                pointer["beta2_weight"], beta1, beta2, value["lr"], nu1, nu2,
-                float(group["eps"]), float(group["weight_decay"]),
-                int(group["decouple_weight_decay"]), factor, seed, threads)
+def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
+                    states: list[dict[str, Any]], backend: str) -> dict[str, list] | None:
+    """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``): local shards of
+    DTensors, real views of complex tensors; or None unless every one is what the kernel
+    reads: its dtype, on the params' device, contiguous, of its param's size."""
+    local = any(isinstance(p, _base.DTensor) for p in bucket)
+    view = _base._local if local else (lambda t: t)
+    params = [view(p) for p in bucket]
+    device, dtype = params[0].device, params[0].dtype
+    low = dtype in LOW_PRECISION_DTYPES
+    mode = group["low_precision"]
+    extra_key = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(mode) if low else None
+    keys = optimizer._buffer_keys
+    counters = optimizer._counter_keys
+    tensors: dict[str, list] = {
+        "params": params,
+        "grads": [view(p.grad) for p in bucket],
+        "firsts": [view(s[keys[0]]) for s in states],
+        "seconds": [view(s[keys[1]]) for s in states] if len(keys) > 1 else [None] * len(bucket),
+        "extras": [view(s[extra_key]) for s in states] if extra_key else [None] * len(bucket),
+        "weights1": [s[counters[0]] for s in states] if counters else [None] * len(bucket),
+        "weights2": [s[counters[1]] for s in states] if counters else [None] * len(bucket),
+    }
+    if dtype.is_complex:
+        tensors = {role: [t if t is None or not t.is_complex() else torch.view_as_real(t)
+                          for t in values] for role, values in tensors.items()}
+        dtype = tensors["params"][0].dtype
+    if dtype not in _KERNEL_DTYPES:
+        return None
+    compute = torch.float32 if low else dtype
+    buffer_dtype = tensors["firsts"][0].dtype
+    if buffer_dtype not in (compute, torch.bfloat16):
+        return None
+    counter_dtype = tensors["weights1"][0].dtype if counters else None
+    if counters and counter_dtype not in (torch.float64, torch.float32):
+        return None
+    counter_device = device if backend == "triton" else torch.device("cpu")
+    expected = {"params": dtype, "grads": dtype, "firsts": buffer_dtype,
+                "seconds": buffer_dtype, "extras": torch.float32 if mode == "master" else dtype,
+                "weights1": counter_dtype, "weights2": counter_dtype}
+    sizes = [p.numel() for p in tensors["params"]]
+    for role, values in tensors.items():
+        if values[0] is None:
+            continue
+        want = expected[role]
+        if role.startswith("weights"):
+            ok = all(t.dtype == want and t.device == counter_device and t.numel() == 1
+                     for t in values)
         else:
-            call.library.qhm_step(
-                call.n, call.sizes, pointer["params"], pointer["grads"],
-                pointer["momentum_buffer"], pointer["extras"], value["lr"], value["momentum"],
-                value["nu"], float(group["weight_decay"]),
-                int(group["weight_decay_type"] == "direct"), factor, seed, threads)
-
-
-def _draw_seeds() -> int:
-    """64 random bits from torch's default CPU generator: the kernel's two 32-bit seeds."""
-    return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)
-
-
-def _hyper(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return tuple(_hyper(v) for v in value)
-    return float(value)
+            ok = all(t.dtype == want and t.device == device and t.is_contiguous()
+                     and t.numel() == n for t, n in zip(values, sizes))
+        if not ok:
+            return None
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------

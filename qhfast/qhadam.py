@@ -235,8 +235,7 @@ class QHAdam(QHOptimizer):
     """
 
     _counter_keys = ("beta1_weight", "beta2_weight")
-    #: the function of qhfast/kernels/cpu_kernel.c that runs fused=True on the CPU
-    _cpu_kernel = "qhadam"
+    _kernel = "qhadam"
     _buffer_keys = ("exp_avg", "exp_avg_sq")
     _tensor_hyperparameters = ("lr", "betas", "nus")
     _scheduled_hyperparameters = ("lr", "betas")
@@ -307,6 +306,13 @@ class QHAdam(QHOptimizer):
             found_inf=amp.found_inf,
         )
         return {"beta1_fractions": beta1_fractions, "beta2_fractions": beta2_fractions}
+
+    def _kernel_hyperparameters(self, group: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        (beta1, beta2), (nu1, nu2) = group["betas"], group["nus"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, nu1=nu1, nu2=nu2, eps=group["eps"],
+                     weight_decay=group["weight_decay"])
+        decay = 0 if group["weight_decay"] == 0.0 else 2 if group["decouple_weight_decay"] else 1
+        return hyper, decay
 
     def _update(self, group, params, grads, states, hyper, factors, amp: AmpArgs) -> None:
         qhadam_apply(

@@ -108,8 +108,7 @@ class QHM(QHOptimizer):
     """
 
     _buffer_keys = ("momentum_buffer",)
-    #: the function of qhfast/kernels/cpu_kernel.c that runs fused=True on the CPU
-    _cpu_kernel = "qhm"
+    _kernel = "qhm"
     _tensor_hyperparameters = ("lr", "momentum", "nu")
     _scheduled_hyperparameters = ("lr", "momentum")
 
@@ -167,6 +166,13 @@ class QHM(QHOptimizer):
 
     def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
         state["momentum_buffer"] = like
+
+    def _kernel_hyperparameters(self, group: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], nu=group["nu"],
+                     weight_decay=group["weight_decay"])
+        decay = (0 if group["weight_decay"] == 0.0
+                 else 2 if group["weight_decay_type"] == "direct" else 1)
+        return hyper, decay
 
     def _update(self, group, params, grads, states, hyper, factors, amp: AmpArgs) -> None:
         qhm(

@@ -3,8 +3,9 @@
 The source is compiled once per variant, a combination of the macros it documents (the compute
 type, the parameter and state formats, the precision mode, the counter type), whatever the
 number or shapes of the tensors it will update, and loaded with ``ctypes``. This module knows
-nothing of optimizers: the orchestration (``qhfast._fused``) picks the variant and calls
-``qhadam_step`` / ``qhm_step``.
+nothing of optimizers: the orchestration (``qhfast._fused``) checks a bucket's tensors and
+makes a :class:`Plan` of them (:func:`plan`), which each step points at the gradients and runs
+(``qhadam_step`` / ``qhm_step``).
 
 The disk cache (``$QHFAST_CACHE_DIR``, default ``~/.cache/qhfast``) keeps one file per variant,
 named by a hash of the source, the compiler and its flags and the CPU:
@@ -29,6 +30,7 @@ named by a hash of the source, the compiler and its flags and the CPU:
 from __future__ import annotations
 
 import atexit
+import array
 import ctypes
 import hashlib
 import os
@@ -43,7 +45,10 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["load", "SOURCE", "builds"]
+import torch
+from torch import Tensor
+
+__all__ = ["Plan", "plan", "load", "SOURCE", "builds"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno",
@@ -246,3 +251,88 @@ def _declare(library: ctypes.CDLL) -> None:
     library.qhadam_step.restype = None
     library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, d, d, d, d, i, d, u64, i]
     library.qhm_step.restype = None
+
+
+# --------------------------------------------------------------------------------------------
+# plans: one bucket's calls
+
+_REAL = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float",
+         torch.float16: "float"}
+_PARAM = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
+_MODE = {"master": 1, "kahan": 2, "stochastic": 3, "nearest": 4}
+_COUNTER = {torch.float64: "double", torch.float32: "float"}
+_POINTER_CODE = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # array's code for void *
+
+
+class _Pointers:
+    """An array of the tensors' data pointers (0 for None) for a ``void **`` argument:
+    ``address`` is what the kernel gets, valid while this object lives."""
+
+    __slots__ = ("array", "address")
+
+    def __init__(self, tensors: list[Tensor | None]) -> None:
+        self.array = array.array(_POINTER_CODE, [0 if t is None else t.data_ptr() for t in tensors])
+        self.address = self.array.buffer_info()[0]
+
+
+def plan(kind: str, tensors: dict[str, list[Tensor | None]], mode: str) -> "Plan | None":
+    """A :class:`Plan` of a bucket's tensors, or None where no kernel can be built (no
+    compiler: a ``RuntimeWarning``, see :func:`load`)."""
+    params = tensors["params"]
+    dtype = params[0].dtype
+    low = dtype in (torch.bfloat16, torch.float16)
+    weights = tensors.get("weights1") or [None]
+    counter = "double" if weights[0] is None else _COUNTER[weights[0].dtype]
+    variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
+               int(tensors["firsts"][0].dtype == torch.bfloat16), counter)
+    library = load(variant)
+    if library is None:
+        return None
+    random = variant[3] == 1 or (low and mode in ("kahan", "stochastic"))
+    return Plan(library, kind, tensors, random)
+
+
+class Plan:
+    """One bucket's kernel call (made by :func:`plan`): the pointer arrays of its tensors by
+    role (``params``, ``grads``, ``firsts``, ``seconds``, ``extras``: the fp32 master or the
+    16-bit compensation, ``weights1``/``weights2``: QHAdam's normalizers, 0-d fp64 or fp32 on
+    the CPU), contiguous CPU tensors the kernel trusts; the gradients' are refilled each step."""
+
+    def __init__(self, library: ctypes.CDLL, kind: str, tensors: dict[str, list[Tensor | None]],
+                 random: bool) -> None:
+        self.library, self.kind, self.random = library, kind, random
+        self.n = len(tensors["params"])
+        self.sizes = (ctypes.c_int64 * self.n)(*(p.numel() for p in tensors["params"]))
+        self.pointers = {role: _Pointers(values) for role, values in tensors.items()}
+
+    def point_to_grads(self, grads: list[Tensor]) -> None:
+        """Point the call at the step's gradients (contiguous, of the params' sizes and dtype:
+        checked by the caller)."""
+        self.pointers["grads"] = _Pointers(grads)
+
+    def run(self, hyper: dict[str, float], *, decay: int, maximize: bool,
+            grad_scale: float | None, threads: int) -> None:
+        """One step: ``hyper`` the floats lr, eps, weight_decay and beta1, beta2, nu1, nu2
+        (QHAdam) or momentum, nu (QHM); ``decay`` 0 none, 1 coupled, 2 decoupled (the C
+        kernel tells none from the weight decay's value)."""
+        factor = -1.0 if maximize else 1.0
+        if grad_scale is not None:
+            factor /= grad_scale
+        seed = _draw_seeds() if self.random else 0
+        pointer = {role: pointers.address for role, pointers in self.pointers.items()}
+        if self.kind == "qhadam":
+            self.library.qhadam_step(
+                self.n, self.sizes, pointer["params"], pointer["grads"], pointer["firsts"],
+                pointer["seconds"], pointer["extras"], pointer["weights1"], pointer["weights2"],
+                hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["nu1"], hyper["nu2"],
+                hyper["eps"], hyper["weight_decay"], int(decay == 2), factor, seed, threads)
+        else:
+            self.library.qhm_step(
+                self.n, self.sizes, pointer["params"], pointer["grads"], pointer["firsts"],
+                pointer["extras"], hyper["lr"], hyper["momentum"], hyper["nu"],
+                hyper["weight_decay"], int(decay == 2), factor, seed, threads)
+
+
+def _draw_seeds() -> int:
+    """64 random bits from torch's default CPU generator: the kernel's two 32-bit seeds."""
+    return int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)

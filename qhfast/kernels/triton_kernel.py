@@ -1,0 +1,388 @@
+"""qhfast's fused step in Triton: QHAdam and QHM over a chunk table of a bucket's tensors.
+
+The GPU twin of ``cpu_kernel.c``, element for element the same arithmetic (the same order of
+operations, the same one division, the same conversions and random bits), so under Triton's
+interpreter it matches the C kernel bit for bit. Imported by ``kernels/triton.py`` at the first
+fused step that uses it (``@triton.jit`` reads ``TRITON_INTERPRET`` then); that module builds
+the tables and launches.
+
+A launch reads everything from device memory: the bucket's tensors by address from ``table``
+(one row per role, one column per tensor: parameter, gradient, first and second moment (QHM:
+its buffer), the mode's extra tensor (fp32 master or 16-bit Kahan compensation), the two
+normalizers, the size and the tensor's first element over the bucket), the work from
+``chunks`` (tensor, first element: one program per chunk), each hyperparameter from a 0-d
+tensor (the user's tensor hyperparameter, or one the launcher fills from a float), GradScaler's
+``grad_scale`` and ``found_inf``, and the step's 64 random bits. So a launch makes no host read
+and can be captured in a CUDA graph, and a changed tensor lr is seen at the next replay.
+
+Constexpr flags pick the variant (one JIT each): ``REAL64`` (fp64 compute), ``PARAM`` (0: the
+compute dtype, 1: bf16, 2: fp16), ``MODE`` (0, or for 16-bit parameters 1 master, 2 kahan,
+3 stochastic, 4 nearest), ``STATE`` (1: bf16 moments), ``COUNTER64``, ``DECAY`` (0 none,
+1 coupled, 2 decoupled), ``MAXIMIZE``, ``HAS_SCALE``, ``HAS_FOUND_INF``.
+
+16-bit values are read and written as their bits (uint16) and converted in integer arithmetic
+(torch's round to nearest even and NaN; unbiased stochastic rounding), as the C kernel does:
+no dependence on how a backend (or the interpreter, which truncates) rounds a cast. Division
+and square root are the correctly rounded ``div_rn`` / ``sqrt_rn`` (Triton's plain ``/`` and
+``sqrt`` are approximate on NVIDIA GPUs), and launches pass ``enable_fp_fusion=False`` (no
+multiply-add contracted into an FMA), so every operation rounds as in IEEE arithmetic.
+"""
+
+import triton
+import triton.language as tl
+
+# table rows
+PARAMS, GRADS, FIRSTS, SECONDS, EXTRAS, WEIGHTS1, WEIGHTS2, SIZES, OFFSETS = range(9)
+ROWS = 9
+
+
+# ---- conversions ------------------------------------------------------------------------------
+
+@triton.jit
+def _bits_to_float(h, PARAM: tl.constexpr):
+    """16-bit values (uint16 bits) to fp32, exactly: bf16 (PARAM 1) or fp16 (PARAM 2)."""
+    if PARAM == 1:
+        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return h.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nearest_bits(x, PARAM: tl.constexpr):
+    """fp32 to bf16/fp16 bits, round to nearest even; NaN as torch writes it."""
+    u = x.to(tl.uint32, bitcast=True)
+    magnitude = u & 0x7FFFFFFF
+    if PARAM == 1:
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        bits = tl.where(magnitude > 0x7F800000, 0x7FC0, rounded)
+    else:
+        a = tl.abs(x)
+        # below 2^-14 (subnormal halves) adding 0.5 rounds to a multiple of 2^-24 (to even)
+        small = (a + 0.5).to(tl.uint32, bitcast=True) - 0x3F000000
+        normal = ((magnitude + 0x0FFF + ((magnitude >> 13) & 1)) >> 13) - ((127 - 15) << 10)
+        half = tl.where(a < 6.103515625e-05, small, normal)
+        half = tl.where(half > 0x7C00, 0x7C00, half)
+        half = tl.where(a != a, 0x7E00, half)
+        bits = ((u >> 16) & 0x8000) | half
+    return bits.to(tl.uint16)
+
+
+@triton.jit
+def _stochastic_bits(x, r, PARAM: tl.constexpr):
+    """fp32 to bf16/fp16 bits, up or down at random with the probability that makes it
+    unbiased (r: uniform random bits, the low 16 used for bf16, 13 for fp16); NaN stays NaN."""
+    u = x.to(tl.uint32, bitcast=True)
+    if PARAM == 1:
+        rounded = (u + (r & 0xFFFF)) >> 16
+        bits = tl.where(x != x, 0x7FC0, rounded)
+    else:
+        a = tl.abs(x)
+        subnormal = a < 6.103515625e-05
+        # subnormals: the grid position of a + 2^-14 sits where a normal's mantissa does
+        shifted = tl.where(subnormal, (a + 6.103515625e-05).to(tl.uint32, bitcast=True),
+                           u & 0x7FFFFFFF)
+        half = ((shifted + (r & 0x1FFF)) >> 13) - ((127 - 15) << 10)
+        half = half - tl.where(subnormal, 0x0400, 0)
+        half = tl.where(half > 0x7C00, 0x7C00, half)
+        half = tl.where(a != a, 0x7E00, half)
+        bits = ((u >> 16) & 0x8000) | half
+    return bits.to(tl.uint16)
+
+
+@triton.jit
+def _weyl_hash(x):
+    """32 random bits of element x (uint32, already combined with the seed); see the C
+    kernel's comment on why this is enough for unbiased rounding."""
+    x = x * 0x9E3779B1
+    return x ^ (x >> 16)
+
+
+# ---- reading and writing one block of a tensor ------------------------------------------------
+
+@triton.jit
+def _pointer(table, row, t, n, DTYPE: tl.constexpr):
+    return tl.load(table + row * n + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load_values(table, row, t, n, i, mask, SIXTEEN: tl.constexpr, PARAM: tl.constexpr,
+                 REAL64: tl.constexpr):
+    """Block ``i`` of tensor t's ``row`` in the compute dtype: 16-bit bits converted
+    (SIXTEEN), else the compute dtype itself."""
+    if SIXTEEN:
+        bits = tl.load(_pointer(table, row, t, n, tl.uint16) + i, mask=mask, other=0)
+        return _bits_to_float(bits, PARAM)
+    elif REAL64:
+        return tl.load(_pointer(table, row, t, n, tl.float64) + i, mask=mask, other=0.0)
+    else:
+        return tl.load(_pointer(table, row, t, n, tl.float32) + i, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_state(table, row, t, n, i, mask, x, r, STATE: tl.constexpr, REAL64: tl.constexpr):
+    """A moment written back: in the compute dtype, or bf16 with stochastic rounding."""
+    if STATE == 1:
+        tl.store(_pointer(table, row, t, n, tl.uint16) + i,
+                 _stochastic_bits(x.to(tl.float32), r, 1), mask=mask)
+    elif REAL64:
+        tl.store(_pointer(table, row, t, n, tl.float64) + i, x, mask=mask)
+    else:
+        tl.store(_pointer(table, row, t, n, tl.float32) + i, x, mask=mask)
+
+
+@triton.jit
+def _load_theta(table, t, n, i, mask, PARAM: tl.constexpr, MODE: tl.constexpr,
+                REAL64: tl.constexpr):
+    """The parameter's working value: itself, its fp32 master, or θ + c (exact in fp32)."""
+    if MODE == 1:
+        theta = tl.load(_pointer(table, EXTRAS, t, n, tl.float32) + i, mask=mask, other=0.0)
+    else:
+        theta = _load_values(table, PARAMS, t, n, i, mask, PARAM != 0, PARAM, REAL64)
+        if MODE == 2:
+            theta = theta + _load_values(table, EXTRAS, t, n, i, mask, True, PARAM, REAL64)
+    return theta
+
+
+@triton.jit
+def _store_theta(table, t, n, i, mask, theta, r, PARAM: tl.constexpr, MODE: tl.constexpr,
+                 REAL64: tl.constexpr):
+    """The updated working value written as MODE says (r: random bits, the upper 16 used)."""
+    if MODE == 0:
+        if REAL64:
+            tl.store(_pointer(table, PARAMS, t, n, tl.float64) + i, theta, mask=mask)
+        else:
+            tl.store(_pointer(table, PARAMS, t, n, tl.float32) + i, theta, mask=mask)
+    else:
+        param = _pointer(table, PARAMS, t, n, tl.uint16) + i
+        if MODE == 1:
+            tl.store(_pointer(table, EXTRAS, t, n, tl.float32) + i, theta, mask=mask)
+            tl.store(param, _nearest_bits(theta, PARAM), mask=mask)
+        elif MODE == 2:  # c keeps what rounding θ to nearest lost, itself rounded at random
+            nearest = _nearest_bits(theta, PARAM)
+            tl.store(param, nearest, mask=mask)
+            residual = theta - _bits_to_float(nearest, PARAM)
+            tl.store(_pointer(table, EXTRAS, t, n, tl.uint16) + i,
+                     _stochastic_bits(residual, r >> 16, PARAM), mask=mask)
+        elif MODE == 3:
+            tl.store(param, _stochastic_bits(theta, r >> 16, PARAM), mask=mask)
+        else:
+            tl.store(param, _nearest_bits(theta, PARAM), mask=mask)
+
+
+@triton.jit
+def _divide(a, b):
+    """a / b correctly rounded: ``div_rn`` for fp32 (Triton's ``/`` is approximate there on
+    NVIDIA GPUs), ``/`` for fp64 (always correctly rounded)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root (``sqrt_rn`` is fp32 only; fp64's ``sqrt`` is exact)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _hyper(pointer):
+    """A hyperparameter from device memory, in fp64 (as the C kernel takes it)."""
+    return tl.load(pointer).to(tl.float64)
+
+
+@triton.jit
+def _factor(grad_scale, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """What multiplies the gradient: ±1, divided by GradScaler's scale (fp64)."""
+    factor = tl.full((), -1.0 if MAXIMIZE else 1.0, tl.float64)
+    if HAS_SCALE:
+        factor = factor / _hyper(grad_scale)
+    return factor
+
+
+@triton.jit
+def _seeds(seeds):
+    """The step's two 32-bit seeds from its 64 random bits."""
+    bits = tl.load(seeds)
+    return bits.to(tl.uint32), (bits >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _lerp(start, end, weight, one_minus_weight, low_weight):
+    """torch's lerp with a scalar weight (either form, as it picks)."""
+    return tl.where(low_weight, start + weight * (end - start),
+                    end - (end - start) * one_minus_weight)
+
+
+# ---- the kernels ------------------------------------------------------------------------------
+
+@triton.jit
+def _advance(table, row, n, offsets, mask, keep, beta, COUNTER64: tl.constexpr):
+    if COUNTER64:
+        pointers = tl.load(table + row * n + offsets, mask=mask, other=0).to(
+            tl.pointer_type(tl.float64))
+    else:
+        pointers = tl.load(table + row * n + offsets, mask=mask, other=0).to(
+            tl.pointer_type(tl.float32))
+    w = tl.load(pointers, mask=mask, other=0.0)
+    w = w * _hyper(beta).to(w.dtype)
+    w = w + 1.0
+    tl.store(pointers, w, mask=keep)
+
+
+@triton.jit
+def advance_normalizers(table, n, beta1, beta2, found_inf, COUNTER64: tl.constexpr,
+                        HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """QHAdam's normalizers of every tensor, w ← 1 + βw in the counters' dtype (as the C
+    kernel); unchanged where found_inf is nonzero. Runs before :func:`qhadam`."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    keep = mask
+    if HAS_FOUND_INF:
+        keep = keep & (tl.load(found_inf) == 0)
+    _advance(table, WEIGHTS1, n, offsets, mask, keep, beta1, COUNTER64)
+    _advance(table, WEIGHTS2, n, offsets, mask, keep, beta2, COUNTER64)
+
+
+@triton.jit
+def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_scale, found_inf,
+           seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
+           STATE: tl.constexpr, COUNTER64: tl.constexpr, DECAY: tl.constexpr,
+           MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+           NEEDS_RANDOM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of QHAdam (the normalizers already advanced):
+
+    d = g·factor (+ λθ, coupled);  θ ← (1 - αλ)θ first (decoupled)
+    m ← lerp(m, d, 1/w1);  v ← v(1 - 1/w2) + (1/w2)d²
+    θ ← θ + ((-αν1)m + (-α(1 - ν1))d) / (sqrt(ν2 v + (1 - ν2)d²) + ε)
+    """
+    k = tl.program_id(0)
+    t = tl.load(chunks + k)
+    start = tl.load(chunks + n_chunks + k)
+    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
+    first_element = tl.load(table + OFFSETS * n + t) + start
+    real = tl.float64 if REAL64 else tl.float32
+    seed, seed2 = _seeds(seeds)
+    keep = tl.full((), 1, tl.int1)
+    if HAS_FOUND_INF:
+        keep = tl.load(found_inf) == 0
+
+    # the per-tensor and per-call scalars, computed in fp64 and rounded once (as the C kernel)
+    w1 = tl.load(_pointer(table, WEIGHTS1, t, n, tl.float64 if COUNTER64 else tl.float32))
+    w2 = tl.load(_pointer(table, WEIGHTS2, t, n, tl.float64 if COUNTER64 else tl.float32))
+    fraction1 = tl.full((), 1.0, tl.float64) / w1.to(tl.float64)
+    fraction2 = tl.full((), 1.0, tl.float64) / w2.to(tl.float64)
+    f1 = fraction1.to(real)
+    one_minus_f1 = 1.0 - f1
+    low_weight = tl.abs(f1) < 0.5
+    f2 = fraction2.to(real)
+    keep2 = (1.0 - fraction2).to(real)
+    lr_ = _hyper(lr)
+    nu1_ = _hyper(nu1)
+    nu2_ = _hyper(nu2)
+    wd = _hyper(weight_decay)
+    decay = (1.0 - lr_ * wd).to(real)
+    coupled = wd.to(real)
+    factor = _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real)
+    nu2_is_one = nu2_ == 1.0
+    nu2r = nu2_.to(real)
+    one_minus_nu2 = (1.0 - nu2_).to(real)
+    m_scale = (-lr_ * nu1_).to(real)
+    d_scale = (-lr_ * (1.0 - nu1_)).to(real)
+    first_term = nu1_ != 0.0
+    both_terms = first_term & (nu1_ != 1.0)
+    eps_ = _hyper(eps).to(real)
+
+    for lo in range(0, stop, BLOCK):
+        index = lo + tl.arange(0, BLOCK)
+        mask = index < stop
+        i = start + index
+        store = mask & keep
+        if NEEDS_RANDOM:
+            element = (first_element + index).to(tl.uint32)
+            r = _weyl_hash(element ^ seed)
+        else:
+            element = index.to(tl.uint32)
+            r = element
+        theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
+        if DECAY == 2:
+            theta = theta * decay
+        d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
+        if DECAY == 1:
+            d = d + coupled * theta
+        m = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, f1,
+                  one_minus_f1, low_weight)
+        v = _load_values(table, SECONDS, t, n, i, mask, STATE == 1, 1, REAL64) * keep2 + f2 * d * d
+        den = tl.where(nu2_is_one, v, v * nu2r + one_minus_nu2 * d * d)
+        den = _sqrt(den) + eps_
+        # one division: (m_scale·m + d_scale·d)/den, a term whose ν drops it left out
+        step = tl.where(first_term, m_scale * m, d_scale * d)
+        step = tl.where(both_terms, step + d_scale * d, step)
+        theta = theta + _divide(step, den)
+        _store_state(table, FIRSTS, t, n, i, store, m, r, STATE, REAL64)
+        _store_state(table, SECONDS, t, n, i, store, v, r >> 16, STATE, REAL64)
+        if STATE == 1 and NEEDS_RANDOM:  # a third rounding: independent bits
+            r = (element ^ seed2) * 0x9E3779B1
+        _store_theta(table, t, n, i, store, theta, r, PARAM, MODE, REAL64)
+
+
+@triton.jit
+def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, found_inf,
+        seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
+        STATE: tl.constexpr, DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, NEEDS_RANDOM: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of QHM:
+
+    d = g·factor (+ λθ, "grad" decay);  θ ← (1 - αλ)θ first ("direct" decay)
+    b ← lerp(b, d, 1 - β);  θ ← θ + (-αν)b + (-α(1 - ν))d
+    """
+    k = tl.program_id(0)
+    t = tl.load(chunks + k)
+    start = tl.load(chunks + n_chunks + k)
+    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
+    first_element = tl.load(table + OFFSETS * n + t) + start
+    real = tl.float64 if REAL64 else tl.float32
+    seed, seed2 = _seeds(seeds)
+    keep = tl.full((), 1, tl.int1)
+    if HAS_FOUND_INF:
+        keep = tl.load(found_inf) == 0
+
+    lr_ = _hyper(lr)
+    nu_ = _hyper(nu)
+    wd = _hyper(weight_decay)
+    decay = (1.0 - lr_ * wd).to(real)
+    coupled = wd.to(real)
+    factor = _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real)
+    weight = (1.0 - _hyper(momentum)).to(real)
+    one_minus_weight = 1.0 - weight
+    low_weight = tl.abs(weight) < 0.5
+    b_scale = (-lr_ * nu_).to(real)
+    d_scale = (-lr_ * (1.0 - nu_)).to(real)
+    first_term = nu_ != 0.0
+    grad_term = nu_ != 1.0
+
+    for lo in range(0, stop, BLOCK):
+        index = lo + tl.arange(0, BLOCK)
+        mask = index < stop
+        i = start + index
+        store = mask & keep
+        if NEEDS_RANDOM:
+            r = _weyl_hash((first_element + index).to(tl.uint32) ^ seed)
+        else:
+            r = index.to(tl.uint32)
+        theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
+        if DECAY == 2:
+            theta = theta * decay
+        d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
+        if DECAY == 1:
+            d = d + coupled * theta
+        b = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, weight,
+                  one_minus_weight, low_weight)
+        theta = tl.where(first_term, theta + b_scale * b, theta)
+        theta = tl.where(grad_term, theta + d_scale * d, theta)
+        _store_state(table, FIRSTS, t, n, i, store, b, r, STATE, REAL64)
+        _store_theta(table, t, n, i, store, theta, r, PARAM, MODE, REAL64)
