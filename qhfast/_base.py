@@ -218,14 +218,14 @@ class QHOptimizer(Optimizer):
     * ``capturable`` (bool): keep step counters on the parameter's device and compute the
       step-dependent factors there, so the step makes no host-device sync and can be captured
       in a CUDA graph.
-    * ``fused`` (bool or None; None, the default, is off): run each param group's update as one
-      ``torch.compile``d function (inductor: vectorized C++ on the CPU, Triton on GPUs) that
-      reads and writes each element of params, gradients and state once per step. The group's
-      first step compiles it (about a minute for ~200 tensors on a CPU, see perf/RESULTS.md),
-      and again if which parameters have gradients changes or a hyperparameter other than
-      lr, momentum and betas (which schedulers change, and which enter the graph as tensors)
-      changes. Step counters live on the parameters' device, as with ``capturable``. Not
-      with ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
+    * ``fused`` (bool or None): each param group's update in one pass over memory (reads and
+      writes each element of params, gradients and state once per step): on the CPU the C
+      kernel (``fused=None`` groups take it too), on CUDA the Triton kernel, elsewhere (and
+      for what the kernels do not take) the group's eager step compiled by ``torch.compile``
+      at its first step, again only if which parameters have gradients changes or a
+      hyperparameter other than lr, momentum and betas changes. See ``qhfast._fused``. Step
+      counters live on the parameters' device, as with ``capturable``. Not with
+      ``foreach=True``; inside a ``torch.compile``d step it changes nothing (the step is
       compiled anyway).
     * ``differentiable`` (bool): the step runs with autograd recording (as torch.optim's
       ``differentiable=True``), so gradients flow through it to the parameters' values before

@@ -36,6 +36,9 @@ class _HostReads(TorchDispatchMode):
             # a CUDA read here is found_inf (0: no skip); CPU step counters are read by design
             return 0.0 if args[0].device.type == "cuda" else 1.0
         name = func.overloadpacket.__name__
+        if name == "randint" and kwargs.get("device") is not None:  # a factory: no input
+            return torch.empty(args[-1], dtype=kwargs.get("dtype") or torch.int64,
+                               device=kwargs["device"])
         if name in _RANDOM_OPS:  # a CPU build has no CUDA generator: an uninitialized result
             out = torch.empty_like(args[0], dtype=kwargs.get("dtype") or args[0].dtype)
             return args[0] if name.endswith("_") else out
@@ -101,7 +104,47 @@ def test_a_capturable_step_under_a_grad_scaler_reads_nothing_on_the_host(name, p
 OPTIMIZERS = {"QHAdam": (qhfast.QHAdam, {}),
               "QHM": (qhfast.QHM, dict(lr=0.1, momentum=0.9, nu=0.7))}
 PATHS = {"default": {}, "foreach": dict(foreach=True), "per_tensor": dict(foreach=False),
-         "capturable": dict(capturable=True)}
+         "capturable": dict(capturable=True), "fused": dict(fused=True),
+         "fused_capturable": dict(fused=True, capturable=True)}
+#: the paths that read nothing on the host and keep their counters on the device
+_SYNC_FREE = ("capturable", "fused", "fused_capturable")
+
+
+class _TritonLaunches:
+    """Stands in for the Triton kernel module under fake tensors (which have no data to point
+    to): each launch checks that every tensor it gets is on CUDA and records its name."""
+
+    ROWS = 9
+
+    def __init__(self) -> None:
+        self.launches: list[str] = []
+
+    def __getattr__(self, name):
+        return _Launcher(self, name)
+
+
+class _Launcher:
+    def __init__(self, module: _TritonLaunches, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            assert tensors and all(t.device.type == "cuda" for t in tensors), self.name
+            self.module.launches.append(self.name)
+        return launch
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The Triton plans of qhfast/kernels/triton.py built and run for real, their launches
+    stubbed (_TritonLaunches) and their tensors' addresses made up."""
+    from qhfast.kernels import triton as plans
+    launches = _TritonLaunches()
+    monkeypatch.setattr(plans, "_kernel_module", lambda: launches)
+    monkeypatch.setattr(plans, "_addresses", lambda tensors: [id(t) for t in tensors])
+    monkeypatch.setattr(plans, "available", lambda: True)
+    return launches
 MODES = {
     "fp32": (torch.float32, {}),
     "fp32_bf16_state": (torch.float32, dict(state_dtype=torch.bfloat16)),
@@ -118,14 +161,16 @@ MODES = {
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode, scaler):
+def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode, scaler,
+                                                                triton_launches):
     """Three steps and a state_dict round trip on fake CUDA tensors (an op mixing devices
     would raise), with and without GradScaler's (1,)-shaped grad_scale/found_inf: capturable
-    reads no CUDA value on the host, the other paths at most found_inf once a step (as torch's
+    and fused (the Triton kernel, its launches stubbed: every tensor it gets is on CUDA) read
+    no CUDA value on the host, the other paths at most found_inf once a step (as torch's
     non-fused optimizers); moments, masters and compensations live on the parameter's device,
-    and so do the step counters with capturable (else on the CPU, as torch's). Not here:
-    fused=True (compiled by inductor, which fake tensors cannot run), differentiable and
-    step_in_backward (autograd on fake CUDA tensors aborts a CPU build)."""
+    and so do the step counters with capturable or fused (else on the CPU, as torch's). Not
+    here: differentiable and step_in_backward (autograd on fake CUDA tensors aborts a CPU
+    build)."""
     cls, options = OPTIMIZERS[name]
     dtype, mode_options = MODES[mode]
     options = {**options, **PATHS[path], **mode_options}
@@ -141,10 +186,12 @@ def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode,
             with _HostReads() as stepping:
                 optimizer.step()
             reads.append(sum(device.type == "cuda" for device in stepping.reads))
-        assert reads == [1 if scaler and path != "capturable" else 0] * 3
+        assert reads == [1 if scaler and path not in _SYNC_FREE else 0] * 3
+        launches = {"QHAdam": ["advance_normalizers", "qhadam"], "QHM": ["qhm"]}[name]
+        assert triton_launches.launches == (launches * 3 if path.startswith("fused") else [])
         resumed = cls([p], **options)
         resumed.load_state_dict(optimizer.state_dict())
         for state in (optimizer.state[p], resumed.state[p]):
             for key, value in state.items():
-                on_device = value.dim() > 0 or path == "capturable"
+                on_device = value.dim() > 0 or path in _SYNC_FREE
                 assert value.device.type == ("cuda" if on_device else "cpu"), key

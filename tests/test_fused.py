@@ -29,10 +29,15 @@ def compiled_group_step(monkeypatch):
     monkeypatch.setattr(qhfast._fused, "CPU_KERNEL", False)
 
 
-@pytest.fixture(params=["kernel", "compiled"])
+@pytest.fixture(params=["kernel", "compiled", "triton"])
 def implementation(request, monkeypatch):
-    """Each fused implementation in turn (on the CPU)."""
+    """Each fused implementation in turn (on the CPU; the Triton kernel in Triton's
+    interpreter, where triton is installed)."""
     monkeypatch.setattr(qhfast._fused, "CPU_KERNEL", request.param == "kernel")
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv(qhfast._fused.TRITON_ON_CPU, "1")
     return request.param
 
 

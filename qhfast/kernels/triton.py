@@ -78,9 +78,9 @@ class Plan:
             offsets.append(total)
             total += size
         rows = [_addresses(tensors.get(role) or [None] * self.n) for role in ROLES]
-        table = torch.tensor([*rows, sizes, offsets], dtype=torch.int64)
-        assert table.shape[0] == kernels.ROWS
-        self.table = table.to(self.device)
+        self.host_table = torch.tensor([*rows, sizes, offsets], dtype=torch.int64)
+        assert self.host_table.shape[0] == kernels.ROWS
+        self.table = self.host_table.to(self.device)
         self.grad_addresses = rows[ROLES.index("grads")]
         starts = [(t, s) for t, size in enumerate(sizes) for s in range(0, size, CHUNK)]
         self.n_chunks = len(starts)
@@ -115,10 +115,12 @@ class Plan:
 
     def point_to_grads(self, grads: list[Tensor]) -> None:
         """Point the table at the step's gradients (same sizes and dtypes as the plan's, checked
-        by the caller): a copy to the device only when one moved."""
+        by the caller): the table copied to the device again only when one moved (not in a
+        CUDA graph's replays, whose gradients stay where capture found them)."""
         addresses = _addresses(grads)
         if addresses != self.grad_addresses:
-            self.table[ROLES.index("grads")].copy_(torch.tensor(addresses, dtype=torch.int64))
+            self.host_table[ROLES.index("grads")] = torch.tensor(addresses, dtype=torch.int64)
+            self.table = self.host_table.to(self.device)
             self.grad_addresses = addresses
 
     def run(self, hyper: dict[str, float | Tensor], *, decay: int, maximize: bool,

@@ -204,6 +204,16 @@ def _factor(grad_scale, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _kept(found_inf, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """Whether the step is taken (found_inf zero), as a block-wide mask: the one value read
+    at every lane (a 0-d comparison would not combine with a block in Triton's interpreter)."""
+    if HAS_FOUND_INF:
+        return tl.load(found_inf + tl.full([BLOCK], 0, tl.int32)) == 0
+    else:
+        return tl.full([BLOCK], 1, tl.int1)
+
+
+@triton.jit
 def _seeds(seeds):
     """The step's two 32-bit seeds from its 64 random bits."""
     bits = tl.load(seeds)
@@ -215,6 +225,42 @@ def _lerp(start, end, weight, one_minus_weight, low_weight):
     """torch's lerp with a scalar weight (either form, as it picks)."""
     return tl.where(low_weight, start + weight * (end - start),
                     end - (end - start) * one_minus_weight)
+
+
+@triton.jit
+def _chunk(table, chunks, n_chunks, n, CHUNK: tl.constexpr):
+    """This program's chunk: its tensor, first element and length, and where its first
+    element lies over the whole bucket (what the random bits hash)."""
+    k = tl.program_id(0)
+    t = tl.load(chunks + k)
+    start = tl.load(chunks + n_chunks + k)
+    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
+    return t, start, stop, tl.load(table + OFFSETS * n + t) + start
+
+
+@triton.jit
+def _begin_block(table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
+                 PARAM: tl.constexpr, MODE: tl.constexpr, REAL64: tl.constexpr,
+                 DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+    """The start of every element's update (both optimizers), for the block at ``lo`` of the
+    chunk: its indices in the tensor, which lanes load and which store, its element indices
+    over the bucket and random bits, the working value θ (decayed first when the decay is
+    decoupled) and the step's gradient d (scaled, the coupled decay added)."""
+    index = lo + tl.arange(0, BLOCK)
+    mask = index < stop
+    i = start + index
+    element = (first_element + index).to(tl.uint32)
+    if NEEDS_RANDOM:
+        r = _weyl_hash(element ^ seed)
+    else:
+        r = element  # unused
+    theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
+    if DECAY == 2:
+        theta = theta * decay
+    d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
+    if DECAY == 1:
+        d = d + coupled * theta
+    return i, mask, mask & keep, element, r, theta, d
 
 
 # ---- the kernels ------------------------------------------------------------------------------
@@ -240,9 +286,7 @@ def advance_normalizers(table, n, beta1, beta2, found_inf, COUNTER64: tl.constex
     kernel); unchanged where found_inf is nonzero. Runs before :func:`qhadam`."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    keep = mask
-    if HAS_FOUND_INF:
-        keep = keep & (tl.load(found_inf) == 0)
+    keep = mask & _kept(found_inf, HAS_FOUND_INF, BLOCK)
     _advance(table, WEIGHTS1, n, offsets, mask, keep, beta1, COUNTER64)
     _advance(table, WEIGHTS2, n, offsets, mask, keep, beta2, COUNTER64)
 
@@ -259,16 +303,10 @@ def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_sca
     m ← lerp(m, d, 1/w1);  v ← v(1 - 1/w2) + (1/w2)d²
     θ ← θ + ((-αν1)m + (-α(1 - ν1))d) / (sqrt(ν2 v + (1 - ν2)d²) + ε)
     """
-    k = tl.program_id(0)
-    t = tl.load(chunks + k)
-    start = tl.load(chunks + n_chunks + k)
-    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
-    first_element = tl.load(table + OFFSETS * n + t) + start
+    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK)
     real = tl.float64 if REAL64 else tl.float32
     seed, seed2 = _seeds(seeds)
-    keep = tl.full((), 1, tl.int1)
-    if HAS_FOUND_INF:
-        keep = tl.load(found_inf) == 0
+    keep = _kept(found_inf, HAS_FOUND_INF, BLOCK)
 
     # the per-tensor and per-call scalars, computed in fp64 and rounded once (as the C kernel)
     w1 = tl.load(_pointer(table, WEIGHTS1, t, n, tl.float64 if COUNTER64 else tl.float32))
@@ -297,22 +335,9 @@ def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_sca
     eps_ = _hyper(eps).to(real)
 
     for lo in range(0, stop, BLOCK):
-        index = lo + tl.arange(0, BLOCK)
-        mask = index < stop
-        i = start + index
-        store = mask & keep
-        if NEEDS_RANDOM:
-            element = (first_element + index).to(tl.uint32)
-            r = _weyl_hash(element ^ seed)
-        else:
-            element = index.to(tl.uint32)
-            r = element
-        theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
-        if DECAY == 2:
-            theta = theta * decay
-        d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
-        if DECAY == 1:
-            d = d + coupled * theta
+        i, mask, store, element, r, theta, d = _begin_block(
+            table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
+            PARAM, MODE, REAL64, DECAY, NEEDS_RANDOM, BLOCK)
         m = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, f1,
                   one_minus_f1, low_weight)
         v = _load_values(table, SECONDS, t, n, i, mask, STATE == 1, 1, REAL64) * keep2 + f2 * d * d
@@ -340,16 +365,10 @@ def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, 
     d = g·factor (+ λθ, "grad" decay);  θ ← (1 - αλ)θ first ("direct" decay)
     b ← lerp(b, d, 1 - β);  θ ← θ + (-αν)b + (-α(1 - ν))d
     """
-    k = tl.program_id(0)
-    t = tl.load(chunks + k)
-    start = tl.load(chunks + n_chunks + k)
-    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
-    first_element = tl.load(table + OFFSETS * n + t) + start
+    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK)
     real = tl.float64 if REAL64 else tl.float32
     seed, seed2 = _seeds(seeds)
-    keep = tl.full((), 1, tl.int1)
-    if HAS_FOUND_INF:
-        keep = tl.load(found_inf) == 0
+    keep = _kept(found_inf, HAS_FOUND_INF, BLOCK)
 
     lr_ = _hyper(lr)
     nu_ = _hyper(nu)
@@ -366,20 +385,9 @@ def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, 
     grad_term = nu_ != 1.0
 
     for lo in range(0, stop, BLOCK):
-        index = lo + tl.arange(0, BLOCK)
-        mask = index < stop
-        i = start + index
-        store = mask & keep
-        if NEEDS_RANDOM:
-            r = _weyl_hash((first_element + index).to(tl.uint32) ^ seed)
-        else:
-            r = index.to(tl.uint32)
-        theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
-        if DECAY == 2:
-            theta = theta * decay
-        d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
-        if DECAY == 1:
-            d = d + coupled * theta
+        i, mask, store, element, r, theta, d = _begin_block(
+            table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
+            PARAM, MODE, REAL64, DECAY, NEEDS_RANDOM, BLOCK)
         b = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, weight,
                   one_minus_weight, low_weight)
         theta = tl.where(first_term, theta + b_scale * b, theta)

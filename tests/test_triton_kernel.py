@@ -1,0 +1,298 @@
+"""The Triton kernel (qhfast/kernels/triton_kernel.py) run by Triton's interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` with ``QHFAST_TRITON_ON_CPU=1`` sends ``fused=True`` CPU groups to the
+Triton kernel (qhfast._fused), so whole optimizers run it here. Its arithmetic is the C
+kernel's, operation for operation, with correctly rounded division and square root and the same
+random bits for the same seeds: every dtype, precision mode and state dtype is checked against
+the C kernel bit for bit, and against independent references (the per-tensor path in float64,
+torch's own conversions). The interpreter spends about 13 ms a program (a chunk of a tensor),
+so the problems are small: what a GPU run does fast (3000 tensors of a few elements) is
+checked with 3000 tensors of which 100 have elements.
+
+Skipped where triton is not installed (CI installs it with every torch version).
+"""
+
+import pytest
+import torch
+
+import qhfast
+import qhfast._fused
+from helpers import Problem, max_relative_error
+
+pytest.importorskip("triton")
+from qhfast.kernels import triton as triton_plans  # noqa: E402
+
+BLOCK, CHUNK = triton_plans.BLOCK, triton_plans.CHUNK
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(qhfast._fused.TRITON_ON_CPU, "1")
+
+
+def _use_triton(monkeypatch, on: bool) -> None:
+    if on:
+        monkeypatch.setenv(qhfast._fused.TRITON_ON_CPU, "1")
+    else:
+        monkeypatch.delenv(qhfast._fused.TRITON_ON_CPU, raising=False)
+
+
+def _backend(optimizer) -> str:
+    return qhfast._fused._PLANS[optimizer][0].backend
+
+
+SETTINGS = {
+    "QHAdam": lambda p, **o: qhfast.QHAdam(p, lr=0.01, nus=(0.7, 0.9), weight_decay=0.01, **o),
+    "QHAdamW": lambda p, **o: qhfast.QHAdamW(p, lr=0.01, nus=(0.6, 1.0), weight_decay=0.1,
+                                             maximize=True, **o),
+    "QHM": lambda p, **o: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.01,
+                                     weight_decay_type="direct", **o),
+}
+PRECISIONS = {
+    torch.float32: [{}, dict(state_dtype=torch.bfloat16)],
+    torch.float64: [{}, dict(state_dtype=torch.bfloat16)],
+    **{dtype: [dict(low_precision=mode, state_dtype=state)
+               for mode in ("master", "kahan", "stochastic", "nearest")
+               for state in (None, torch.bfloat16)]
+       for dtype in (torch.bfloat16, torch.float16)},
+}
+
+
+def _steps(make, dtype, sizes, steps=3, scaled=False, seed=0):
+    """Params and optimizer after ``steps`` steps with random gradients. The lr is a 0-d
+    tensor changed in place and the first beta/momentum a float changed, every step (the
+    kernels must see both); ``scaled``: gradients times 1024, with GradScaler's grad_scale
+    and found_inf handed over as GradScaler does."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+              for n in sizes]
+    optimizer = make(params, fused=True)
+    group = optimizer.param_groups[0]
+    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+    torch.manual_seed(seed)
+    for t in range(steps):
+        group["lr"].mul_(0.9)
+        if "betas" in group:
+            group["betas"] = (0.9 - 0.05 * t, group["betas"][1])
+        else:
+            group["momentum"] = 0.9 - 0.05 * t
+        for p in params:
+            grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.grad = (grad * (1024.0 if scaled else 1.0)).to(dtype)
+        if scaled:
+            optimizer.grad_scale = torch.tensor(1024.0)
+            optimizer.found_inf = torch.tensor(0.0)
+        optimizer.step()
+    return params, optimizer
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _assert_bitwise(expected, actual) -> None:
+    (params_e, opt_e), (params_a, opt_a) = expected, actual
+    for x, y in zip(params_e, params_a):
+        assert torch.equal(_bits(x), _bits(y))
+    for p, q in zip(params_e, params_a):
+        state_e, state_a = opt_e.state[p], opt_a.state[q]
+        assert state_e.keys() == state_a.keys()
+        for key in state_e:
+            assert state_e[key].dtype == state_a[key].dtype, key
+            assert torch.equal(_bits(state_e[key]), _bits(state_a[key])), key
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("name", SETTINGS)
+def test_the_triton_kernel_equals_the_c_kernel_bit_for_bit(name, dtype, monkeypatch):
+    """Every precision mode and state dtype of the parameter's dtype, a tensor lr changed in
+    place and a float beta changed between steps, and (in every other combination) gradients
+    scaled as GradScaler hands them over: params, moments, masters, compensations and
+    normalizers equal the C kernel's bit for bit, the random draws included (the same seeds
+    from torch's generator, the same hash)."""
+    for k, options in enumerate(PRECISIONS[dtype]):
+        make = lambda p, **o: SETTINGS[name](p, **o, **options)  # noqa: E731
+        run = dict(make=make, dtype=dtype, sizes=(3, 100), scaled=k % 2 == 1)
+        _use_triton(monkeypatch, False)
+        expected = _steps(**run)
+        _use_triton(monkeypatch, True)
+        actual = _steps(**run)
+        assert _backend(expected[1]) == "cpu" and _backend(actual[1]) == "triton"
+        _assert_bitwise(expected, actual)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("QHAdam", dict(weight_decay=0.1, maximize=True)),
+    ("QHAdam", dict(nus=(0.0, 1.0), betas=(0.0, 0.5), eps=0.0)),  # lerp's other form, ν1 = 0
+    ("QHAdamW", dict(nus=(0.5, 0.5), weight_decay=0.3)),
+    ("QHM", dict(weight_decay=0.1, weight_decay_type="direct", nu=1.0)),
+])
+def test_float64_follows_the_per_tensor_path(name, options):
+    """Against the per-tensor path (an independent implementation: torch ops), float64 to
+    1e-12 relative after 15 steps of the test problem, where which tensors have gradients
+    changes between steps (the plan is made again)."""
+    make = {"QHAdam": qhfast.QHAdam, "QHAdamW": qhfast.QHAdamW,
+            "QHM": lambda p, **o: qhfast.QHM(p, **{"lr": 0.5, "momentum": 0.9, "nu": 0.7, **o})}
+    expected, actual = [], []
+    for target, fused in ((expected, False), (actual, True)):
+        problem = Problem()
+        params = problem.params()
+        optimizer = make[name](params, **options, **({"fused": True} if fused else
+                                                      {"foreach": False}))
+        for t in range(15):
+            problem.set_grads(params, t)
+            optimizer.step()
+        target.extend(p.detach() for p in params)
+    assert _backend(optimizer) == "triton"
+    assert max_relative_error(expected, actual) < 1e-12
+
+
+def test_float32_is_within_a_few_ulps_of_the_per_tensor_path():
+    """fp32 after 10 steps within 1e-6 relative (a few ulps: the per-tensor path divides
+    each term, the kernel the sum, and torch's vectorized sqrt is not correctly rounded;
+    measured 2.4e-7)."""
+    finals = []
+    for fused in (False, True):
+        problem = Problem()
+        params = problem.params(torch.float32)
+        optimizer = qhfast.QHAdam(params, nus=(0.7, 0.9), **({"fused": True} if fused else
+                                                            {"foreach": False}))
+        for t in range(10):
+            problem.set_grads(params, t)
+            optimizer.step()
+        finals.append([p.detach() for p in params])
+    assert max_relative_error(*finals) < 1e-6
+
+
+def _qhadam_reference(theta, grad, m, v, w1, w2, lr, betas, nus, eps):
+    """One QHAdam step written with torch ops in fp32 as the kernels' docstrings state it (the
+    normalizers and the per-tensor factors in float64, rounded once), independent of their
+    conversions: the square root correctly rounded through float64."""
+    w1, w2 = w1 * betas[0] + 1, w2 * betas[1] + 1
+    f1, f2 = torch.tensor(1 / w1, dtype=torch.float32), torch.tensor(1 / w2, dtype=torch.float32)
+    keep2 = torch.tensor(1 - 1 / w2, dtype=torch.float32)
+    d = grad.float()
+    if f1 < 0.5:  # torch's lerp: which form depends on the weight
+        m = m + f1 * (d - m)
+    else:
+        m = d - (d - m) * (1.0 - f1)
+    v = v * keep2 + f2 * d * d
+    den = (v * nus[1] + torch.tensor(1 - nus[1], dtype=torch.float32) * d * d)
+    den = den.double().sqrt().float() + eps
+    step = torch.tensor(-lr * nus[0], dtype=torch.float32) * m
+    step = step + torch.tensor(-lr * (1 - nus[0]), dtype=torch.float32) * d
+    return theta + step / den, m, v, w1, w2
+
+
+@pytest.mark.parametrize("mode", ["master", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_deterministic_modes_equal_a_torch_ops_reference_bit_for_bit(dtype, mode):
+    """bf16/fp16 parameters with "master" and "nearest": 4 steps equal the reference above bit
+    for bit, the parameter rounded by torch's own cast (round to nearest even), including
+    values near the dtype's overflow, subnormals and zeros. betas (0.6, 0.9) with nus (0.7,
+    0.8): from the second step the moments' lerp weight is below 0.5."""
+    lr, betas, nus, eps = 0.01, (0.6, 0.9), (0.7, 0.8), 1e-8
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(500, generator=generator),
+                        torch.tensor([0.0, -0.0, 1e-7, -3e-6, 6e-5, 60000.0, -65000.0, 3e38])])
+    p = values.to(dtype).requires_grad_()
+    optimizer = qhfast.QHAdam([p], lr=lr, betas=betas, nus=nus, eps=eps, fused=True,
+                              low_precision=mode)
+    theta, m, v = p.detach().float(), torch.zeros(len(values)), torch.zeros(len(values))
+    w1 = w2 = 0.0
+    for t in range(4):
+        grad = torch.randn(len(values), generator=generator).to(dtype)
+        p.grad = grad
+        optimizer.step()
+        if t == 0:  # weight 1: lerp's other form, end - (end - start)·0 = d exactly
+            w1, w2 = 1.0, 1.0
+            d = grad.float()
+            den = (d * d * nus[1] + torch.tensor(1 - nus[1], dtype=torch.float32) * d * d)
+            den = den.double().sqrt().float() + eps
+            step = (torch.tensor(-lr * nus[0], dtype=torch.float32) * d
+                    + torch.tensor(-lr * (1 - nus[0]), dtype=torch.float32) * d)
+            theta, m, v = theta + step / den, d, d * d
+        else:
+            theta, m, v, w1, w2 = _qhadam_reference(theta, grad, m, v, w1, w2, lr, betas, nus,
+                                                    eps)
+        if mode == "nearest":
+            theta = theta.to(dtype).float()
+        state = optimizer.state[p]
+        assert torch.equal(p.detach().view(torch.int16), theta.to(dtype).view(torch.int16))
+        assert torch.equal(state["exp_avg"], m) and torch.equal(state["exp_avg_sq"], v)
+        if mode == "master":
+            assert torch.equal(state["master_param"], theta)
+    assert _backend(optimizer) == "triton"
+
+
+@pytest.mark.parametrize("dtype,spacing", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)],
+                         ids=["bf16", "fp16"])
+def test_stochastic_rounding_is_unbiased_and_follows_the_seed(dtype, spacing):
+    """2^14 parameters at 1.0 each take an SGD step of an eighth of their spacing (QHM, ν = 0,
+    maximize, lr 1/8): each lands on 1.0 or the next value, up with probability 1/8. The
+    mean's standard error is sqrt(7/64/2^14) = 0.0026 spacings: within 0.02 (7.7 of them).
+    The same torch seed gives the same bits, another seed others."""
+    def step(seed):
+        torch.manual_seed(seed)
+        p = torch.ones(1 << 14, dtype=dtype, requires_grad=True)
+        optimizer = qhfast.QHM([p], lr=0.125, momentum=0.0, nu=0.0, maximize=True, fused=True,
+                               low_precision="stochastic")
+        p.grad = torch.full_like(p, spacing)
+        optimizer.step()
+        assert _backend(optimizer) == "triton"
+        return (p.detach().double() - 1.0) / spacing
+
+    moved = step(0)
+    assert ((moved == 0) | (moved == 1)).all()
+    assert abs(moved.mean().item() - 0.125) < 0.02
+    assert torch.equal(step(0), moved)
+    assert not torch.equal(step(1), moved)
+
+
+def test_chunk_edges_and_many_tensors_equal_the_c_kernel(monkeypatch):
+    """Sizes 0, 1, BLOCK-1, BLOCK, BLOCK+1, several blocks and CHUNK+1 (two chunks), then
+    3000 tensors of which every 30th has 1 to 3 elements (a wide table, its last columns
+    used): bit for bit the C kernel's, with bf16 parameters rounded at random and bf16
+    moments, whose random bits follow each element's index over the whole bucket."""
+    sizes = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, CHUNK + 1]
+    sizes += [1 + (i // 30) % 3 if i % 30 == 29 else 0 for i in range(3000)]
+    make = lambda p, **o: qhfast.QHAdam(p, low_precision="stochastic",  # noqa: E731
+                                        state_dtype=torch.bfloat16, **o)
+    _use_triton(monkeypatch, False)
+    expected = _steps(make, torch.bfloat16, sizes, steps=2)
+    _use_triton(monkeypatch, True)
+    actual = _steps(make, torch.bfloat16, sizes, steps=2)
+    assert _backend(actual[1]) == "triton"
+    _assert_bitwise(expected, actual)
+
+
+def test_state_dict_moves_between_triton_the_c_kernel_and_foreach(monkeypatch):
+    """A checkpoint of the Triton path resumes on the C kernel (bit for bit the Triton
+    continuation) and on the foreach path (1e-12, float64); capturable=True (its counters in
+    the compute dtype) takes the Triton kernel too and continues within 1e-12."""
+    problem = Problem()
+    params = problem.params()
+    optimizer = qhfast.QHAdam(params, nus=(0.7, 0.9), fused=True)
+    for t in range(3):
+        problem.set_grads(params, t)
+        optimizer.step()
+    saved, start = optimizer.state_dict(), [p.detach().clone() for p in params]
+    finals = {}
+    for path, options, triton in (("triton", dict(fused=True), True),
+                                  ("cpu", dict(fused=True), False),
+                                  ("foreach", dict(foreach=True), False),
+                                  ("capturable", dict(fused=True, capturable=True), True)):
+        _use_triton(monkeypatch, triton)
+        resumed = [x.clone().requires_grad_() for x in start]
+        other = qhfast.QHAdam(resumed, nus=(0.7, 0.9), **options)
+        other.load_state_dict(saved)
+        for t in range(3, 6):
+            problem.set_grads(resumed, t)
+            other.step()
+        if path != "foreach":
+            assert _backend(other) == ("triton" if triton else "cpu"), path
+        finals[path] = [p.detach() for p in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(finals["triton"], finals["cpu"]))
+    assert max_relative_error(finals["foreach"], finals["triton"]) < 1e-12
+    assert max_relative_error(finals["foreach"], finals["capturable"]) < 1e-12
