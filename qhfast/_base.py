@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 from . import _differentiable as differentiable
 from . import _fused
 from . import _precision as precision
+from ._tensors import AmpArgs, DTensor, Partial
+from ._tensors import buckets as _buckets
+from ._tensors import local as _local
 from ._precision import compute_dtype
 
 __all__ = ["QHOptimizer", "prepare_grads"]
@@ -727,14 +730,6 @@ def _amp_scalar(value: Tensor | None, name: str) -> Tensor | None:
     return value.reshape(())
 
 
-class AmpArgs(NamedTuple):
-    """What torch.amp.GradScaler hands to step(): its scale (to divide the gradients by) and
-    found_inf (nonzero: skip the step). Either may be None."""
-
-    grad_scale: Tensor | None = None
-    found_inf: Tensor | None = None
-
-
 def _flatten(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
@@ -750,20 +745,6 @@ def _as_scalar(value: Any, device: torch.device, dtype: torch.dtype, device_path
     if device_path:
         return value.reshape(()).to(device=device, dtype=dtype)
     return float(value.item())
-
-
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Partial
-else:  # a torch build without distributed support has no DTensor
-    DTensor = Partial = ()  # type: ignore[assignment,misc]
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view of its storage, so in-place updates land in it), else t.
-
-    The update runs on local shards: elementwise rules need no communication, and this sidesteps
-    DTensor's gaps (no sharding rule for ``_foreach_copy_``, no mixed Tensor/DTensor lists)."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 #: the types of a param that is certainly not a DTensor (a fast path of the per-step checks)
@@ -826,10 +807,3 @@ def _cache_sized_spans(params: Sequence[Tensor]) -> list[tuple[int, int]]:
         size += numel
     spans.append((start, len(params)))
     return spans
-
-
-def _buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.device, p.dtype), []).append(p)
-    return buckets

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _base
+from . import _tensors
 from ._precision import COMPENSATION_KEY, LOW_PRECISION_DTYPES, MASTER_KEY
 from .kernels import cpu as _cpu
 from .kernels import triton as _triton
@@ -93,7 +93,7 @@ def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tens
 
 def _backend(group: dict[str, Any], param: Tensor) -> str | None:
     """Which kernel serves the group: "triton", "cpu" or None."""
-    device = _base._local(param).device.type
+    device = _tensors.local(param).device.type
     if group["fused"] and _triton.available() and (
             device == "cuda" or (device == "cpu" and _triton_on_cpu())):
         return "triton"
@@ -116,7 +116,7 @@ class _BucketPlan:
 
     def __init__(self, kernel: Any, params: list[Tensor], local: bool) -> None:
         self.kernel, self.params, self.local = kernel, params, local
-        self.numels = [_elements(_base._local(p) if local else p) for p in params]
+        self.numels = [_elements(_tensors.local(p) if local else p) for p in params]
 
     def point_to_grads(self) -> bool:
         """Point the plan at the params' current gradients, or return False if one is not what
@@ -125,7 +125,7 @@ class _BucketPlan:
         with the params checked; a param given new storage makes a new plan.)"""
         grads = [p.grad for p in self.params]
         if self.local:
-            grads = [_base._local(g) for g in grads]
+            grads = [_tensors.local(g) for g in grads]
         if not all(g.is_contiguous() and _elements(g) == n for g, n in zip(grads, self.numels)):
             return False
         self.kernel.point_to_grads(grads)
@@ -165,7 +165,7 @@ def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
 
 def _param_pointers(params: list[Tensor], local: bool) -> list[int]:
     if local:
-        return [_base._local(p).data_ptr() for p in params]
+        return [_tensors.local(p).data_ptr() for p in params]
     return [p.data_ptr() for p in params]
 
 
@@ -203,7 +203,7 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
                       states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
     state_of = dict(zip(map(id, params), states))
     buckets = []
-    for bucket in _base._buckets(params).values():
+    for bucket in _tensors.buckets(params).values():
         tensors = _bucket_tensors(optimizer, group, bucket, [state_of[id(p)] for p in bucket],
                                   backend)
         if tensors is None:
@@ -214,7 +214,7 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
             kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"])
             if kernel is None:
                 return None
-        local = any(isinstance(p, _base.DTensor) for p in bucket)
+        local = any(isinstance(p, _tensors.DTensor) for p in bucket)
         buckets.append(_BucketPlan(kernel, bucket, local))
     return buckets
 
@@ -227,8 +227,8 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``): local shards of
     DTensors, real views of complex tensors; or None unless every one is what the kernel
     reads: its dtype, on the params' device, contiguous, of its param's size."""
-    local = any(isinstance(p, _base.DTensor) for p in bucket)
-    view = _base._local if local else (lambda t: t)
+    local = any(isinstance(p, _tensors.DTensor) for p in bucket)
+    view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
     device, dtype = params[0].device, params[0].dtype
     low = dtype in LOW_PRECISION_DTYPES
@@ -295,7 +295,7 @@ _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
                 hyperparameters: dict[str, Any], grad_scale: Tensor | None,
                 found_inf: Tensor | None) -> None:
-    optimizer._step_group(group, params, _base.AmpArgs(grad_scale, found_inf), hyperparameters)
+    optimizer._step_group(group, params, _tensors.AmpArgs(grad_scale, found_inf), hyperparameters)
 
 
 class _CompiledGroupStep:
@@ -319,7 +319,7 @@ class _CompiledGroupStep:
 
     def __call__(self, optimizer: Any, group: dict[str, Any], params: list[Tensor],
                  amp: Any) -> None:
-        device = _base._local(params[0]).device
+        device = _tensors.local(params[0]).device
         hyperparameters = {
             name: self._as_tensor(name, group[name], device)
             if name in optimizer._scheduled_hyperparameters else group[name]

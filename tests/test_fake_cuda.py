@@ -195,3 +195,28 @@ def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode,
             for key, value in state.items():
                 on_device = value.dim() > 0 or path in _SYNC_FREE
                 assert value.device.type == ("cuda" if on_device else "cpu"), key
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_step_inside_backward_keeps_to_its_device(name, mode):
+    """qhfast.step_in_backward's per-parameter step on fake CUDA tensors, called as the
+    post-accumulate-grad hook calls it (autograd itself cannot run on fake CUDA tensors in a
+    CPU build): three steps read no CUDA value on the host (QHAdam's CPU counters, by
+    design), the gradient is released, moments,
+    masters and compensations live on the parameter's device."""
+    cls, options = OPTIMIZERS[name]
+    dtype, mode_options = MODES[mode]
+    with FakeTensorMode(), _DtypeCopies(), _HostReads():
+        p = torch.empty(10, device="cuda", dtype=dtype).requires_grad_()
+        optimizer = cls([p], **options, **mode_options)
+        handle = qhfast.step_in_backward(optimizer)
+        for _ in range(3):
+            p.grad = torch.empty(10, device="cuda", dtype=dtype)
+            with _HostReads() as stepping:
+                handle._step_param(p)
+            assert all(device.type == "cpu" for device in stepping.reads)  # counters only
+            assert p.grad is None
+        handle.remove()
+        for key, value in optimizer.state[p].items():
+            assert value.device.type == ("cuda" if value.dim() > 0 else "cpu"), key

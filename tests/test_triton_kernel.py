@@ -12,6 +12,9 @@ checked with 3000 tensors of which 100 have elements.
 Skipped where triton is not installed (CI installs it with every torch version).
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,7 +22,7 @@ import qhfast
 import qhfast._fused
 from helpers import Problem, max_relative_error
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from qhfast.kernels import triton as triton_plans  # noqa: E402
 
 BLOCK, CHUNK = triton_plans.BLOCK, triton_plans.CHUNK
@@ -296,3 +299,56 @@ def test_state_dict_moves_between_triton_the_c_kernel_and_foreach(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(finals["triton"], finals["cpu"]))
     assert max_relative_error(finals["foreach"], finals["triton"]) < 1e-12
     assert max_relative_error(finals["foreach"], finals["capturable"]) < 1e-12
+
+
+def _compile_for_sm90(kernel, signature: dict, constants: dict) -> str:
+    """The PTX of ``kernel`` compiled for an H100/H200 (sm_90) with the launcher's options:
+    Triton compiles without a GPU (its wheel ships ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**signature, **{name: "constexpr" for name in constants}}
+    source = ASTSource(kernel, signature, constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, enable_fp_fusion=False))
+    return compiled.asm["ptx"]
+
+
+def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch):
+    """What the interpreter cannot show: the kernels compile for sm_90 (the GPU image's triton
+    and the newest), with no multiply-add contracted into an FMA, correctly rounded division
+    and square root (as the interpreter computes), and, where the launcher found the tensors
+    16-byte aligned, 128-bit loads and stores in the full blocks (16-bit tensors included);
+    a GradScaler skip must not cost them (it once did: a per-lane found_inf mask)."""
+    pytest.importorskip("triton.backends.nvidia")
+    monkeypatch.delenv("TRITON_INTERPRET")  # the module loaded afresh: compilable functions
+    spec = importlib.util.spec_from_file_location(
+        "qhfast_triton_kernel_for_sm90", Path(triton_plans.__file__).with_name("triton_kernel.py"))
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    pointers = {"table": "*i64", "chunks": "*i64", "n_chunks": "i32", "n": "i32",
+                "grad_scale": "*fp32", "found_inf": "*fp32", "seeds": "*i64"}
+    flags = dict(REAL64=False, PARAM=0, MODE=0, STATE=0, DECAY=0, MAXIMIZE=False,
+                 HAS_SCALE=True, HAS_FOUND_INF=True, NEEDS_RANDOM=False, ALIGNED=True,
+                 CHUNK=CHUNK, BLOCK=BLOCK)
+    qhadam = {**pointers, **{k: "*fp64" for k in ("lr", "nu1", "nu2", "eps", "weight_decay")}}
+    qhm = {**pointers, **{k: "*fp64" for k in ("lr", "momentum", "nu", "weight_decay")}}
+    variants = [
+        (kernels.qhadam, qhadam, dict(flags, COUNTER64=False), 4),
+        (kernels.qhadam, qhadam, dict(flags, PARAM=1, MODE=3, STATE=1, NEEDS_RANDOM=True,
+                                      COUNTER64=True), 1),
+        (kernels.qhm, qhm, dict(flags, PARAM=2, MODE=2, DECAY=2, NEEDS_RANDOM=True), 2),
+    ]
+    for kernel, signature, constants, vectors in variants:
+        ptx = _compile_for_sm90(kernel, signature, constants)
+        assert "fma." not in ptx
+        if kernel is kernels.qhadam:
+            assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+            assert "div.approx" not in ptx and "div.full" not in ptx and "sqrt.approx" not in ptx
+        # per tensor of the block: one 128-bit access (16-bit values: 8 a thread; fp32: 4, twice)
+        assert ptx.count("ld.global.v4") >= vectors and ptx.count("st.global.v4") >= vectors - 1
+    ptx = _compile_for_sm90(kernels.advance_normalizers,
+                            {"table": "*i64", "n": "i32", "beta1": "*fp64", "beta2": "*fp64",
+                             "found_inf": "*fp32"},
+                            dict(COUNTER64=False, HAS_FOUND_INF=True, BLOCK=BLOCK))
+    assert "fma." not in ptx

@@ -82,6 +82,10 @@ class Plan:
         assert self.host_table.shape[0] == kernels.ROWS
         self.table = self.host_table.to(self.device)
         self.grad_addresses = rows[ROLES.index("grads")]
+        #: whether every element tensor's address is 16-byte aligned (the kernel then uses
+        #: vector accesses): torch's allocators align their blocks, views need not be
+        self.aligned = all(a % 16 == 0 for role, row in zip(ROLES, rows)
+                           if not role.startswith("weights") for a in row)
         starts = [(t, s) for t, size in enumerate(sizes) for s in range(0, size, CHUNK)]
         self.n_chunks = len(starts)
         self.chunks = torch.tensor([[t for t, _ in starts], [s for _, s in starts]],
@@ -120,6 +124,7 @@ class Plan:
         addresses = _addresses(grads)
         if addresses != self.grad_addresses:
             self.host_table[ROLES.index("grads")] = torch.tensor(addresses, dtype=torch.int64)
+            self.aligned = self.aligned and all(a % 16 == 0 for a in addresses)
             self.table = self.host_table.to(self.device)
             self.grad_addresses = addresses
 
@@ -136,7 +141,8 @@ class Plan:
         dummy = self.table
         flags = dict(self.flags, DECAY=decay, MAXIMIZE=bool(maximize),
                      HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                     NEEDS_RANDOM=self.needs_random, CHUNK=CHUNK, BLOCK=BLOCK)
+                     NEEDS_RANDOM=self.needs_random, ALIGNED=self.aligned, CHUNK=CHUNK,
+                     BLOCK=BLOCK)
         grad_scale = dummy if grad_scale is None else grad_scale
         found = dummy if found_inf is None else found_inf
         seeds = (torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,

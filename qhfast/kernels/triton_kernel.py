@@ -31,8 +31,9 @@ multiply-add contracted into an FMA), so every operation rounds as in IEEE arith
 import triton
 import triton.language as tl
 
-# table rows
-PARAMS, GRADS, FIRSTS, SECONDS, EXTRAS, WEIGHTS1, WEIGHTS2, SIZES, OFFSETS = range(9)
+# table rows (constexpr: a jit function reads no other global)
+PARAMS, GRADS, FIRSTS, SECONDS, EXTRAS, WEIGHTS1, WEIGHTS2, SIZES, OFFSETS = map(tl.constexpr,
+                                                                                 range(9))
 ROWS = 9
 
 
@@ -97,76 +98,83 @@ def _weyl_hash(x):
     return x ^ (x >> 16)
 
 
-# ---- reading and writing one block of a tensor ------------------------------------------------
+# ---- reading and writing a block of a chunk ------------------------------------------------
 
 @triton.jit
-def _pointer(table, row, t, n, DTYPE: tl.constexpr):
-    return tl.load(table + row * n + t).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
-def _load_values(table, row, t, n, i, mask, SIXTEEN: tl.constexpr, PARAM: tl.constexpr,
-                 REAL64: tl.constexpr):
-    """Block ``i`` of tensor t's ``row`` in the compute dtype: 16-bit bits converted
-    (SIXTEEN), else the compute dtype itself."""
-    if SIXTEEN:
-        bits = tl.load(_pointer(table, row, t, n, tl.uint16) + i, mask=mask, other=0)
-        return _bits_to_float(bits, PARAM)
-    elif REAL64:
-        return tl.load(_pointer(table, row, t, n, tl.float64) + i, mask=mask, other=0.0)
-    else:
-        return tl.load(_pointer(table, row, t, n, tl.float32) + i, mask=mask, other=0.0)
+def _base(table, row, t, n, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor t's pointer in ``row``, at the chunk's first element. ALIGNED: the launcher
+    found every address 16-byte aligned, which lets the compiler use vector loads."""
+    pointer = tl.load(table + row * n + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # (a hint on the pointer: on the integer address the compiler loses it)
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer + start
 
 
 @triton.jit
-def _store_state(table, row, t, n, i, mask, x, r, STATE: tl.constexpr, REAL64: tl.constexpr):
+def _chunk_pointers(table, t, n, start, PARAM: tl.constexpr, MODE: tl.constexpr,
+                    STATE: tl.constexpr, REAL64: tl.constexpr, ALIGNED: tl.constexpr):
+    """The chunk's pointers: parameter, gradient, first and second moment (QHM: its buffer;
+    an unused one points at address 0 and is never read), the mode's extra tensor. 16-bit
+    values are read as their bits (uint16)."""
+    real = tl.float64 if REAL64 else tl.float32
+    value = tl.uint16 if PARAM != 0 else real
+    state = tl.uint16 if STATE == 1 else real
+    extra = tl.float32 if MODE == 1 else tl.uint16
+    return (_base(table, PARAMS, t, n, start, value, ALIGNED),
+            _base(table, GRADS, t, n, start, value, ALIGNED),
+            _base(table, FIRSTS, t, n, start, state, ALIGNED),
+            _base(table, SECONDS, t, n, start, state, ALIGNED),
+            _base(table, EXTRAS, t, n, start, extra, ALIGNED))
+
+
+@triton.jit
+def _load(pointer, index, mask, FORMAT: tl.constexpr):
+    """A block in the compute dtype: FORMAT 0 the pointer's own dtype, 1 bf16 bits, 2 fp16
+    bits (converted exactly)."""
+    x = tl.load(pointer + index, mask=mask, other=0)
+    if FORMAT != 0:
+        x = _bits_to_float(x, FORMAT)
+    return x
+
+
+@triton.jit
+def _store_state(pointer, index, mask, x, r, STATE: tl.constexpr):
     """A moment written back: in the compute dtype, or bf16 with stochastic rounding."""
     if STATE == 1:
-        tl.store(_pointer(table, row, t, n, tl.uint16) + i,
-                 _stochastic_bits(x.to(tl.float32), r, 1), mask=mask)
-    elif REAL64:
-        tl.store(_pointer(table, row, t, n, tl.float64) + i, x, mask=mask)
+        tl.store(pointer + index, _stochastic_bits(x.to(tl.float32), r, 1), mask=mask)
     else:
-        tl.store(_pointer(table, row, t, n, tl.float32) + i, x, mask=mask)
+        tl.store(pointer + index, x, mask=mask)
 
 
 @triton.jit
-def _load_theta(table, t, n, i, mask, PARAM: tl.constexpr, MODE: tl.constexpr,
-                REAL64: tl.constexpr):
+def _load_theta(param, extra, index, mask, PARAM: tl.constexpr, MODE: tl.constexpr):
     """The parameter's working value: itself, its fp32 master, or θ + c (exact in fp32)."""
     if MODE == 1:
-        theta = tl.load(_pointer(table, EXTRAS, t, n, tl.float32) + i, mask=mask, other=0.0)
+        theta = tl.load(extra + index, mask=mask, other=0.0)
     else:
-        theta = _load_values(table, PARAMS, t, n, i, mask, PARAM != 0, PARAM, REAL64)
+        theta = _load(param, index, mask, PARAM)
         if MODE == 2:
-            theta = theta + _load_values(table, EXTRAS, t, n, i, mask, True, PARAM, REAL64)
+            theta = theta + _load(extra, index, mask, PARAM)
     return theta
 
 
 @triton.jit
-def _store_theta(table, t, n, i, mask, theta, r, PARAM: tl.constexpr, MODE: tl.constexpr,
-                 REAL64: tl.constexpr):
+def _store_theta(param, extra, index, mask, theta, r, PARAM: tl.constexpr, MODE: tl.constexpr):
     """The updated working value written as MODE says (r: random bits, the upper 16 used)."""
     if MODE == 0:
-        if REAL64:
-            tl.store(_pointer(table, PARAMS, t, n, tl.float64) + i, theta, mask=mask)
-        else:
-            tl.store(_pointer(table, PARAMS, t, n, tl.float32) + i, theta, mask=mask)
+        tl.store(param + index, theta, mask=mask)
+    elif MODE == 1:
+        tl.store(extra + index, theta, mask=mask)
+        tl.store(param + index, _nearest_bits(theta, PARAM), mask=mask)
+    elif MODE == 2:  # c keeps what rounding θ to nearest lost, itself rounded at random
+        nearest = _nearest_bits(theta, PARAM)
+        tl.store(param + index, nearest, mask=mask)
+        residual = theta - _bits_to_float(nearest, PARAM)
+        tl.store(extra + index, _stochastic_bits(residual, r >> 16, PARAM), mask=mask)
+    elif MODE == 3:
+        tl.store(param + index, _stochastic_bits(theta, r >> 16, PARAM), mask=mask)
     else:
-        param = _pointer(table, PARAMS, t, n, tl.uint16) + i
-        if MODE == 1:
-            tl.store(_pointer(table, EXTRAS, t, n, tl.float32) + i, theta, mask=mask)
-            tl.store(param, _nearest_bits(theta, PARAM), mask=mask)
-        elif MODE == 2:  # c keeps what rounding θ to nearest lost, itself rounded at random
-            nearest = _nearest_bits(theta, PARAM)
-            tl.store(param, nearest, mask=mask)
-            residual = theta - _bits_to_float(nearest, PARAM)
-            tl.store(_pointer(table, EXTRAS, t, n, tl.uint16) + i,
-                     _stochastic_bits(residual, r >> 16, PARAM), mask=mask)
-        elif MODE == 3:
-            tl.store(param, _stochastic_bits(theta, r >> 16, PARAM), mask=mask)
-        else:
-            tl.store(param, _nearest_bits(theta, PARAM), mask=mask)
+        tl.store(param + index, _nearest_bits(theta, PARAM), mask=mask)
 
 
 @triton.jit
@@ -228,39 +236,42 @@ def _lerp(start, end, weight, one_minus_weight, low_weight):
 
 
 @triton.jit
-def _chunk(table, chunks, n_chunks, n, CHUNK: tl.constexpr):
-    """This program's chunk: its tensor, first element and length, and where its first
-    element lies over the whole bucket (what the random bits hash)."""
+def _chunk(table, chunks, n_chunks, n, CHUNK: tl.constexpr, found_inf,
+           HAS_FOUND_INF: tl.constexpr):
+    """This program's chunk: its tensor, first element and length (int32; 0 when found_inf
+    is nonzero: a skipped step reads and writes nothing), and where its first element lies
+    over the whole bucket (what the random bits hash)."""
     k = tl.program_id(0)
     t = tl.load(chunks + k)
     start = tl.load(chunks + n_chunks + k)
-    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK)
+    stop = tl.minimum(tl.load(table + SIZES * n + t) - start, CHUNK).to(tl.int32)
+    if HAS_FOUND_INF:
+        stop = tl.where(tl.load(found_inf) == 0, stop, 0)
+    if CHUNK % 16 == 0:
+        start = tl.multiple_of(start, 16)
     return t, start, stop, tl.load(table + OFFSETS * n + t) + start
 
 
 @triton.jit
-def _begin_block(table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
-                 PARAM: tl.constexpr, MODE: tl.constexpr, REAL64: tl.constexpr,
-                 DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr, BLOCK: tl.constexpr):
-    """The start of every element's update (both optimizers), for the block at ``lo`` of the
-    chunk: its indices in the tensor, which lanes load and which store, its element indices
-    over the bucket and random bits, the working value θ (decayed first when the decay is
-    decoupled) and the step's gradient d (scaled, the coupled decay added)."""
-    index = lo + tl.arange(0, BLOCK)
-    mask = index < stop
-    i = start + index
+def _begin_block(param, grad, extra, index, mask, first_element, seed, decay, coupled, factor,
+                 PARAM: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
+                 NEEDS_RANDOM: tl.constexpr):
+    """The start of every element's update (both optimizers), for a block of the chunk: its
+    elements' indices over the bucket and their random bits, the working value θ (decayed
+    first when the decay is decoupled) and the step's gradient d (scaled, the coupled decay
+    added)."""
     element = (first_element + index).to(tl.uint32)
     if NEEDS_RANDOM:
         r = _weyl_hash(element ^ seed)
     else:
         r = element  # unused
-    theta = _load_theta(table, t, n, i, mask, PARAM, MODE, REAL64)
+    theta = _load_theta(param, extra, index, mask, PARAM, MODE)
     if DECAY == 2:
         theta = theta * decay
-    d = _load_values(table, GRADS, t, n, i, mask, PARAM != 0, PARAM, REAL64) * factor
+    d = _load(grad, index, mask, PARAM) * factor
     if DECAY == 1:
         d = d + coupled * theta
-    return i, mask, mask & keep, element, r, theta, d
+    return element, r, theta, d
 
 
 # ---- the kernels ------------------------------------------------------------------------------
@@ -292,66 +303,98 @@ def advance_normalizers(table, n, beta1, beta2, found_inf, COUNTER64: tl.constex
 
 
 @triton.jit
+def _qhadam_block(param, grad, first, second, extra, index, mask, first_element, seed,
+                  seed2, f1, one_minus_f1, low_weight, f2, keep2, decay, coupled, factor,
+                  nu2_is_one, nu2, one_minus_nu2, m_scale, d_scale, first_term, both_terms, eps,
+                  PARAM: tl.constexpr, MODE: tl.constexpr, STATE: tl.constexpr,
+                  DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr):
+    element, r, theta, d = _begin_block(param, grad, extra, index, mask, first_element, seed,
+                                        decay, coupled, factor, PARAM, MODE, DECAY,
+                                        NEEDS_RANDOM)
+    # (STATE is also the moments' format for _load: 0 the compute dtype, 1 bf16)
+    m = _lerp(_load(first, index, mask, STATE), d, f1, one_minus_f1, low_weight)
+    v = _load(second, index, mask, STATE) * keep2 + f2 * d * d
+    den = tl.where(nu2_is_one, v, v * nu2 + one_minus_nu2 * d * d)
+    den = _sqrt(den) + eps
+    # one division: (m_scale·m + d_scale·d)/den, a term whose ν drops it left out
+    step = tl.where(first_term, m_scale * m, d_scale * d)
+    step = tl.where(both_terms, step + d_scale * d, step)
+    theta = theta + _divide(step, den)
+    _store_state(first, index, mask, m, r, STATE)
+    _store_state(second, index, mask, v, r >> 16, STATE)
+    if STATE == 1 and NEEDS_RANDOM:  # a third rounding: independent bits
+        r = (element ^ seed2) * 0x9E3779B1
+    _store_theta(param, extra, index, mask, theta, r, PARAM, MODE)
+
+
+@triton.jit
 def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_scale, found_inf,
            seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
            STATE: tl.constexpr, COUNTER64: tl.constexpr, DECAY: tl.constexpr,
            MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-           NEEDS_RANDOM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+           NEEDS_RANDOM: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+           BLOCK: tl.constexpr):
     """One chunk of QHAdam (the normalizers already advanced):
 
     d = g·factor (+ λθ, coupled);  θ ← (1 - αλ)θ first (decoupled)
     m ← lerp(m, d, 1/w1);  v ← v(1 - 1/w2) + (1/w2)d²
     θ ← θ + ((-αν1)m + (-α(1 - ν1))d) / (sqrt(ν2 v + (1 - ν2)d²) + ε)
+
+    Blocks of 16·k elements take unmasked-width (vector) accesses; the last few elements of
+    a tensor, if any, one masked block.
     """
-    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK)
+    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
+                                           HAS_FOUND_INF)
+    param, grad, first, second, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
+                                                        REAL64, ALIGNED)
     real = tl.float64 if REAL64 else tl.float32
     seed, seed2 = _seeds(seeds)
-    keep = _kept(found_inf, HAS_FOUND_INF, BLOCK)
 
     # the per-tensor and per-call scalars, computed in fp64 and rounded once (as the C kernel)
-    w1 = tl.load(_pointer(table, WEIGHTS1, t, n, tl.float64 if COUNTER64 else tl.float32))
-    w2 = tl.load(_pointer(table, WEIGHTS2, t, n, tl.float64 if COUNTER64 else tl.float32))
-    fraction1 = tl.full((), 1.0, tl.float64) / w1.to(tl.float64)
-    fraction2 = tl.full((), 1.0, tl.float64) / w2.to(tl.float64)
+    counter = tl.float64 if COUNTER64 else tl.float32
+    w1 = tl.load(_base(table, WEIGHTS1, t, n, 0, counter, False)).to(tl.float64)
+    w2 = tl.load(_base(table, WEIGHTS2, t, n, 0, counter, False)).to(tl.float64)
+    fraction1 = tl.full((), 1.0, tl.float64) / w1
+    fraction2 = tl.full((), 1.0, tl.float64) / w2
     f1 = fraction1.to(real)
-    one_minus_f1 = 1.0 - f1
-    low_weight = tl.abs(f1) < 0.5
     f2 = fraction2.to(real)
-    keep2 = (1.0 - fraction2).to(real)
     lr_ = _hyper(lr)
     nu1_ = _hyper(nu1)
     nu2_ = _hyper(nu2)
     wd = _hyper(weight_decay)
-    decay = (1.0 - lr_ * wd).to(real)
-    coupled = wd.to(real)
     factor = _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real)
-    nu2_is_one = nu2_ == 1.0
-    nu2r = nu2_.to(real)
-    one_minus_nu2 = (1.0 - nu2_).to(real)
-    m_scale = (-lr_ * nu1_).to(real)
-    d_scale = (-lr_ * (1.0 - nu1_)).to(real)
-    first_term = nu1_ != 0.0
-    both_terms = first_term & (nu1_ != 1.0)
-    eps_ = _hyper(eps).to(real)
+    scalars = (f1, 1.0 - f1, tl.abs(f1) < 0.5, f2, (1.0 - fraction2).to(real),
+               (1.0 - lr_ * wd).to(real), wd.to(real), factor, nu2_ == 1.0, nu2_.to(real),
+               (1.0 - nu2_).to(real), (-lr_ * nu1_).to(real), (-lr_ * (1.0 - nu1_)).to(real),
+               nu1_ != 0.0, (nu1_ != 0.0) & (nu1_ != 1.0), _hyper(eps).to(real))
 
-    for lo in range(0, stop, BLOCK):
-        i, mask, store, element, r, theta, d = _begin_block(
-            table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
-            PARAM, MODE, REAL64, DECAY, NEEDS_RANDOM, BLOCK)
-        m = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, f1,
-                  one_minus_f1, low_weight)
-        v = _load_values(table, SECONDS, t, n, i, mask, STATE == 1, 1, REAL64) * keep2 + f2 * d * d
-        den = tl.where(nu2_is_one, v, v * nu2r + one_minus_nu2 * d * d)
-        den = _sqrt(den) + eps_
-        # one division: (m_scale·m + d_scale·d)/den, a term whose ν drops it left out
-        step = tl.where(first_term, m_scale * m, d_scale * d)
-        step = tl.where(both_terms, step + d_scale * d, step)
-        theta = theta + _divide(step, den)
-        _store_state(table, FIRSTS, t, n, i, store, m, r, STATE, REAL64)
-        _store_state(table, SECONDS, t, n, i, store, v, r >> 16, STATE, REAL64)
-        if STATE == 1 and NEEDS_RANDOM:  # a third rounding: independent bits
-            r = (element ^ seed2) * 0x9E3779B1
-        _store_theta(table, t, n, i, store, theta, r, PARAM, MODE, REAL64)
+    full = stop // 16 * 16
+    for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
+        if lo < full:
+            index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
+            _qhadam_block(param, grad, first, second, extra, index, index < full,
+                          first_element, seed, seed2, *scalars, PARAM, MODE, STATE, DECAY,
+                          NEEDS_RANDOM)
+    if full < stop:
+        index = full + tl.arange(0, BLOCK)
+        _qhadam_block(param, grad, first, second, extra, index, index < stop,
+                      first_element, seed, seed2, *scalars, PARAM, MODE, STATE, DECAY,
+                      NEEDS_RANDOM)
+
+
+@triton.jit
+def _qhm_block(param, grad, buffer, extra, index, mask, first_element, seed, weight,
+               one_minus_weight, low_weight, decay, coupled, factor, b_scale, d_scale,
+               first_term, grad_term, PARAM: tl.constexpr, MODE: tl.constexpr,
+               STATE: tl.constexpr, DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr):
+    element, r, theta, d = _begin_block(param, grad, extra, index, mask, first_element, seed,
+                                        decay, coupled, factor, PARAM, MODE, DECAY,
+                                        NEEDS_RANDOM)
+    b = _lerp(_load(buffer, index, mask, STATE), d, weight, one_minus_weight, low_weight)
+    theta = tl.where(first_term, theta + b_scale * b, theta)
+    theta = tl.where(grad_term, theta + d_scale * d, theta)
+    _store_state(buffer, index, mask, b, r, STATE)
+    _store_theta(param, extra, index, mask, theta, r, PARAM, MODE)
 
 
 @triton.jit
@@ -359,38 +402,34 @@ def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, 
         seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
         STATE: tl.constexpr, DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, NEEDS_RANDOM: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """One chunk of QHM:
 
     d = g·factor (+ λθ, "grad" decay);  θ ← (1 - αλ)θ first ("direct" decay)
     b ← lerp(b, d, 1 - β);  θ ← θ + (-αν)b + (-α(1 - ν))d
     """
-    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK)
+    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
+                                           HAS_FOUND_INF)
+    param, grad, buffer, _, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
+                                                    REAL64, ALIGNED)
     real = tl.float64 if REAL64 else tl.float32
-    seed, seed2 = _seeds(seeds)
-    keep = _kept(found_inf, HAS_FOUND_INF, BLOCK)
+    seed, _ = _seeds(seeds)
 
     lr_ = _hyper(lr)
     nu_ = _hyper(nu)
     wd = _hyper(weight_decay)
-    decay = (1.0 - lr_ * wd).to(real)
-    coupled = wd.to(real)
-    factor = _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real)
     weight = (1.0 - _hyper(momentum)).to(real)
-    one_minus_weight = 1.0 - weight
-    low_weight = tl.abs(weight) < 0.5
-    b_scale = (-lr_ * nu_).to(real)
-    d_scale = (-lr_ * (1.0 - nu_)).to(real)
-    first_term = nu_ != 0.0
-    grad_term = nu_ != 1.0
+    scalars = (weight, 1.0 - weight, tl.abs(weight) < 0.5, (1.0 - lr_ * wd).to(real),
+               wd.to(real), _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real),
+               (-lr_ * nu_).to(real), (-lr_ * (1.0 - nu_)).to(real), nu_ != 0.0, nu_ != 1.0)
 
-    for lo in range(0, stop, BLOCK):
-        i, mask, store, element, r, theta, d = _begin_block(
-            table, t, n, start, lo, stop, first_element, seed, keep, decay, coupled, factor,
-            PARAM, MODE, REAL64, DECAY, NEEDS_RANDOM, BLOCK)
-        b = _lerp(_load_values(table, FIRSTS, t, n, i, mask, STATE == 1, 1, REAL64), d, weight,
-                  one_minus_weight, low_weight)
-        theta = tl.where(first_term, theta + b_scale * b, theta)
-        theta = tl.where(grad_term, theta + d_scale * d, theta)
-        _store_state(table, FIRSTS, t, n, i, store, b, r, STATE, REAL64)
-        _store_theta(table, t, n, i, store, theta, r, PARAM, MODE, REAL64)
+    full = stop // 16 * 16
+    for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
+        if lo < full:
+            index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
+            _qhm_block(param, grad, buffer, extra, index, index < full, first_element, seed,
+                       *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM)
+    if full < stop:
+        index = full + tl.arange(0, BLOCK)
+        _qhm_block(param, grad, buffer, extra, index, index < stop, first_element, seed,
+                   *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM)
