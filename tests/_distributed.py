@@ -10,6 +10,7 @@ divisor), so fp32 results can be compared exactly.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import qhfast
+import qhfast._fused
 
 WORLD = 2
 STEPS = 8
@@ -183,6 +185,19 @@ def train_many(rank: int, world: int, out_dir: str) -> dict:
     optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1], fused=True)
     train_rank(model, optimizer, range(STEPS), rank)
     results[("fsdp_fused", "QHAdamW")] = full_params(model)
+    results[("fsdp_fused_backend", "QHAdamW")] = qhfast._fused._PLANS[optimizer][0].backend
+
+    if importlib.util.find_spec("triton") is not None:  # the Triton kernel on local shards
+        os.environ.update(TRITON_INTERPRET="1", QHFAST_TRITON_ON_CPU="1")
+        model = make_model()
+        for layer in model[::2]:
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1], fused=True)
+        train_rank(model, optimizer, range(STEPS), rank)
+        results[("fsdp_triton", "QHAdamW")] = full_params(model)
+        results[("fsdp_triton_backend", "QHAdamW")] = qhfast._fused._PLANS[optimizer][0].backend
+        del os.environ["QHFAST_TRITON_ON_CPU"]
 
     results["bad_input"] = bad_distributed_input()
 

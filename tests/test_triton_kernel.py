@@ -68,7 +68,8 @@ def _steps(make, dtype, sizes, steps=3, scaled=False, seed=0):
     kernels must see both); ``scaled``: gradients times 1024, with GradScaler's grad_scale
     and found_inf handed over as GradScaler does."""
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+    draw = torch.complex128 if dtype.is_complex else torch.float64
+    params = [torch.randn(n, generator=generator, dtype=draw).to(dtype).requires_grad_()
               for n in sizes]
     optimizer = make(params, fused=True)
     group = optimizer.param_groups[0]
@@ -81,7 +82,7 @@ def _steps(make, dtype, sizes, steps=3, scaled=False, seed=0):
         else:
             group["momentum"] = 0.9 - 0.05 * t
         for p in params:
-            grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            grad = torch.randn(p.shape, generator=generator, dtype=draw)
             p.grad = (grad * (1024.0 if scaled else 1.0)).to(dtype)
         if scaled:
             optimizer.grad_scale = torch.tensor(1024.0)
@@ -267,6 +268,20 @@ def test_chunk_edges_and_many_tensors_equal_the_c_kernel(monkeypatch):
     _use_triton(monkeypatch, True)
     actual = _steps(make, torch.bfloat16, sizes, steps=2)
     assert _backend(actual[1]) == "triton"
+    _assert_bitwise(expected, actual)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_params_run_on_their_real_views(dtype, monkeypatch):
+    """Complex parameters (their moments complex like them) take the kernel on real views:
+    bit for bit the C kernel's, which takes them the same way."""
+    make = SETTINGS["QHAdam"]
+    _use_triton(monkeypatch, False)
+    expected = _steps(make, dtype, (3, 50))
+    _use_triton(monkeypatch, True)
+    actual = _steps(make, dtype, (3, 50))
+    assert _backend(expected[1]) == "cpu" and _backend(actual[1]) == "triton"
+    assert actual[1].state[actual[0][0]]["exp_avg"].dtype == dtype
     _assert_bitwise(expected, actual)
 
 
