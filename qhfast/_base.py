@@ -28,6 +28,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_forea
 from . import _differentiable as differentiable
 from . import _fused
 from . import _precision as precision
+from . import _quantize as quantize
 from ._tensors import AmpArgs, DTensor, Partial
 from ._tensors import buckets as _buckets
 from ._tensors import local as _local
@@ -253,10 +254,13 @@ class QHOptimizer(Optimizer):
         bf16 weight at 1.0 stops moving once an update is below about 2e-3).
 
       fp32 and fp64 parameters ignore it (they are their own master). See ``qhfast._precision``.
-    * ``state_dtype`` (None or ``torch.bfloat16``): None stores the moments in the compute dtype
-      (fp32 for bf16/fp16 parameters); ``torch.bfloat16`` stores them in bf16, also for fp32
-      parameters, written with stochastic rounding so they neither freeze nor drift. The
-      arithmetic stays in the compute dtype.
+    * ``state_dtype`` (None, ``torch.bfloat16`` or ``"8bit"``): None stores the moments in the
+      compute dtype (fp32 for bf16/fp16 parameters); ``torch.bfloat16`` stores them in bf16,
+      also for fp32 parameters, written with stochastic rounding so they neither freeze nor
+      drift; ``"8bit"`` stores those of tensors of 4096 elements or more as 8-bit codes with an
+      fp32 scale per block of 256, also written with stochastic rounding (see
+      ``qhfast._quantize``; not for DTensor or complex parameters yet). The arithmetic stays in
+      the compute dtype.
     * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
       ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
 
@@ -268,6 +272,8 @@ class QHOptimizer(Optimizer):
 
     #: per-parameter moments, stored in ``state_dtype``
     _buffer_keys: tuple[str, ...] = ()
+    #: those that are never negative (a second moment): 8-bit state codes them on its own map
+    _nonnegative_buffer_keys: tuple[str, ...] = ()
     #: per-parameter scalar state (step counts, normalizers): 0-d float64 tensors on the CPU,
     #: or 0-d tensors in the compute dtype on the parameter's device when capturable (or
     #: differentiable)
@@ -379,9 +385,9 @@ class QHOptimizer(Optimizer):
                 raise RuntimeError("`fused` does not support `differentiable`")
             if group["state_dtype"] is not None:
                 raise ValueError(
-                    f"Invalid state_dtype value: {group['state_dtype']} with differentiable=True "
-                    "(state_dtype must be None: bf16 moments are written with stochastic "
-                    "rounding, which autograd cannot differentiate)"
+                    f"Invalid state_dtype value: {group['state_dtype']!r} with "
+                    "differentiable=True (state_dtype must be None: bf16 and 8-bit moments are "
+                    "written with stochastic rounding, which autograd cannot differentiate)"
                 )
         self._validate_group(group)
 
@@ -426,6 +432,12 @@ class QHOptimizer(Optimizer):
                 f"{type(self).__name__} with fused=True needs parameters on a device it has a "
                 f"fused step for ({', '.join(FUSED_DEVICES)}), got a parameter on "
                 f"{p.device.type}; use fused=None (the default) or foreach"
+            )
+        if isinstance(p, DTensor) and isinstance(group["state_dtype"], str):
+            raise ValueError(
+                f"Invalid state_dtype value: {group['state_dtype']!r} for a DTensor parameter "
+                "(FSDP2, tensor parallel): 8-bit state does not shard yet; use None or "
+                "torch.bfloat16"
             )
         if p.is_complex() and group["state_dtype"] is not None:
             raise ValueError(
@@ -604,9 +616,10 @@ class QHOptimizer(Optimizer):
             params, grads, states = _view_as_real(params, grads, states, self._buffer_keys)
         mode = group["low_precision"]
         work_params = precision.working_params(params, states, mode)
-        work_states = precision.working_buffers(states, self._buffer_keys, work_params[0].dtype)
+        keys, nonnegative = self._buffer_keys, self._nonnegative_buffer_keys
+        work_states = precision.working_buffers(states, keys, work_params[0].dtype, nonnegative)
         self._update(group, work_params, grads, work_states, hyper, factors, amp)
-        precision.store_buffers(states, work_states, self._buffer_keys)
+        precision.store_buffers(states, work_states, keys, nonnegative, amp.found_inf)
         precision.store_params(params, states, work_params, mode, amp.found_inf)
 
     @staticmethod
@@ -630,6 +643,10 @@ class QHOptimizer(Optimizer):
         like = torch.zeros_like(p, dtype=precision.buffer_dtype(p, group),
                                 memory_format=torch.preserve_format)
         self._init_param_state(state, like, group)
+        for key in self._buffer_keys:
+            if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales
+                state[key + quantize.SCALE_SUFFIX] = torch.zeros(
+                    quantize.blocks(p.numel()), dtype=torch.float32, device=p.device)
 
     def _reconcile_precision(self, index: int, group: dict[str, Any]) -> None:
         """Convert the state of ``group``'s (``param_groups[index]``) params to its
@@ -641,7 +658,8 @@ class QHOptimizer(Optimizer):
             state = self.state.get(p)
             if state:
                 precision.reconcile_state(state, p, group["low_precision"],
-                                          precision.buffer_dtype(p, group), self._buffer_keys)
+                                          precision.buffer_dtype(p, group), self._buffer_keys,
+                                          self._nonnegative_buffer_keys)
         self._precision_made[index] = _precision_options(group)
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:

@@ -26,7 +26,9 @@ Every update computes in fp32 (fp64 for fp64 parameters). For a bf16/fp16 parame
 ``state_dtype`` says how the moments (QHAdam's ``exp_avg``/``exp_avg_sq``, QHM's
 ``momentum_buffer``) are stored: None keeps them in the compute dtype; ``torch.bfloat16`` stores
 them in bf16 and writes them with stochastic rounding (a moving average with :math:`\beta_2 =
-0.999` changes by 0.1% a step, below half a bf16 ulp, so round-to-nearest would freeze it).
+0.999` changes by 0.1% a step, below half a bf16 ulp, so round-to-nearest would freeze it);
+``"8bit"`` stores them as blockwise 8-bit codes, also written with stochastic rounding
+(``qhfast._quantize``).
 
 Random numbers come from torch's default generator of the parameter's device (seed it with
 ``torch.manual_seed``): the same RNG state gives a bitwise identical run. Draws happen on the
@@ -40,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _quantize as quantize
 
 __all__ = [
     "LOW_PRECISION_DTYPES",
@@ -66,8 +70,8 @@ __all__ = [
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 #: the values of ``low_precision``
 LOW_PRECISION_MODES = ("master", "kahan", "stochastic", "nearest")
-#: the values of ``state_dtype``
-STATE_DTYPES = (None, torch.bfloat16)
+#: the values of ``state_dtype`` ("8bit": see ``qhfast._quantize``)
+STATE_DTYPES = (None, torch.bfloat16, "8bit")
 
 MASTER_KEY = "master_param"
 COMPENSATION_KEY = "kahan_compensation"
@@ -87,10 +91,14 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 
 def buffer_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     """The dtype the moments of ``p`` are stored in under ``group``'s ``state_dtype``: a
-    complex parameter's are complex like it, as torch.optim stores them."""
+    complex parameter's are complex like it, as torch.optim stores them; ``"8bit"`` codes are
+    ``uint8`` (for tensors of ``quantize.MIN_ELEMENTS`` or more, else the compute dtype)."""
     if p.dtype.is_complex:
         return p.dtype
-    return group["state_dtype"] or compute_dtype(p)
+    state = group["state_dtype"]
+    if isinstance(state, str):
+        return torch.uint8 if quantize.quantizes(p) else compute_dtype(p)
+    return state or compute_dtype(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,9 +131,10 @@ def check_precision_options(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid low_precision value: {mode!r} (low_precision must be one of "
                          f"{choices})")
     dtype = group["state_dtype"]
-    if not any(dtype is allowed for allowed in STATE_DTYPES):
+    if not any(dtype is allowed or (isinstance(dtype, str) and dtype == allowed)
+               for allowed in STATE_DTYPES):
         raise ValueError(f"Invalid state_dtype value: {dtype!r} "
-                         "(state_dtype must be None or torch.bfloat16)")
+                         "(state_dtype must be None, torch.bfloat16 or \"8bit\")")
 
 
 def upgrade_group(group: dict[str, Any]) -> dict[str, Any]:
@@ -256,25 +265,56 @@ def store_params(
 
 
 def working_buffers(
-    states: list[dict[str, Any]], keys: Sequence[str], dtype: torch.dtype
+    states: list[dict[str, Any]], keys: Sequence[str], dtype: torch.dtype,
+    nonnegative: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """``states`` as the update reads them: the moments (``keys``) in the compute ``dtype``. The
-    same dicts if they are stored so, else copies whose moments are upcast temporaries."""
-    if not keys or states[0][keys[0]].dtype == dtype:
+    same dicts if they are stored so, else copies whose moments are upcast (bf16) or
+    dequantized (8-bit codes; ``nonnegative``: the second moments' keys) temporaries."""
+    if not keys or all(s[k].dtype == dtype for s in states for k in keys):
         return states
-    return [{**s, **{k: s[k].to(dtype) for k in keys}} for s in states]
+    return [{**s, **{k: _working_buffer(s, k, dtype, k in nonnegative) for k in keys}}
+            for s in states]
+
+
+def _working_buffer(state: dict[str, Any], key: str, dtype: torch.dtype,
+                    nonnegative: bool) -> Tensor:
+    stored = state[key]
+    if stored.dtype == torch.uint8:
+        return quantize.dequantize(stored, state[key + quantize.SCALE_SUFFIX], nonnegative, dtype)
+    return stored.to(dtype)
 
 
 def store_buffers(
-    states: list[dict[str, Any]], work: list[dict[str, Any]], keys: Sequence[str]
+    states: list[dict[str, Any]], work: list[dict[str, Any]], keys: Sequence[str],
+    nonnegative: Sequence[str] = (), found_inf: Tensor | None = None,
 ) -> None:
-    """Write updated moments back from the working copies, with stochastic rounding."""
+    """Write updated moments back from the working copies: bf16 with stochastic rounding,
+    8-bit codes requantized (stochastically). A nonzero ``found_inf`` (a skipped step) keeps
+    every code and scale as it was (a bf16 value is kept by its own rounding)."""
     # stored in the compute dtype: ``work`` is ``states`` (not tested with ``is``: dynamo
     # before torch 2.13 cannot trace ``is`` between lists)
-    if not keys or work[0][keys[0]].dtype == states[0][keys[0]].dtype:
+    if not keys or all(w[k].dtype == s[k].dtype for s, w in zip(states, work) for k in keys):
         return
     for key in keys:
-        stochastic_round_([s[key] for s in states], [w[key] for w in work])
+        rounded = [(s[key], w[key]) for s, w in zip(states, work) if s[key].dtype == torch.bfloat16]
+        if rounded:
+            stochastic_round_(*zip(*rounded))
+        for s, w in zip(states, work):
+            if s[key].dtype == torch.uint8:
+                _store_codes(s, key, w[key], key in nonnegative, found_inf)
+
+
+def _store_codes(state: dict[str, Any], key: str, value: Tensor, nonnegative: bool,
+                 found_inf: Tensor | None) -> None:
+    codes, scales = quantize.quantize(value, nonnegative)
+    scale_key = key + quantize.SCALE_SUFFIX
+    if found_inf is not None:
+        skip = found_inf != 0
+        codes = torch.where(skip, state[key], codes)
+        scales = torch.where(skip, state[scale_key], scales)
+    state[key].copy_(codes)
+    state[scale_key].copy_(scales)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +322,8 @@ def store_buffers(
 
 
 def reconcile_state(
-    state: dict[str, Any], p: Tensor, mode: str, dtype: torch.dtype, keys: Sequence[str]
+    state: dict[str, Any], p: Tensor, mode: str, dtype: torch.dtype, keys: Sequence[str],
+    nonnegative: Sequence[str] = (),
 ) -> None:
     """Convert a parameter's state to what ``mode`` and the moments' ``dtype`` need, never
     changing ``p``.
@@ -290,11 +331,13 @@ def reconcile_state(
     The best fp32 value of the parameter is the master if there is one, else θ + c if there is
     a compensation, else θ. "master" keeps that value as its master; "kahan" keeps
     c = value - θ; "stochastic" and "nearest" keep nothing. Moments are cast to ``dtype``
-    (rounded to nearest: a one-off rounding, not one per step).
+    (rounded to nearest: a one-off rounding, not one per step), or quantized to 8-bit codes
+    (``dtype`` uint8; to nearest) or dequantized from them (``nonnegative``: the second
+    moments' keys, coded on their own map).
     """
     for key in keys:
         if key in state and state[key].dtype != dtype:
-            state[key] = state[key].to(dtype)
+            _convert_buffer(state, key, dtype, key in nonnegative)
     master = state.pop(MASTER_KEY, None)
     compensation = state.pop(COMPENSATION_KEY, None)
     if p.dtype not in LOW_PRECISION_DTYPES:
@@ -310,3 +353,14 @@ def reconcile_state(
         state[MASTER_KEY] = value  # param is already a copy: p is not fp32
     elif mode == "kahan":
         state[COMPENSATION_KEY] = (value - param).to(p.dtype)
+
+
+def _convert_buffer(state: dict[str, Any], key: str, dtype: torch.dtype, nonnegative: bool) -> None:
+    scale_key = key + quantize.SCALE_SUFFIX
+    value = state[key]
+    if value.dtype == torch.uint8:
+        value = quantize.dequantize(value, state.pop(scale_key), nonnegative, torch.float32)
+    if dtype == torch.uint8:
+        state[key], state[scale_key] = quantize.quantize(value, nonnegative, stochastic=False)
+    else:
+        state[key] = value.to(dtype)

@@ -237,6 +237,7 @@ class QHAdam(QHOptimizer):
     _counter_keys = ("beta1_weight", "beta2_weight")
     _kernel = "qhadam"
     _buffer_keys = ("exp_avg", "exp_avg_sq")
+    _nonnegative_buffer_keys = ("exp_avg_sq",)
     _tensor_hyperparameters = ("lr", "betas", "nus")
     _scheduled_hyperparameters = ("lr", "betas")
 

@@ -69,12 +69,15 @@ class TestConstructorErrors(expecttest.TestCase):
         self.assertExpectedInline(_message(make(master_weights="yes"), TypeError), """Invalid master_weights value: 'yes' (master_weights must be True, False or None)""")
         self.assertExpectedInline(_message(make(low_precision="fp32")), """Invalid low_precision value: 'fp32' (low_precision must be one of 'master', 'kahan', 'stochastic', 'nearest')""")
         self.assertExpectedInline(_message(make(low_precision=None)), """Invalid low_precision value: None (low_precision must be one of 'master', 'kahan', 'stochastic', 'nearest')""")
-        self.assertExpectedInline(_message(make(state_dtype=torch.float16)), """Invalid state_dtype value: torch.float16 (state_dtype must be None or torch.bfloat16)""")
-        self.assertExpectedInline(_message(make(state_dtype="bf16")), """Invalid state_dtype value: 'bf16' (state_dtype must be None or torch.bfloat16)""")
+        self.assertExpectedInline(_message(make(state_dtype=torch.float16)), """Invalid state_dtype value: torch.float16 (state_dtype must be None, torch.bfloat16 or "8bit")""")
+        self.assertExpectedInline(_message(make(state_dtype="bf16")), """Invalid state_dtype value: 'bf16' (state_dtype must be None, torch.bfloat16 or "8bit")""")
+        for bad in ("4bit", "int8", torch.int8, torch.uint8):
+            self.assertIn("state_dtype must be None, torch.bfloat16 or", _message(make(state_dtype=bad)))
         self.assertExpectedInline(_message(make(master_weights=True, low_precision="kahan")), """master_weights=True means low_precision='master', which contradicts low_precision='kahan'; pass low_precision alone""")
         self.assertExpectedInline(_message(make(master_weights=False, low_precision="stochastic")), """master_weights=False means low_precision='nearest', which contradicts low_precision='stochastic'; pass low_precision alone""")
         self.assertExpectedInline(_message(make(differentiable=True, fused=True), RuntimeError), """`fused` does not support `differentiable`""")
-        self.assertExpectedInline(_message(make(differentiable=True, state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 with differentiable=True (state_dtype must be None: bf16 moments are written with stochastic rounding, which autograd cannot differentiate)""")
+        self.assertExpectedInline(_message(make(differentiable=True, state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 with differentiable=True (state_dtype must be None: bf16 and 8-bit moments are written with stochastic rounding, which autograd cannot differentiate)""")
+        self.assertExpectedInline(_message(make(differentiable=True, state_dtype="8bit")), """Invalid state_dtype value: '8bit' with differentiable=True (state_dtype must be None: bf16 and 8-bit moments are written with stochastic rounding, which autograd cannot differentiate)""")
         self.assertExpectedInline(
             _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], differentiable=True)), """QHAdam with differentiable=True needs float32, float64 or complex parameters, got a parameter of dtype torch.bfloat16 (its update is rounded to it, as low_precision says, which autograd cannot differentiate)"""
         )
