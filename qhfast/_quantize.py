@@ -33,8 +33,6 @@ nearest.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -72,10 +70,21 @@ _SIGNED_STEPS = [16] * 3 + [8] * 4 + [4] * 4 + [2] * 5 + [1] * 20
 _NONNEGATIVE_STEPS = [32] * 3 + [16] * 4 + [8] * 4 + [4] * 4 + [2] * 6 + [1] * 34
 
 
-@functools.cache
+#: the code maps made so far, by (signed, device): made once per device (a step captured in a
+#: CUDA graph finds them made by its warm-up steps); a plain dict, which dynamo traces
+_MAPS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+
 def _maps(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """(value of each code, the values in ascending order, the code of each sorted value),
     fp32/int64 tensors on ``device``. Code 0 is 0.0, so zero-filled codes are a zero moment."""
+    maps = _MAPS.get((signed, device))
+    if maps is None:
+        maps = _MAPS[(signed, device)] = _make_maps(signed, device)
+    return maps
+
+
+def _make_maps(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     if signed:
         magnitudes = _dynamic_magnitudes(_SIGNED_STEPS)  # 128: zero and 127 magnitudes
         by_code = torch.cat([magnitudes, -magnitudes[1:], torch.zeros(1, dtype=torch.float64)])
