@@ -178,25 +178,22 @@ def train_many(rank: int, world: int, out_dir: str) -> dict:
                 if value.dim() > 0
             ]
 
-    model = make_model()
-    for layer in model[::2]:
-        fully_shard(layer)
-    fully_shard(model)
-    optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1], fused=True)
-    train_rank(model, optimizer, range(STEPS), rank)
-    results[("fsdp_fused", "QHAdamW")] = full_params(model)
-    results[("fsdp_fused_backend", "QHAdamW")] = qhfast._fused._PLANS[optimizer][0].backend
-
-    if importlib.util.find_spec("triton") is not None:  # the Triton kernel on local shards
-        os.environ.update(TRITON_INTERPRET="1", QHFAST_TRITON_ON_CPU="1")
+    def fused_fsdp_run() -> tuple[list[torch.Tensor], str]:
+        """QHAdamW fused=True on FSDP2 shards: the final params and the kernel that ran."""
         model = make_model()
         for layer in model[::2]:
             fully_shard(layer)
         fully_shard(model)
         optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1], fused=True)
         train_rank(model, optimizer, range(STEPS), rank)
-        results[("fsdp_triton", "QHAdamW")] = full_params(model)
-        results[("fsdp_triton_backend", "QHAdamW")] = qhfast._fused._PLANS[optimizer][0].backend
+        return full_params(model), qhfast._fused._PLANS[optimizer][0].backend
+
+    results[("fsdp_fused", "QHAdamW")], results[("fsdp_fused_backend", "QHAdamW")] = (
+        fused_fsdp_run())
+    if importlib.util.find_spec("triton") is not None:  # the Triton kernel on local shards
+        os.environ.update(TRITON_INTERPRET="1", QHFAST_TRITON_ON_CPU="1")
+        results[("fsdp_triton", "QHAdamW")], results[("fsdp_triton_backend", "QHAdamW")] = (
+            fused_fsdp_run())
         del os.environ["QHFAST_TRITON_ON_CPU"]
 
     results["bad_input"] = bad_distributed_input()
