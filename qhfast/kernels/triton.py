@@ -143,8 +143,10 @@ class Plan:
                      HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
                      NEEDS_RANDOM=self.needs_random, ALIGNED=self.aligned, CHUNK=CHUNK,
                      BLOCK=BLOCK)
-        grad_scale = dummy if grad_scale is None else grad_scale
-        found = dummy if found_inf is None else found_inf
+        # (GradScaler's tensors live on its device: another GPU's are copied, as torch's fused
+        # optimizers do)
+        grad_scale = dummy if grad_scale is None else self._on_device("grad_scale", grad_scale)
+        found = dummy if found_inf is None else self._on_device("found_inf", found_inf)
         seeds = (torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,
                                device=self.device) if self.needs_random else dummy)
         options = dict(num_warps=4, enable_fp_fusion=False)
