@@ -280,3 +280,28 @@ def test_capturable_and_in_backward_steps_track_the_fp32_state_run(path):
     actual, optimizer = train(state_dtype="8bit")
     assert next(iter(optimizer.state.values()))["exp_avg"].dtype == torch.uint8
     assert (actual - expected).norm() < 0.03 * (expected - start).norm()
+
+
+def test_a_qhoptim_checkpoint_loads_into_8bit_moments():
+    """qhoptim 1.1.0's QHAdam state (fp32 moments, float normalizers) loads into 8-bit
+    moments (quantized to nearest once) and continues: within 4% of the movement of the
+    trajectory the same checkpoint continues on in fp32 moments, 10 steps of random gradients
+    later (measured 1.9%: each step's update differs by the codes' few percent; a moment
+    converted wrongly, say a scale off by 2x, moves it by tens of percent)."""
+    import qhoptim.pyt as oracle
+
+    kwargs = dict(lr=1e-2, nus=(0.7, 1.0))
+    (p,), original = _run(lambda p: oracle.QHAdam(p, **kwargs), 5, _random_grad)
+    saved, start = original.state_dict(), p.detach().clone()
+    finals = []
+    for state_dtype in (None, "8bit"):
+        q = start.clone().requires_grad_()
+        optimizer = qhfast.QHAdam([q], **kwargs, state_dtype=state_dtype)
+        optimizer.load_state_dict(saved)
+        assert optimizer.state[q]["exp_avg"].dtype == (torch.uint8 if state_dtype else torch.float32)
+        for t in range(5, 15):
+            q.grad = _random_grad(t, q).float()
+            optimizer.step()
+        finals.append(q.detach())
+    moved = (finals[0] - start).norm()
+    assert (finals[1] - finals[0]).norm() < 0.04 * moved
