@@ -253,6 +253,20 @@ def _chunk(table, chunks, n_chunks, n, CHUNK: tl.constexpr, found_inf,
 
 
 @triton.jit
+def _program(table, chunks, n_chunks, n, found_inf, seeds, PARAM: tl.constexpr,
+             MODE: tl.constexpr, STATE: tl.constexpr, REAL64: tl.constexpr,
+             ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr):
+    """What both kernels start a program with: its chunk (:func:`_chunk`), the chunk's
+    pointers (:func:`_chunk_pointers`) and the step's two seeds."""
+    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
+                                           HAS_FOUND_INF)
+    param, grad, first, second, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
+                                                        REAL64, ALIGNED)
+    seed, seed2 = _seeds(seeds)
+    return t, stop, first_element, param, grad, first, second, extra, seed, seed2
+
+
+@triton.jit
 def _begin_block(param, grad, extra, index, mask, first_element, seed, decay, coupled, factor,
                  PARAM: tl.constexpr, MODE: tl.constexpr, DECAY: tl.constexpr,
                  NEEDS_RANDOM: tl.constexpr):
@@ -343,12 +357,10 @@ def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_sca
     Blocks of 16·k elements take unmasked-width (vector) accesses; the last few elements of
     a tensor, if any, one masked block.
     """
-    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
-                                           HAS_FOUND_INF)
-    param, grad, first, second, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
-                                                        REAL64, ALIGNED)
+    t, stop, first_element, param, grad, first, second, extra, seed, seed2 = _program(
+        table, chunks, n_chunks, n, found_inf, seeds, PARAM, MODE, STATE, REAL64, ALIGNED,
+        HAS_FOUND_INF, CHUNK)
     real = tl.float64 if REAL64 else tl.float32
-    seed, seed2 = _seeds(seeds)
 
     # the per-tensor and per-call scalars, computed in fp64 and rounded once (as the C kernel)
     counter = tl.float64 if COUNTER64 else tl.float32
@@ -408,12 +420,10 @@ def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, 
     d = g·factor (+ λθ, "grad" decay);  θ ← (1 - αλ)θ first ("direct" decay)
     b ← lerp(b, d, 1 - β);  θ ← θ + (-αν)b + (-α(1 - ν))d
     """
-    t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
-                                           HAS_FOUND_INF)
-    param, grad, buffer, _, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
-                                                    REAL64, ALIGNED)
+    t, stop, first_element, param, grad, buffer, _, extra, seed, _ = _program(
+        table, chunks, n_chunks, n, found_inf, seeds, PARAM, MODE, STATE, REAL64, ALIGNED,
+        HAS_FOUND_INF, CHUNK)
     real = tl.float64 if REAL64 else tl.float32
-    seed, _ = _seeds(seeds)
 
     lr_ = _hyper(lr)
     nu_ = _hyper(nu)
