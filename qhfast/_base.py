@@ -617,9 +617,11 @@ class QHOptimizer(Optimizer):
         mode = group["low_precision"]
         work_params = precision.working_params(params, states, mode)
         keys, nonnegative = self._buffer_keys, self._nonnegative_buffer_keys
-        work_states = precision.working_buffers(states, keys, work_params[0].dtype, nonnegative)
+        eight_bit = isinstance(group["state_dtype"], str)  # its chunks mix codes and fp32
+        work_states = precision.working_buffers(states, keys, work_params[0].dtype, nonnegative,
+                                                eight_bit)
         self._update(group, work_params, grads, work_states, hyper, factors, amp)
-        precision.store_buffers(states, work_states, keys, nonnegative, amp.found_inf)
+        precision.store_buffers(states, work_states, keys, nonnegative, amp.found_inf, eight_bit)
         precision.store_params(params, states, work_params, mode, amp.found_inf)
 
     @staticmethod

@@ -266,15 +266,20 @@ def store_params(
 
 def working_buffers(
     states: list[dict[str, Any]], keys: Sequence[str], dtype: torch.dtype,
-    nonnegative: Sequence[str] = (),
+    nonnegative: Sequence[str] = (), eight_bit: bool = False,
 ) -> list[dict[str, Any]]:
     """``states`` as the update reads them: the moments (``keys``) in the compute ``dtype``. The
-    same dicts if they are stored so, else copies whose moments are upcast (bf16) or
-    dequantized (8-bit codes; ``nonnegative``: the second moments' keys) temporaries."""
-    if not keys or all(s[k].dtype == dtype for s in states for k in keys):
+    same dicts if they are stored so, else copies whose moments are upcast (bf16) temporaries.
+    ``eight_bit`` (``state_dtype="8bit"``): each moment as it is stored, codes dequantized
+    (``nonnegative``: the second moments' keys) and small tensors' moments as they are."""
+    if not keys:
         return states
-    return [{**s, **{k: _working_buffer(s, k, dtype, k in nonnegative) for k in keys}}
-            for s in states]
+    if eight_bit:
+        return [{**s, **{k: _working_buffer(s, k, dtype, k in nonnegative) for k in keys}}
+                for s in states]
+    if states[0][keys[0]].dtype == dtype:  # one storage dtype for the whole chunk
+        return states
+    return [{**s, **{k: s[k].to(dtype) for k in keys}} for s in states]
 
 
 def _working_buffer(state: dict[str, Any], key: str, dtype: torch.dtype,
@@ -282,27 +287,31 @@ def _working_buffer(state: dict[str, Any], key: str, dtype: torch.dtype,
     stored = state[key]
     if stored.dtype == torch.uint8:
         return quantize.dequantize(stored, state[key + quantize.SCALE_SUFFIX], nonnegative, dtype)
-    return stored.to(dtype)
+    return stored  # a tensor under quantize.MIN_ELEMENTS: in the compute dtype
 
 
 def store_buffers(
     states: list[dict[str, Any]], work: list[dict[str, Any]], keys: Sequence[str],
-    nonnegative: Sequence[str] = (), found_inf: Tensor | None = None,
+    nonnegative: Sequence[str] = (), found_inf: Tensor | None = None, eight_bit: bool = False,
 ) -> None:
     """Write updated moments back from the working copies: bf16 with stochastic rounding,
-    8-bit codes requantized (stochastically). A nonzero ``found_inf`` (a skipped step) keeps
-    every code and scale as it was (a bf16 value is kept by its own rounding)."""
+    8-bit codes requantized (stochastically; ``eight_bit``). A nonzero ``found_inf`` (a
+    skipped step) keeps every code and scale as it was (a bf16 value is kept by its own
+    rounding)."""
+    if not keys:
+        return
+    if eight_bit:
+        for key in keys:
+            for s, w in zip(states, work):
+                if s[key].dtype == torch.uint8:
+                    _store_codes(s, key, w[key], key in nonnegative, found_inf)
+        return
     # stored in the compute dtype: ``work`` is ``states`` (not tested with ``is``: dynamo
     # before torch 2.13 cannot trace ``is`` between lists)
-    if not keys or all(w[k].dtype == s[k].dtype for s, w in zip(states, work) for k in keys):
+    if work[0][keys[0]].dtype == states[0][keys[0]].dtype:
         return
     for key in keys:
-        rounded = [(s[key], w[key]) for s, w in zip(states, work) if s[key].dtype == torch.bfloat16]
-        if rounded:
-            stochastic_round_(*zip(*rounded))
-        for s, w in zip(states, work):
-            if s[key].dtype == torch.uint8:
-                _store_codes(s, key, w[key], key in nonnegative, found_inf)
+        stochastic_round_([s[key] for s in states], [w[key] for w in work])
 
 
 def _store_codes(state: dict[str, Any], key: str, value: Tensor, nonnegative: bool,
