@@ -130,7 +130,9 @@ class _Launcher:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            assert tensors and all(t.device.type == "cuda" for t in tensors), self.name
+            # on CUDA, and on one device: the table's (the first argument), the bucket's
+            assert tensors and tensors[0].device.type == "cuda", self.name
+            assert all(t.device == tensors[0].device for t in tensors), self.name
             self.module.launches.append(self.name)
         return launch
 
@@ -220,3 +222,24 @@ def test_a_step_inside_backward_keeps_to_its_device(name, mode):
         handle.remove()
         for key, value in optimizer.state[p].items():
             assert value.device.type == ("cuda" if value.dim() > 0 else "cpu"), key
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_fused_step_on_a_second_gpu_gets_its_tensors_there(name, triton_launches):
+    """Parameters on cuda:1 with GradScaler's tensors and a tensor lr on cuda:0 (the scaler's
+    device): every launch gets all its tensors on cuda:1 (copied, as torch's fused optimizers
+    copy found_inf per device), and reads nothing on the host."""
+    cls, options = OPTIMIZERS[name]
+    with FakeTensorMode(), _DtypeCopies(), _HostReads():
+        p = torch.empty(10, device="cuda:1").requires_grad_()
+        optimizer = cls([p], **{**options, "lr": torch.full((), 0.01, device="cuda:0")},
+                        fused=True)
+        for _ in range(2):
+            p.grad = torch.empty(10, device="cuda:1")
+            optimizer.grad_scale = torch.full((1,), 2.0**10, device="cuda:0")
+            optimizer.found_inf = torch.full((1,), 0.0, device="cuda:0")
+            with _HostReads() as stepping:
+                optimizer.step()
+            assert stepping.reads == []
+        assert triton_launches.launches and all(
+            value.device == p.device for value in optimizer.state[p].values())
