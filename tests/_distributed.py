@@ -238,6 +238,11 @@ def bad_distributed_input() -> dict:
             outcome[case] = (None, None)
         except RuntimeError as error:
             outcome[case] = (str(error), torch.equal(param.to_local(), local) and not optimizer.state)
+    try:  # 8-bit state does not shard yet
+        qhfast.QHAdam([param], state_dtype="8bit")
+        outcome["8bit_state"] = (None, None)
+    except ValueError as error:
+        outcome["8bit_state"] = (str(error), torch.equal(param.to_local(), local))
     return outcome
 
 

@@ -154,6 +154,7 @@ def test_inputs_that_do_not_line_up_with_dtensor_params_raise_and_change_nothing
         "replicated_grad": "does not match its parameter's (Shard(dim=0),)",
         "partial_grad": "a Partial (not yet reduced) gradient cannot be applied",
         "full_state_dict": "got full tensors for sharded (DTensor) parameters",
+        "8bit_state": "Invalid state_dtype value: '8bit' for a DTensor parameter",
     }
     for rank_results in trained:
         for case, expected in messages.items():
