@@ -1,9 +1,9 @@
 """8-bit moments (``state_dtype="8bit"``) against fp32 ones: training quality on the tasks of
-``perf/quality.py`` with stochastic and with round-to-nearest writes, and the step time of the
-eager path that serves them for now (the kernels do not take 8-bit state yet), interleaved.
+``perf/quality.py`` with stochastic and with round-to-nearest writes, and the step times of the
+C kernel and of the eager path on them, interleaved.
 
     OMP_NUM_THREADS=1 python perf/state_8bit.py            # quality (about 3 minutes) and time
-    python perf/state_8bit.py --time-only
+    python perf/state_8bit.py --time-only [--large]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import quality  # noqa: E402
+from step_bench import fix_malloc_placement  # noqa: E402
 
 import qhfast  # noqa: E402
 import qhfast._quantize as quantize  # noqa: E402
@@ -49,58 +50,56 @@ def quality_rows() -> list[str]:
     return rows
 
 
-def time_rows(rounds: int = 5) -> list[str]:
-    """QHAdam on 8 tensors of 1M fp32 parameters, the default path, best of ``rounds``."""
-    def make(state):
-        params = [torch.randn(1 << 20, requires_grad=True) for _ in range(8)]
+def time_rows(rounds: int = 5, tensors: int = 8, numel: int = 1 << 20) -> list[str]:
+    """QHAdam and QHM on ``tensors`` tensors of ``numel`` fp32 parameters, fp32 against 8-bit
+    moments on the C kernel (the default) and 8-bit moments on the eager foreach path, each
+    the best of ``rounds`` steps, interleaved; glibc's mmap threshold fixed (as ``perf``)."""
+    def make(cls, state, **options):
+        params = [torch.randn(numel, requires_grad=True) for _ in range(tensors)]
         for p in params:
             p.grad = torch.randn_like(p)
-        optimizer = qhfast.QHAdam(params, state_dtype=state)
+        optimizer = cls(params, state_dtype=state, **options)
         optimizer.step()
         return optimizer
 
-    contenders = {"fp32 moments (the C kernel)": make(None),
-                  "8-bit moments (the eager path)": make("8bit")}
+    qhm = dict(lr=0.1, momentum=0.9, nu=0.7)
+    contenders = {
+        ("QHAdam", "fp32 moments (C kernel)"): make(qhfast.QHAdam, None),
+        ("QHAdam", "8-bit moments (C kernel)"): make(qhfast.QHAdam, "8bit"),
+        ("QHAdam", "8-bit moments (eager foreach)"): make(qhfast.QHAdam, "8bit", foreach=True),
+        ("QHM", "fp32 momentum (C kernel)"): make(qhfast.QHM, None, **qhm),
+        ("QHM", "8-bit momentum (C kernel)"): make(qhfast.QHM, "8bit", **qhm),
+        ("QHM", "8-bit momentum (eager foreach)"): make(qhfast.QHM, "8bit", foreach=True, **qhm),
+    }
     best = dict.fromkeys(contenders, float("inf"))
     for _ in range(rounds):
         for name, optimizer in contenders.items():
             start = time.perf_counter()
             optimizer.step()
             best[name] = min(best[name], time.perf_counter() - start)
-    base = best["fp32 moments (the C kernel)"]
-    table = ["| QHAdam, 8M fp32 parameters | state B/param | step | / fp32 moments |",
+    millions = tensors * numel / 1e6
+    table = [f"| {millions:.0f}M fp32 parameters | state B/param | step | / fp32 state's |",
              "|---|---:|---:|---:|"]
-    for name, optimizer in contenders.items():
+    for (kind, name), optimizer in contenders.items():
+        base = best[next(key for key in contenders if key[0] == kind)]
         state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                    for v in s.values() if v.dim() > 0) / (8 << 20)
-        table.append(f"| {name} | {state:.2f} | {best[name] * 1e3:.1f} ms | "
-                     f"{best[name] / base:.2f} |")
-    return table + ["", _quantize_time(rounds)]
-
-
-def _quantize_time(rounds: int) -> str:
-    """Where a quantization's time goes: the whole of it, and its code search alone."""
-    x = torch.randn(1 << 20)
-    _, ascending, _ = quantize._maps(True, x.device)
-    normalized = (x / x.abs().max()).contiguous()
-    best = {"quantize": float("inf"), "searchsorted": float("inf")}
-    for _ in range(rounds):
-        for name, work in (("quantize", lambda: quantize.quantize(x, False)),
-                           ("searchsorted", lambda: torch.searchsorted(ascending, normalized))):
-            start = time.perf_counter()
-            work()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return (f"One quantization of 1M fp32 values: {best['quantize'] * 1e3:.1f} ms, of which "
-            f"the code search (torch.searchsorted) {best['searchsorted'] * 1e3:.1f} ms.")
+                    for v in s.values() if v.dim() > 0) / (tensors * numel)
+        table.append(f"| {kind}, {name} | {state:.2f} | {best[(kind, name)] * 1e3:.1f} ms | "
+                     f"{best[(kind, name)] / base:.2f} |")
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-only", action="store_true")
+    parser.add_argument("--large", action="store_true",
+                        help="time 8 tensors of 8M parameters (the bytes issue's 64M) not 8 of 1M")
     args = parser.parse_args()
+    placement = fix_malloc_placement()
     if not args.time_only:
         print("\n".join(quality_rows()) + "\n")
-    print("\n".join(time_rows()))
+    print("\n".join(time_rows(numel=(8 if args.large else 1) << 20)))
+    print(f"\n({placement}; {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

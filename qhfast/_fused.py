@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _quantize as quantize
 from . import _tensors
 from ._precision import COMPENSATION_KEY, LOW_PRECISION_DTYPES, MASTER_KEY
 from .kernels import cpu as _cpu
@@ -191,7 +192,8 @@ def _bucket_plans(optimizer: Any, index: int, group: dict[str, Any], params: lis
         if buckets is None:
             plans.pop(index, None)
             return None
-        keys = (*optimizer._buffer_keys, *optimizer._counter_keys, MASTER_KEY, COMPENSATION_KEY)
+        keys = (*optimizer._buffer_keys, *optimizer._counter_keys, MASTER_KEY, COMPENSATION_KEY,
+                *(key + quantize.SCALE_SUFFIX for key in optimizer._buffer_keys))
         plan = plans[index] = _GroupPlan(backend, params, states, keys, buckets)
     for bucket in plan.buckets:
         if not bucket.point_to_grads():
@@ -203,7 +205,8 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
                       states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
     state_of = dict(zip(map(id, params), states))
     buckets = []
-    for bucket in _tensors.buckets(params).values():
+    for bucket in _by_state_dtype(_tensors.buckets(params).values(), state_of,
+                                  optimizer._buffer_keys[0]):
         tensors = _bucket_tensors(optimizer, group, bucket, [state_of[id(p)] for p in bucket],
                                   backend)
         if tensors is None:
@@ -211,7 +214,8 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
         if backend == "triton":
             kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"])
         else:
-            kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"])
+            kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"],
+                               _code_maps(tensors, params[0]))
             if kernel is None:
                 return None
         local = any(isinstance(p, _tensors.DTensor) for p in bucket)
@@ -219,14 +223,36 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
     return buckets
 
 
+def _by_state_dtype(buckets: Any, state_of: dict[int, dict[str, Any]],
+                    key: str) -> list[list[Tensor]]:
+    """The buckets split by the dtype their moments are stored in (``state_dtype="8bit"``
+    keeps the moments of small tensors in the compute dtype): one kernel call per format."""
+    split = []
+    for bucket in buckets:
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in bucket:
+            by_dtype.setdefault(state_of[id(p)][key].dtype, []).append(p)
+        split += by_dtype.values()
+    return split
+
+
+def _code_maps(tensors: dict[str, list], param: Tensor) -> tuple | None:
+    """The (signed, non-negative) code maps where the bucket's moments are 8-bit codes."""
+    if tensors["firsts"][0].dtype != torch.uint8:
+        return None
+    device = _tensors.local(param).device
+    return quantize.code_map(True, device), quantize.code_map(False, device)
+
+
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
                     states: list[dict[str, Any]], backend: str) -> dict[str, list] | None:
-    """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``): local shards of
-    DTensors, real views of complex tensors; or None unless every one is what the kernel
-    reads: its dtype, on the params' device, contiguous, of its param's size."""
+    """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``, and the C
+    kernel's ``scales1``/``scales2`` of 8-bit moments): local shards of DTensors, real views of
+    complex tensors; or None unless every one is what the kernel reads: its dtype, on the
+    params' device, contiguous, of its param's size (a scale per block of 8-bit codes)."""
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
@@ -244,6 +270,9 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         "extras": [view(s[extra_key]) for s in states] if extra_key else [None] * len(bucket),
         "weights1": [s[counters[0]] for s in states] if counters else [None] * len(bucket),
         "weights2": [s[counters[1]] for s in states] if counters else [None] * len(bucket),
+        "scales1": [s.get(keys[0] + quantize.SCALE_SUFFIX) for s in states],
+        "scales2": [s.get(keys[-1] + quantize.SCALE_SUFFIX) if len(keys) > 1 else None
+                    for s in states],
     }
     if dtype.is_complex:
         tensors = {role: [t if t is None or not t.is_complex() else torch.view_as_real(t)
@@ -253,7 +282,14 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         return None
     compute = torch.float32 if low else dtype
     buffer_dtype = tensors["firsts"][0].dtype
-    if buffer_dtype not in (compute, torch.bfloat16):
+    # 8-bit codes: the C kernel only, for now (the Triton kernel's groups are compiled)
+    eight_bit = buffer_dtype == torch.uint8 and backend == "cpu"
+    if buffer_dtype not in (compute, torch.bfloat16) and not eight_bit:
+        return None
+    if not eight_bit:
+        tensors["scales1"] = tensors["scales2"] = [None] * len(bucket)
+    elif any(t is None for t in tensors["scales1"]) or (
+            tensors["seconds"][0] is not None and any(t is None for t in tensors["scales2"])):
         return None
     counter_dtype = tensors["weights1"][0].dtype if counters else None
     if counters and counter_dtype not in (torch.float64, torch.float32):
@@ -261,7 +297,8 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     counter_device = device if backend == "triton" else torch.device("cpu")
     expected = {"params": dtype, "grads": dtype, "firsts": buffer_dtype,
                 "seconds": buffer_dtype, "extras": torch.float32 if mode == "master" else dtype,
-                "weights1": counter_dtype, "weights2": counter_dtype}
+                "weights1": counter_dtype, "weights2": counter_dtype,
+                "scales1": torch.float32, "scales2": torch.float32}
     sizes = [p.numel() for p in tensors["params"]]
     for role, values in tensors.items():
         if values[0] is None:
@@ -270,6 +307,10 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         if role.startswith("weights"):
             ok = all(t.dtype == want and t.device == counter_device and t.numel() == 1
                      for t in values)
+        elif role.startswith("scales"):
+            ok = all(t.dtype == want and t.device == device
+                     and t.is_contiguous() and t.numel() == quantize.blocks(n)
+                     for t, n in zip(values, sizes))
         else:
             ok = all(t.dtype == want and t.device == device and t.is_contiguous()
                      and t.numel() == n for t, n in zip(values, sizes))

@@ -33,11 +33,13 @@ nearest.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "quantizes", "blocks", "quantize",
-           "dequantize"]
+__all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "CodeMap", "quantizes", "blocks", "code_map",
+           "quantize", "dequantize"]
 
 #: elements per block (one fp32 scale each)
 BLOCK = 256
@@ -56,44 +58,64 @@ def blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def _dynamic_magnitudes(steps_per_binade: list[int]) -> torch.Tensor:
-    """Zero, then the magnitudes below 1 with ``steps_per_binade[k]`` evenly spaced values in
-    the binade [2^-(k+1), 2^-k), then 1: ascending, float64."""
-    values = [0.0, 1.0]
-    for k, steps in enumerate(steps_per_binade):
-        values += [2.0 ** -(k + 1) * (1 + j / steps) for j in range(steps)]
-    return torch.tensor(sorted(values), dtype=torch.float64)
-
-
 #: steps per binade, from the top: 127 magnitudes (signed) and 255 values (non-negative)
 _SIGNED_STEPS = [16] * 3 + [8] * 4 + [4] * 4 + [2] * 5 + [1] * 20
 _NONNEGATIVE_STEPS = [32] * 3 + [16] * 4 + [8] * 4 + [4] * 4 + [2] * 6 + [1] * 34
 
 
+class CodeMap(NamedTuple):
+    r"""A code map, as both the torch ops here and the C kernel read it.
+
+    ``values``: the value of each of the 256 codes (fp32; code 0 is 0.0, so zero-filled codes
+    are a zero moment). Encoding a magnitude :math:`y \in [0, 1]` (an element over its block's
+    scale) is arithmetic, by its binade: ``index`` = 127 - (the biased fp32 exponent of
+    :math:`y`), clamped to [0, ``binades`` + 1]: 0 is :math:`y = 1` (the top code), 1 to
+    ``binades`` the binades from [1/2, 1) down, ``binades`` + 1 everything below the smallest
+    nonzero value :math:`2^{-\mathrm{binades}}`. Within a binade the position
+    :math:`t = (\mathrm{mantissa} - 1) \cdot \mathrm{steps}[index]` (the mantissa in [1, 2)),
+    below it :math:`t = y \cdot 2^{\mathrm{binades}}`; either is exact in fp32, and the two codes
+    around :math:`y` are ``first_code[index]`` + ⌊t⌋ and the next, :math:`t - ⌊t⌋` of the way
+    from one to the other. A signed map codes the magnitude, and a negative value with
+    magnitude code c > 0 as 127 + c."""
+
+    values: Tensor  # fp32 [256]
+    steps: Tensor  # fp32 [binades + 2]: steps per binade (0 for index 0, unused for the last)
+    first_code: Tensor  # int32 [binades + 2]: the code of each binade's lowest value
+    binades: int
+
+
+def _make_map(signed: bool, device: torch.device) -> CodeMap:
+    steps = _SIGNED_STEPS if signed else _NONNEGATIVE_STEPS
+    magnitudes = [0.0]  # ascending: zero, then each binade from the smallest up, then 1
+    first_code = []
+    for k in reversed(range(len(steps))):
+        first_code.append(len(magnitudes))
+        magnitudes += [2.0 ** -(k + 1) * (1 + j / steps[k]) for j in range(steps[k])]
+    first_code = [len(magnitudes)] + first_code[::-1] + [0]  # index 0 (y = 1), binades, below
+    magnitudes.append(1.0)
+    if signed:  # 128 magnitudes, their negatives by code 127 + c, and an unused code 255
+        values = magnitudes + [-m for m in magnitudes[1:]] + [0.0]
+    else:
+        values = magnitudes
+    assert len(values) == 256
+    table = [0.0] + [float(s) for s in steps] + [0.0]
+    return CodeMap(torch.tensor(values, dtype=torch.float32, device=device),
+                   torch.tensor(table, dtype=torch.float32, device=device),
+                   torch.tensor(first_code, dtype=torch.int32, device=device), len(steps))
+
+
 #: the code maps made so far, by (signed, device): made once per device (a step captured in a
 #: CUDA graph finds them made by its warm-up steps); a plain dict, which dynamo traces
-_MAPS: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+_MAPS: dict[tuple[bool, torch.device], CodeMap] = {}
 
 
-def _maps(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(value of each code, the values in ascending order, the code of each sorted value),
-    fp32/int64 tensors on ``device``. Code 0 is 0.0, so zero-filled codes are a zero moment."""
-    maps = _MAPS.get((signed, device))
-    if maps is None:
-        maps = _MAPS[(signed, device)] = _make_maps(signed, device)
-    return maps
-
-
-def _make_maps(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    if signed:
-        magnitudes = _dynamic_magnitudes(_SIGNED_STEPS)  # 128: zero and 127 magnitudes
-        by_code = torch.cat([magnitudes, -magnitudes[1:], torch.zeros(1, dtype=torch.float64)])
-        order = torch.argsort(by_code[:255])  # code 255 is unused (a second zero)
-    else:
-        by_code = _dynamic_magnitudes(_NONNEGATIVE_STEPS)  # 256: zero and 255 values
-        order = torch.arange(256)
-    by_code = by_code.to(torch.float32)
-    return (by_code.to(device), by_code[order].to(device).contiguous(), order.to(device))
+def code_map(signed: bool, device: torch.device) -> CodeMap:
+    """The signed (first moment, QHM's buffer) or non-negative (second moment) map, its tensors
+    on ``device``."""
+    found = _MAPS.get((signed, device))
+    if found is None:
+        found = _MAPS[(signed, device)] = _make_map(signed, device)
+    return found
 
 
 def _as_blocks(x: Tensor) -> Tensor:
@@ -107,26 +129,43 @@ def _as_blocks(x: Tensor) -> Tensor:
 
 def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool, dtype: torch.dtype) -> Tensor:
     """The moment the codes and scales hold, in ``dtype``, shaped like ``codes``
-    (``nonnegative``: a second moment's codes)."""
-    by_code, _, _ = _maps(not nonnegative, codes.device)
-    values = _as_blocks(by_code[codes.long()]) * scales.unsqueeze(1)
-    return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
+    (``nonnegative``: a second moment's codes): code value × block scale, in fp32."""
+    values = code_map(not nonnegative, codes.device).values
+    moment = _as_blocks(values[codes.long()]) * scales.unsqueeze(1)
+    return moment.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
 
 
-def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True) -> tuple[Tensor, Tensor]:
-    """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales): each value rounded to
-    one of its two neighbouring codes, at random with the probability that makes the result
-    unbiased (``stochastic``), else to the nearer (``nonnegative``: a second moment)."""
-    _, ascending, code_of = _maps(not nonnegative, x.device)
+def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
+             draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales, each the block's
+    largest magnitude). Each value over its scale is rounded to one of its two neighbouring
+    codes (in magnitude, for a signed map), at random with the probability that makes the
+    result unbiased (``stochastic``: up where a uniform draw in [0, 1) is below the share of
+    the gap covered; ``draws``, shaped like ``x``, else ``torch.rand``), else to the nearer (a
+    tie up). ``nonnegative``: a second moment. NaN values code as 0 (their block's scale is
+    NaN, so the whole block reads back NaN)."""
+    code_map_ = code_map(not nonnegative, x.device)
     values = _as_blocks(x.float())
     scales = values.abs().amax(dim=1)
-    normalized = values / torch.where(scales > 0, scales, 1.0).unsqueeze(1)  # in [-1, 1]
-    above = torch.searchsorted(ascending, normalized.contiguous()).clamp_(1, len(ascending) - 1)
-    upper, lower = ascending[above], ascending[above - 1]
-    up = (normalized - lower) / (upper - lower)  # where between its neighbours, in [0, 1]
-    if stochastic:
-        take_upper = torch.rand_like(up) < up
+    divisor = torch.where(scales > 0, scales, 1.0).unsqueeze(1)
+    magnitude = (values / divisor).abs()  # in [0, 1]
+    bits = magnitude.view(torch.int32)
+    index = (127 - bits.bitwise_right_shift(23)).clamp_(0, code_map_.binades + 1).long()
+    mantissa = bits.bitwise_and(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)  # [1, 2)
+    position = torch.where(index == code_map_.binades + 1,
+                           magnitude * 2.0 ** code_map_.binades,
+                           (mantissa - 1) * code_map_.steps[index])
+    lower = position.floor()
+    share = position - lower  # of the gap to the next code: exact
+    if not stochastic:
+        up = share >= 0.5
+    elif draws is None:
+        up = torch.rand_like(share) < share
     else:
-        take_upper = up >= 0.5
-    codes = code_of[above - (~take_upper).long()].to(torch.uint8)
+        up = _as_blocks(draws.float()) < share
+    codes = code_map_.first_code[index] + lower.int() + up.int()
+    codes = torch.where(magnitude.isnan(), 0, codes)
+    if not nonnegative:
+        codes = torch.where((values < 0) & (codes > 0), codes + 127, codes)
+    codes = codes.to(torch.uint8)
     return codes.reshape(-1)[: x.numel()].view(x.shape), scales

@@ -209,6 +209,63 @@ def test_checkpoints_round_trip_exactly_and_convert_on_load():
         assert torch.allclose(again, exact, rtol=0.07, atol=0)  # half a code at the most
 
 
+def _kernel_draws(offset, numel, seed, shift):
+    """The C kernel's uniform draws for the 8-bit writes of a tensor whose elements start at
+    ``offset`` over its call: 16 bits (from bit ``shift``: 0 for the first moment or QHM's
+    buffer, 16 for the second) of a hash of element ^ seed (the low 32 bits of the step's
+    seeds): x * 0x9E3779B1 mod 2^32, then x ^ (x >> 16), over 2^16."""
+    x = (torch.arange(offset, offset + numel, dtype=torch.int64) ^ (seed & 0xFFFFFFFF))
+    x = (x * 0x9E3779B1) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    return ((x >> shift) & 0xFFFF).to(torch.float32) / 65536
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "master"), (torch.bfloat16, "master"),
+                                        (torch.float16, "kahan")], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ["QHAdam", "QHM"])
+def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode, monkeypatch):
+    """One C kernel step on 8-bit moments against the C kernel's step on the same moments
+    dequantized into fp32 state (the arithmetic, tested elsewhere) and quantize() of its new
+    moments with the kernel's draws: codes and scales equal, and the parameters (and masters)
+    equal bit for bit. Two quantized tensors share the call (the second's elements start at
+    12000, a partial last block each) and a small one (fp32 moments) gets its own call."""
+    from qhfast.kernels import cpu
+
+    seed = 0x9ABCDEF012345678
+    monkeypatch.setattr(cpu, "_draw_seeds", lambda: seed)
+    make = {"QHAdam": lambda p, **o: qhfast.QHAdam(p, lr=1e-2, nus=(0.7, 0.9), weight_decay=0.1,
+                                                   **o),
+            "QHM": lambda p, **o: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, **o)}[name]
+    shapes = [SHAPE, (5000,), (100,)]
+    params = [_param(dtype, shape, seed=k) for k, shape in enumerate(shapes)]
+    _, eight_bit = _run(lambda p: make(p, state_dtype="8bit", low_precision=mode), 3,
+                        _random_grad, params=params)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    reference = make(copies, low_precision=mode)
+    reference.load_state_dict(eight_bit.state_dict())  # the moments dequantized: exact in fp32
+    for p, q in zip(params, copies):
+        p.grad = _random_grad(5, p).to(dtype)
+        q.grad = p.grad.clone()
+    eight_bit.step()
+    reference.step()
+    keys = {"QHAdam": [("exp_avg", False, 0), ("exp_avg_sq", True, 16)],
+            "QHM": [("momentum_buffer", False, 0)]}[name]
+    offset = 0
+    for p, q in zip(params[:2], copies):
+        assert torch.equal(p, q)
+        if dtype != torch.float32:
+            assert torch.equal(eight_bit.state[p]["master_param"] if mode == "master" else p,
+                               reference.state[q]["master_param"] if mode == "master" else q)
+        for key, nonnegative, shift in keys:
+            codes, scales = quantize.quantize(
+                reference.state[q][key], nonnegative,
+                draws=_kernel_draws(offset, p.numel(), seed, shift).view(p.shape))
+            assert torch.equal(eight_bit.state[p][key], codes), key
+            assert torch.equal(eight_bit.state[p][key + "_scale"], scales), key
+        offset += p.numel()
+    assert eight_bit.state[params[2]][keys[0][0]].dtype == torch.float32
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_the_compiled_step_is_whole_and_a_changing_lr_recompiles_nothing():
     """torch.compile(fullgraph=True) of the step with 8-bit moments (capturable): the

@@ -243,13 +243,34 @@ def _cpu_model() -> str:
     return "\n".join(seen) or platform.processor()
 
 
+class _CodeMap(ctypes.Structure):
+    """The kernel's ``code_map_t``: a ``_quantize.CodeMap``, its steps and first codes packed
+    into one table (``binade``: the steps' fp32 bits with the first code in the low 8 bits)."""
+
+    _fields_ = [("values", ctypes.c_void_p), ("binade", ctypes.c_void_p),
+                ("binades", ctypes.c_int32), ("below", ctypes.c_float)]
+
+
+class _CodeMaps:
+    """The kernel's ``maps`` argument: the signed and non-negative code maps of 8-bit state
+    (``_quantize.CodeMap``s of CPU tensors) as ``code_map_t``s, with the tables they point
+    into."""
+
+    def __init__(self, maps: tuple) -> None:
+        # a power of two (or 0) has no low mantissa bits: the first code (< 256) goes there
+        self.tables = [(m.values, m.steps.view(torch.int32) | m.first_code) for m in maps]
+        self.structs = (_CodeMap * 2)(*(
+            _CodeMap(values.data_ptr(), binade.data_ptr(), m.binades, 2.0 ** m.binades)
+            for (values, binade), m in zip(self.tables, maps)))
+
+
 def _declare(library: ctypes.CDLL) -> None:
     i64p, d, i, u64 = ctypes.POINTER(ctypes.c_int64), ctypes.c_double, ctypes.c_int, ctypes.c_uint64
-    pp = ctypes.c_void_p  # the address of an array of data pointers (_Pointers)
-    library.qhadam_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, pp,
+    pp = ctypes.c_void_p  # the address of an array of data pointers (_Pointers), or of the maps
+    library.qhadam_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, pp, pp, pp, pp,
                                     d, d, d, d, d, d, d, i, d, u64, i]
     library.qhadam_step.restype = None
-    library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, d, d, d, d, i, d, u64, i]
+    library.qhm_step.argtypes = [i, i64p, pp, pp, pp, pp, pp, pp, d, d, d, d, i, d, u64, i]
     library.qhm_step.restype = None
 
 
@@ -261,6 +282,7 @@ _REAL = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "float
 _PARAM = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
 _MODE = {"master": 1, "kahan": 2, "stochastic": 3, "nearest": 4}
 _COUNTER = {torch.float64: "double", torch.float32: "float"}
+_STATE = {torch.bfloat16: 1, torch.uint8: 2}  # else 0: the compute dtype
 _POINTER_CODE = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # array's code for void *
 
 
@@ -275,35 +297,39 @@ class _Pointers:
         self.address = self.array.buffer_info()[0]
 
 
-def plan(kind: str, tensors: dict[str, list[Tensor | None]], mode: str) -> "Plan | None":
+def plan(kind: str, tensors: dict[str, list[Tensor | None]], mode: str,
+         code_maps: tuple | None = None) -> "Plan | None":
     """A :class:`Plan` of a bucket's tensors, or None where no kernel can be built (no
-    compiler: a ``RuntimeWarning``, see :func:`load`)."""
+    compiler: a ``RuntimeWarning``, see :func:`load`). ``code_maps``: where the moments are
+    8-bit codes (uint8 ``firsts``), the signed and the non-negative ``_quantize.CodeMap``."""
     params = tensors["params"]
     dtype = params[0].dtype
     low = dtype in (torch.bfloat16, torch.float16)
     weights = tensors.get("weights1") or [None]
     counter = "double" if weights[0] is None else _COUNTER[weights[0].dtype]
     variant = (_REAL[dtype], _PARAM[dtype], _MODE[mode] if low else 0,
-               int(tensors["firsts"][0].dtype == torch.bfloat16), counter)
+               _STATE.get(tensors["firsts"][0].dtype, 0), counter)
     library = load(variant)
     if library is None:
         return None
-    random = variant[3] == 1 or (low and mode in ("kahan", "stochastic"))
-    return Plan(library, kind, tensors, random)
+    random = variant[3] != 0 or (low and mode in ("kahan", "stochastic"))
+    return Plan(library, kind, tensors, random, code_maps if variant[3] == 2 else None)
 
 
 class Plan:
     """One bucket's kernel call (made by :func:`plan`): the pointer arrays of its tensors by
     role (``params``, ``grads``, ``firsts``, ``seconds``, ``extras``: the fp32 master or the
     16-bit compensation, ``weights1``/``weights2``: QHAdam's normalizers, 0-d fp64 or fp32 on
-    the CPU), contiguous CPU tensors the kernel trusts; the gradients' are refilled each step."""
+    the CPU; ``scales1``/``scales2``: the moments' block scales where they are 8-bit codes),
+    contiguous CPU tensors the kernel trusts; the gradients' are refilled each step."""
 
     def __init__(self, library: ctypes.CDLL, kind: str, tensors: dict[str, list[Tensor | None]],
-                 random: bool) -> None:
+                 random: bool, code_maps: tuple | None = None) -> None:
         self.library, self.kind, self.random = library, kind, random
         self.n = len(tensors["params"])
         self.sizes = (ctypes.c_int64 * self.n)(*(p.numel() for p in tensors["params"]))
         self.pointers = {role: _Pointers(values) for role, values in tensors.items()}
+        self.maps = None if code_maps is None else _CodeMaps(code_maps)
 
     def point_to_grads(self, grads: list[Tensor]) -> None:
         """Point the call at the step's gradients (contiguous, of the params' sizes and dtype:
@@ -320,16 +346,18 @@ class Plan:
             factor /= grad_scale
         seed = _draw_seeds() if self.random else 0
         pointer = {role: pointers.address for role, pointers in self.pointers.items()}
+        scales1, scales2, maps = ((pointer["scales1"], pointer["scales2"], self.maps.structs)
+                                  if self.maps else (None, None, None))
         if self.kind == "qhadam":
             self.library.qhadam_step(
                 self.n, self.sizes, pointer["params"], pointer["grads"], pointer["firsts"],
-                pointer["seconds"], pointer["extras"], pointer["weights1"], pointer["weights2"],
-                hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["nu1"], hyper["nu2"],
+                pointer["seconds"], scales1, scales2, pointer["extras"], pointer["weights1"],
+                pointer["weights2"], maps, hyper["beta1"], hyper["beta2"], hyper["lr"], hyper["nu1"], hyper["nu2"],
                 hyper["eps"], hyper["weight_decay"], int(decay == 2), factor, seed, threads)
         else:
             self.library.qhm_step(
                 self.n, self.sizes, pointer["params"], pointer["grads"], pointer["firsts"],
-                pointer["extras"], hyper["lr"], hyper["momentum"], hyper["nu"],
+                scales1, pointer["extras"], maps, hyper["lr"], hyper["momentum"], hyper["nu"],
                 hyper["weight_decay"], int(decay == 2), factor, seed, threads)
 
 

@@ -10,7 +10,9 @@
  *   PARAM    0: the parameter is REAL; 1: bf16; 2: fp16
  *   MODE     for bf16/fp16 parameters, where the fp32 result lives (qhfast/_precision.py):
  *            1 master, 2 kahan, 3 stochastic, 4 nearest; 0 for REAL
- *   STATE    0: the moments are REAL; 1: bf16, written with stochastic rounding
+ *   STATE    0: the moments are REAL; 1: bf16, written with stochastic rounding; 2: 8-bit
+ *            codes with an fp32 scale per block of 256 elements (qhfast/_quantize.py), written
+ *            with stochastic rounding
  *   COUNTER  the type of QHAdam's normalizers: double (CPU counters) or float (capturable)
  *
  * The arithmetic follows the eager foreach path (qhfast/qhadam.py, qhfast/qhm.py), with torch's
@@ -25,6 +27,8 @@
 #include <string.h>
 
 typedef REAL real;
+
+#define INLINE static inline __attribute__((always_inline))
 
 /* ---- conversions -------------------------------------------------------------------------- */
 
@@ -131,20 +135,44 @@ typedef uint16_t param_t;
 #define STORE_NEAREST(p, i, x) ((p)[i] = TO_PARAM_NEAREST(x))
 #endif
 
-/* fp16 with F16C (x86 since 2013): the element loop reads and writes fp32 copies of a block of
- * the fp16 tensors (gradient, parameter, compensation) in a stage that stays in L1, converted
- * 8 at a time by vcvtph2ps / vcvtps2ph (round to nearest even, as torch). The loop itself
- * cannot use the conversion instructions: compilers vectorize no _Float16 conversion without
- * AVX512-FP16. Without F16C the loop converts in integer and float operations (above). */
+/* The element loop can run on a stage: fp32 copies of a block of the tensors that stay in L1,
+ * read in by stage_in and written out by stage_out.
+ *
+ * fp16 with F16C (x86 since 2013): the stage holds the fp16 tensors (gradient, parameter,
+ * compensation), converted 8 at a time by vcvtph2ps / vcvtps2ph (round to nearest even, as
+ * torch). The loop itself cannot use the conversion instructions: compilers vectorize no
+ * _Float16 conversion without AVX512-FP16. Without F16C the loop converts in integer and float
+ * operations (above).
+ *
+ * 8-bit state (STATE 2): the stage holds a quantization block of the moments, decoded, and
+ * stage_out encodes the block's new values over its new scale. */
 #if PARAM == 2 && defined(__F16C__)
-#include <immintrin.h>
-#define STAGED 1
+#define STAGE_PARAM 1
+#else
+#define STAGE_PARAM 0
+#endif
+#define STAGE_STATE (STATE == 2)
+#define STAGED (STAGE_PARAM || STAGE_STATE)
+#if STAGE_STATE
+#define BLOCK 256 /* one quantization block (qhfast/_quantize.py's BLOCK) */
+#elif STAGE_PARAM
 #define BLOCK 512
+#else
+#define BLOCK (1 << 30) /* one block: the whole span */
+#endif
 typedef struct {
+#if STAGE_PARAM
     float grad[BLOCK], theta[BLOCK], compensation[BLOCK], out[BLOCK];
     uint32_t bits[BLOCK]; /* MODE 2: the random bits of each element's compensation */
+#endif
+#if STAGE_STATE
+    float first[BLOCK], second[BLOCK]; /* the moments (QHM: its buffer in first) */
+#endif
+    char unused;
 } stage_t;
 
+#if STAGE_PARAM
+#include <immintrin.h>
 static void halves_to_floats(const uint16_t *src, float *dst, int n) {
     int k = 0;
     for (; k + 8 <= n; k += 8)
@@ -159,25 +187,142 @@ static void floats_to_halves(const float *src, uint16_t *dst, int n) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
     for (; k < n; k++) dst[k] = _cvtss_sh(src[k], _MM_FROUND_TO_NEAREST_INT);
 }
-#else
-#define STAGED 0
-#define BLOCK (1 << 30) /* one block: the whole span */
-typedef struct {
-    char unused;
-} stage_t;
 #endif
 
+static inline uint32_t weyl_hash(uint32_t x) {
+    x *= 0x9E3779B1u;
+    return x ^ (x >> 16);
+}
+
+/* ---- 8-bit codes ------------------------------------------------------------------------- */
+
+/* a code map (qhfast/_quantize.py's CodeMap, whose docstring explains the encoding), its
+ * steps and first codes by binade index packed into one table (one lookup for both): the fp32
+ * bits of the steps (a power of two, or 0) with the first code in the low 8 bits */
+typedef struct {
+    const float *values;    /* the value of each of the 256 codes */
+    const uint32_t *binade; /* by index (binades + 2): steps' fp32 bits | first code */
+    int32_t binades;
+    float below;            /* 2^binades */
+} code_map_t;
+
+/* x's code in its block (divisor: the block's scale, or 1 where that is not > 0), rounded up
+ * where the uniform draw u in [0, 1) is below the share of the gap x covers: the torch ops of
+ * _quantize.quantize, operation for operation */
+INLINE uint32_t encode(float x, float divisor, float u, const uint32_t *binade, int32_t last,
+                       float below, const int is_signed) {
+    const float y = fabsf(x / divisor);
+    const uint32_t bits = float_bits(y);
+    int32_t index = 127 - (int32_t)(bits >> 23);
+    index = index < 0 ? 0 : index;
+    index = index > last ? last : index;
+    const uint32_t entry = binade[index];
+    const float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u); /* in [1, 2) */
+    const float position =
+        index == last ? y * below : (mantissa - 1.0f) * bits_float(entry & ~0xFFu);
+    const float lower = floorf(position);
+    int32_t code = (int32_t)(entry & 0xFFu) + (int32_t)lower + (u < position - lower);
+    code = y != y ? 0 : code;
+    if (is_signed) code = x < 0.0f && code > 0 ? code + 127 : code;
+    return (uint32_t)code;
+}
+
+/* a block's scale: its largest magnitude, NaN if it holds one (as torch's amax); the float
+ * bits of magnitudes order as their values, and a NaN's above them all */
+static inline float block_scale(const float *x, int count) {
+    uint32_t top = 0;
+    for (int k = 0; k < count; k++) {
+        const uint32_t magnitude = float_bits(x[k]) & 0x7FFFFFFFu;
+        top = magnitude > top ? magnitude : top;
+    }
+    return bits_float(top);
+}
+
+/* The codes of a block of first moments (signed map) and, where `second`, of second moments
+ * (non-negative map) over their blocks' divisors; the draws are the two 16-bit halves of each
+ * element's random bits (RANDOM). The tables come as restrict arguments of a function that is
+ * not inlined (inlined, gcc forgets them): codes are bytes, which may alias anything, and the
+ * loop would stay scalar. */
+INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8_t *restrict mc,
+                         uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
+                         const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
+                         const code_map_t *maps, uint32_t first, uint32_t seed,
+                         const int second) {
+    const int32_t m_last = maps[0].binades + 1, v_last = maps[1].binades + 1;
+    const float m_below = maps[0].below, v_below = maps[1].below;
+    for (int k = 0; k < count; k++) {
+        const uint32_t r = weyl_hash((first + (uint32_t)k) ^ seed);
+        const float u = (float)(r & 0xFFFFu) * 0x1p-16f;
+        mc[k] = (uint8_t)encode(m[k], m_divisor, u, m_binade, m_last, m_below, 1);
+        if (second) {
+            const float w = (float)(r >> 16) * 0x1p-16f;
+            vc[k] = (uint8_t)encode(v[k], v_divisor, w, v_binade, v_last, v_below, 0);
+        }
+    }
+}
+
+__attribute__((noinline)) static void encode_first(
+        const float *restrict m, uint8_t *restrict mc, int count, float m_divisor,
+        const uint32_t *restrict m_binade, const code_map_t *maps, uint32_t first,
+        uint32_t seed) {
+    encode_codes(m, NULL, mc, NULL, count, m_divisor, 1.0f, m_binade, m_binade, maps, first,
+                 seed, 0);
+}
+
+__attribute__((noinline)) static void encode_both(
+        const float *restrict m, const float *restrict v, uint8_t *restrict mc,
+        uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
+        const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
+        const code_map_t *maps, uint32_t first, uint32_t seed) {
+    encode_codes(m, v, mc, vc, count, m_divisor, v_divisor, m_binade, v_binade, maps, first,
+                 seed, 1);
+}
+
+/* a block's new scales (stored) and codes: the first moment, and the second where v */
+static inline void encode_block(const float *m, const float *v, uint8_t *mc, uint8_t *vc,
+                                float *m_scale, float *v_scale, int count,
+                                const code_map_t *maps, uint32_t first, uint32_t seed) {
+    const float m_top = block_scale(m, count);
+    *m_scale = m_top;
+    const float m_divisor = m_top > 0.0f ? m_top : 1.0f;
+    if (!v) {
+        encode_first(m, mc, count, m_divisor, maps[0].binade, maps, first, seed);
+        return;
+    }
+    const float v_top = block_scale(v, count);
+    *v_scale = v_top;
+    encode_both(m, v, mc, vc, count, m_divisor, v_top > 0.0f ? v_top : 1.0f, maps[0].binade,
+                maps[1].binade, maps, first, seed);
+}
+
+static inline void decode_block(const uint8_t *codes, float scale, float *x, int count,
+                                const code_map_t *map) {
+    const float *values = map->values;
+    for (int k = 0; k < count; k++) x[k] = values[codes[k]] * scale;
+}
+
+/* the moments of element i (k of the block): first_ and second_ are the span's tensors */
 #if STATE == 0
 typedef real state_t;
-#define LOAD_STATE(s, i) ((s)[i])
-#define STORE_STATE(s, i, x, r) ((s)[i] = (x))
-#else
+#define LOAD_FIRST(k, i) (first_[i])
+#define LOAD_SECOND(k, i) (second_[i])
+#define STORE_FIRST(k, i, x, r) (first_[i] = (x))
+#define STORE_SECOND(k, i, x, r) (second_[i] = (x))
+#elif STATE == 1
 typedef uint16_t state_t;
-#define LOAD_STATE(s, i) ((real)bf16_to_float((s)[i]))
-#define STORE_STATE(s, i, x, r) ((s)[i] = float_to_bf16_stochastic((float)(x), (r)))
+#define LOAD_FIRST(k, i) ((real)bf16_to_float(first_[i]))
+#define LOAD_SECOND(k, i) ((real)bf16_to_float(second_[i]))
+#define STORE_FIRST(k, i, x, r) (first_[i] = float_to_bf16_stochastic((float)(x), (r)))
+#define STORE_SECOND(k, i, x, r) (second_[i] = float_to_bf16_stochastic((float)(x), (r)))
+#else /* decoded on the stage, encoded by stage_out with the element's random bits */
+typedef uint8_t state_t;
+#define LOAD_FIRST(k, i) ((real)stage->first[k])
+#define LOAD_SECOND(k, i) ((real)stage->second[k])
+#define STORE_FIRST(k, i, x, r) (stage->first[k] = (float)(x))
+#define STORE_SECOND(k, i, x, r) (stage->second[k] = (float)(x))
 #endif
 
-#define NEEDS_RANDOM (STATE == 1 || MODE == 2 || MODE == 3)
+#define NEEDS_RANDOM (STATE != 0 || MODE == 2 || MODE == 3)
 #if (PARAM == 0) != (MODE == 0)
 #error "MODE 0 is for REAL parameters, and bf16/fp16 parameters need a MODE"
 #endif
@@ -194,7 +339,7 @@ typedef uint16_t state_t;
 /* ---- the parameter's working value, read and written as MODE says ------------------------ */
 
 /* (element i of the tensor, k of the block: staged fp16 reads and writes the stage at k) */
-#if STAGED
+#if STAGE_PARAM
 #define LOAD_GRAD(k, i) (stage->grad[k])
 #define LOAD_PARAM_VALUE(k, i) (stage->theta[k])
 #define LOAD_COMPENSATION(k, i) (stage->compensation[k])
@@ -214,7 +359,7 @@ typedef uint16_t state_t;
 #define STORE_THETA(k, i, x, r) (master[i] = (x), STORE_ROUNDED(k, i, x))
 #elif MODE == 2 /* kahan: theta + c is exact in fp32; c keeps what rounding theta lost */
 #define LOAD_THETA(k, i) (LOAD_PARAM_VALUE(k, i) + LOAD_COMPENSATION(k, i))
-#if STAGED /* rounded to nearest by stage_out, which then rounds the rest into c */
+#if STAGE_PARAM /* rounded to nearest by stage_out, which then rounds the rest into c */
 #define STORE_THETA(k, i, x, r) (stage->out[k] = (x), stage->bits[k] = (r))
 #else
 #define STORE_THETA(k, i, x, r)                                                        \
@@ -268,16 +413,25 @@ typedef struct {
     param_t *param;
     const param_t *grad;
     state_t *first, *second; /* QHAdam's moments, or QHM's buffer (second unused) */
+    float *first_scales, *second_scales; /* STATE 2: the moments' block scales */
     float *master;           /* MODE 1 */
     uint16_t *compensation;  /* MODE 2 */
     int64_t start, stop, offset;
 } span_t;
 
-static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, void **firsts,
-                             void **seconds, void **extras) {
+/* the arrays of data pointers of a call's tensors by role (NULL: a role the call lacks) */
+typedef struct {
+    void **params, **grads, **firsts, **seconds, **first_scales, **second_scales, **extras;
+} tensors_t;
+
+static inline void *entry(void **pointers, int t) { return pointers ? pointers[t] : NULL; }
+
+static inline span_t span_of(const chunk_t *chunk, const tensors_t *tensors) {
     const int t = chunk->tensor;
-    span_t span = {params[t], grads[t], firsts[t], seconds ? seconds[t] : NULL, extras[t],
-                   extras[t], chunk->start, chunk->stop, chunk->offset};
+    span_t span = {tensors->params[t], tensors->grads[t], tensors->firsts[t],
+                   entry(tensors->seconds, t), entry(tensors->first_scales, t),
+                   entry(tensors->second_scales, t), tensors->extras[t], tensors->extras[t],
+                   chunk->start, chunk->stop, chunk->offset};
     return span;
 }
 
@@ -289,10 +443,6 @@ static inline span_t span_of(const chunk_t *chunk, void **params, void **grads, 
  * one uniform 32-bit value, or values of independent seeds, are independent. The hash only
  * spreads neighbouring elements apart: a multiply by the golden ratio (a Weyl sequence,
  * evenly spread in the upper bits) with the upper half folded into the lower. */
-static inline uint32_t weyl_hash(uint32_t x) {
-    x *= 0x9E3779B1u;
-    return x ^ (x >> 16);
-}
 #define RANDOM(element) (NEEDS_RANDOM ? weyl_hash((element) ^ seed) : 0u)
 #define MORE_RANDOM(element) (((element) ^ seed2) * 0x9E3779B1u)
 
@@ -300,7 +450,6 @@ static inline uint32_t weyl_hash(uint32_t x) {
  * two results is a select (both computed; -fno-trapping-math lets the compiler do that with
  * a division), and the flags whose cost counts are constants in inlined copies (the lerp's
  * form, ν2 = 1, and the decay kind in the usual case). */
-#define INLINE static inline __attribute__((always_inline))
 enum { NO_DECAY, COUPLED_DECAY, DECOUPLED_DECAY };
 enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are nonzero */
 
@@ -329,26 +478,47 @@ enum { FIRST_TERM = 1, GRAD_TERM = 2 }; /* which of the update's two terms are n
 
 /* A span's elements block by block: each block staged in and out where STAGED (one block,
  * the whole span, with nothing staged otherwise). `elements` is the element loop's call with
- * (span, lo, count, &stage) first. */
-#define BY_BLOCK(span, elements, ...)                                                     \
+ * (span, lo, count, &stage) first; `maps` the 8-bit code maps (signed, non-negative) and
+ * `seed` the step's seed, for stage_out. A span starts on a block: chunks and 8-bit blocks
+ * both start at multiples of 256 of their tensor. */
+#define BY_BLOCK(span, maps, seed, elements, ...)                                         \
     do {                                                                                  \
         stage_t stage_;                                                                   \
         for (int64_t lo_ = (span).start; lo_ < (span).stop; lo_ += BLOCK) {               \
             const int count_ = (int)((span).stop - lo_ < BLOCK ? (span).stop - lo_ : BLOCK); \
-            stage_in(&(span), lo_, count_, &stage_);                                      \
+            stage_in(&(span), lo_, count_, &stage_, (maps));                              \
             elements((span), lo_, count_, &stage_, __VA_ARGS__);                          \
-            stage_out(&(span), lo_, count_, &stage_);                                     \
+            stage_out(&(span), lo_, count_, &stage_, (maps), (seed));                     \
         }                                                                                 \
     } while (0)
 
 #if STAGED
-static inline void stage_in(const span_t *span, int64_t lo, int count, stage_t *stage) {
+static inline void stage_in(const span_t *span, int64_t lo, int count, stage_t *stage,
+                            const code_map_t *maps) {
+    (void)maps;
+#if STAGE_PARAM
     halves_to_floats(span->grad + lo, stage->grad, count);
     if (MODE != 1) halves_to_floats(span->param + lo, stage->theta, count);
     if (MODE == 2) halves_to_floats(span->compensation + lo, stage->compensation, count);
+#endif
+#if STAGE_STATE
+    decode_block(span->first + lo, span->first_scales[lo / BLOCK], stage->first, count, &maps[0]);
+    if (span->second)
+        decode_block(span->second + lo, span->second_scales[lo / BLOCK], stage->second, count,
+                     &maps[1]);
+#endif
 }
 
-static inline void stage_out(const span_t *span, int64_t lo, int count, stage_t *stage) {
+static inline void stage_out(const span_t *span, int64_t lo, int count, stage_t *stage,
+                             const code_map_t *maps, uint32_t seed) {
+    (void)maps, (void)seed;
+#if STAGE_STATE /* the moments with the element's random bits (RANDOM: 16 each) */
+    encode_block(stage->first, span->second ? stage->second : NULL, span->first + lo,
+                 span->second ? span->second + lo : NULL, &span->first_scales[lo / BLOCK],
+                 span->second ? &span->second_scales[lo / BLOCK] : NULL, count, maps,
+                 (uint32_t)(span->offset + lo), seed);
+#endif
+#if STAGE_PARAM
     if (MODE == 3) return; /* written by the loop, rounded at random */
     floats_to_halves(stage->out, span->param + lo, count);
     if (MODE != 2) return;
@@ -357,10 +527,11 @@ static inline void stage_out(const span_t *span, int64_t lo, int count, stage_t 
     uint16_t *compensation = span->compensation + lo;
     for (int k = 0; k < count; k++)
         compensation[k] = TO_PARAM_STOCHASTIC(stage->out[k] - stage->theta[k], stage->bits[k] >> 16);
+#endif
 }
 #else
-#define stage_in(span, lo, count, stage) ((void)0)
-#define stage_out(span, lo, count, stage) ((void)0)
+#define stage_in(span, lo, count, stage, maps) ((void)0)
+#define stage_out(span, lo, count, stage, maps, seed) ((void)0)
 #endif
 
 /* ---- QHAdam ------------------------------------------------------------------------------- */
@@ -375,7 +546,8 @@ INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
                             const int decay_kind, const int terms, const int nu2_is_one,
                             const int low_weight) {
     SPAN_TENSORS(span);
-    state_t *m_ = span.first, *v_ = span.second;
+    state_t *first_ = span.first, *second_ = span.second;
+    (void)first_, (void)second_;
     const real f1 = s->f1, one_minus_f1 = s->one_minus_f1, f2 = s->f2, keep2 = s->keep2;
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, nu2 = s->nu2;
     const real one_minus_nu2 = s->one_minus_nu2, m_scale = s->m_scale, d_scale = s->d_scale;
@@ -384,18 +556,18 @@ INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
     (void)stage;
     for (int k = 0; k < count; k++) {
         BEGIN_ELEMENT(k);
-        const real m0 = LOAD_STATE(m_, i);
+        const real m0 = LOAD_FIRST(k, i);
         const real m = LERP(m0, d, f1, one_minus_f1, low_weight);
-        const real v = LOAD_STATE(v_, i) * keep2 + f2 * d * d;
+        const real v = LOAD_SECOND(k, i) * keep2 + f2 * d * d;
         real den = nu2_is_one ? v : v * nu2 + one_minus_nu2 * d * d;
         den = SQRT(den) + eps;
         /* one division: (m_scale*m + d_scale*d)/den, a term whose ν drops it left out */
         real step = (terms & FIRST_TERM) ? m_scale * m : d_scale * d;
         if (terms == (FIRST_TERM | GRAD_TERM)) step = step + d_scale * d;
         theta = theta + step / den;
-        STORE_STATE(m_, i, m, r);
-        STORE_STATE(v_, i, v, r >> 16);
-        STORE_THETA(k, i, theta, STATE == 1 ? MORE_RANDOM(element) : r);
+        STORE_FIRST(k, i, m, r);
+        STORE_SECOND(k, i, v, r >> 16);
+        STORE_THETA(k, i, theta, STATE != 0 ? MORE_RANDOM(element) : r);
     }
 }
 
@@ -403,10 +575,12 @@ INLINE void qhadam_elements(span_t span, int64_t lo, int count, stage_t *stage,
  *   d = g*grad_factor (+ wd*theta if coupled);  theta *= 1 - lr*wd first if decoupled
  *   m = lerp(m, d, 1/w1);  v = v*(1 - 1/w2) + (1/w2)*d*d
  *   theta += ((-lr*nu1)*m + (-lr*(1 - nu1))*d)/den,  den = sqrt(nu2*v + (1 - nu2)*d*d) + eps
- * extras[t]: the fp32 master (MODE 1) or the bf16 compensation (MODE 2), else unused. */
+ * extras[t]: the fp32 master (MODE 1) or the bf16 compensation (MODE 2), else unused;
+ * exp_avg_scales/exp_avg_sq_scales and maps (signed, non-negative): STATE 2, else NULL. */
 void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void **exp_avgs,
-                 void **exp_avg_sqs, void **extras, void **beta1_weights, void **beta2_weights,
-                 double beta1, double beta2, double lr, double nu1, double nu2, double eps,
+                 void **exp_avg_sqs, void **exp_avg_scales, void **exp_avg_sq_scales,
+                 void **extras, void **beta1_weights, void **beta2_weights,
+                 const code_map_t *maps, double beta1, double beta2, double lr, double nu1, double nu2, double eps,
                  double weight_decay, int decoupled, double grad_factor, uint64_t seeds,
                  int threads) {
     double *fractions = malloc(sizeof(double) * 2 * (n > 0 ? n : 1));
@@ -419,6 +593,8 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
         fractions[2 * t] = 1.0 / (double)*w1;
         fractions[2 * t + 1] = 1.0 / (double)*w2;
     }
+    const tensors_t tensors = {params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                               exp_avg_sq_scales, extras};
     int64_t count;
     chunk_t *chunks = make_chunks(n, sizes, &count);
     const int decay_kind = weight_decay == 0.0 ? NO_DECAY
@@ -432,7 +608,7 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
                            (real)(-lr * (1.0 - nu1)), (real)eps};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
-        const span_t span = span_of(&chunks[k], params, grads, exp_avgs, exp_avg_sqs, extras);
+        const span_t span = span_of(&chunks[k], &tensors);
         qhadam_scalars s = call;
         const int t = chunks[k].tensor;
         s.f1 = (real)fractions[2 * t];
@@ -442,14 +618,14 @@ void qhadam_step(int n, const int64_t *sizes, void **params, void **grads, void 
         const int low_weight = fabs((double)s.f1) < 0.5;
         /* the usual case (ν2 = 1, after the first step) with its decay a constant */
         if (nu2_is_one && low_weight && decay_kind == NO_DECAY)
-            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, NO_DECAY, terms, 1, 1);
+            BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, NO_DECAY, terms, 1, 1);
         else if (nu2_is_one && low_weight && decay_kind == DECOUPLED_DECAY)
-            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, DECOUPLED_DECAY, terms, 1, 1);
+            BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, DECOUPLED_DECAY, terms, 1, 1);
         else if (nu2_is_one && low_weight)
-            BY_BLOCK(span, qhadam_elements, &s, seed, seed2, COUPLED_DECAY, terms, 1, 1);
-        else if (nu2_is_one) BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 1, 0);
-        else if (low_weight) BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 1);
-        else BY_BLOCK(span, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 0);
+            BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, COUPLED_DECAY, terms, 1, 1);
+        else if (nu2_is_one) BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, decay_kind, terms, 1, 0);
+        else if (low_weight) BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 1);
+        else BY_BLOCK(span, maps, seed, qhadam_elements, &s, seed, seed2, decay_kind, terms, 0, 0);
     }
     free(chunks);
     free(fractions);
@@ -465,7 +641,8 @@ INLINE void qhm_elements(span_t span, int64_t lo, int count, stage_t *stage,
                          const qhm_scalars *s, uint32_t seed, const int decay_kind,
                          const int terms, const int low_weight) {
     SPAN_TENSORS(span);
-    state_t *b_ = span.first;
+    state_t *first_ = span.first, *second_ = NULL;
+    (void)first_, (void)second_;
     const real decay = s->decay, coupled = s->coupled, factor = s->factor, weight = s->weight;
     const real one_minus_weight = s->one_minus_weight, b_scale = s->b_scale;
     const real d_scale = s->d_scale;
@@ -473,21 +650,23 @@ INLINE void qhm_elements(span_t span, int64_t lo, int count, stage_t *stage,
     (void)stage;
     for (int k = 0; k < count; k++) {
         BEGIN_ELEMENT(k);
-        const real b0 = LOAD_STATE(b_, i);
+        const real b0 = LOAD_FIRST(k, i);
         const real b = LERP(b0, d, weight, one_minus_weight, low_weight);
         if (terms & FIRST_TERM) theta = theta + b_scale * b;
         if (terms & GRAD_TERM) theta = theta + d_scale * d;
-        STORE_STATE(b_, i, b, r);
+        STORE_FIRST(k, i, b, r);
         STORE_THETA(k, i, theta, r);
     }
 }
 
 /*   d = g*grad_factor (+ wd*theta for "grad" decay);  theta *= 1 - lr*wd first for "direct"
- *   buf = lerp(buf, d, 1 - momentum);  theta += (-lr*nu)*buf + (-lr*(1 - nu))*d */
+ *   buf = lerp(buf, d, 1 - momentum);  theta += (-lr*nu)*buf + (-lr*(1 - nu))*d
+ * buffer_scales and maps: STATE 2, else NULL (as qhadam_step's). */
 void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **buffers,
-              void **extras, double lr, double momentum, double nu, double weight_decay,
+              void **buffer_scales, void **extras, const code_map_t *maps, double lr, double momentum, double nu, double weight_decay,
               int direct, double grad_factor, uint64_t seeds, int threads) {
     const uint32_t seed = (uint32_t)seeds;
+    const tensors_t tensors = {params, grads, buffers, NULL, buffer_scales, NULL, extras};
     int64_t count;
     chunk_t *chunks = make_chunks(n, sizes, &count);
     const int decay_kind = weight_decay == 0.0 ? NO_DECAY
@@ -501,11 +680,11 @@ void qhm_step(int n, const int64_t *sizes, void **params, void **grads, void **b
                            (real)(-lr * (1.0 - nu))};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (count >= PARALLEL_CHUNKS)
     for (int64_t k = 0; k < count; k++) {
-        const span_t span = span_of(&chunks[k], params, grads, buffers, NULL, extras);
+        const span_t span = span_of(&chunks[k], &tensors);
         if (decay_kind == NO_DECAY && terms == (FIRST_TERM | GRAD_TERM) && low_weight)
-            BY_BLOCK(span, qhm_elements, &s, seed, NO_DECAY, FIRST_TERM | GRAD_TERM, 1);
-        else if (low_weight) BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 1);
-        else BY_BLOCK(span, qhm_elements, &s, seed, decay_kind, terms, 0);
+            BY_BLOCK(span, maps, seed, qhm_elements, &s, seed, NO_DECAY, FIRST_TERM | GRAD_TERM, 1);
+        else if (low_weight) BY_BLOCK(span, maps, seed, qhm_elements, &s, seed, decay_kind, terms, 1);
+        else BY_BLOCK(span, maps, seed, qhm_elements, &s, seed, decay_kind, terms, 0);
     }
     free(chunks);
 }
