@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             line += (f"   / fp32 {median / medians['qhfast fp32']:.2f}"
                      f"   / bf16 master {median / medians['qhfast bf16 master']:.2f}"
                      f"   state {step_bench.state_bytes_per_param(optimizer):5.2f} B/param"
-                     f"   moved {moved:3.0f} B/param   {gbps:5.1f} GB/s"
+                     f"   moved {moved:5.2f} B/param   {gbps:5.1f} GB/s"
                      f" ({gbps / fp32_gbps:.2f} of fp32's)")
         print(line)
     return 0

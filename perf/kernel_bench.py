@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import qhfast._quantize as quantize  # noqa: E402
 from qhfast.kernels import cpu  # noqa: E402
 
 #: name: (REAL, PARAM, MODE, STATE) of cpu_kernel.c, the parameter dtype, the extra tensor's
@@ -46,6 +47,8 @@ VARIANTS = {
     "fp16 stochastic": ("float", 2, 3, 0, torch.float16, None),
     "fp16 stochastic+bf16-state": ("float", 2, 3, 1, torch.float16, None),
     "fp16 nearest": ("float", 2, 4, 0, torch.float16, None),
+    "fp32 8bit-state": ("float", 0, 0, 2, torch.float32, None),
+    "bf16 stochastic+8bit-state": ("float", 1, 3, 2, torch.bfloat16, None),
 }
 
 
@@ -64,13 +67,23 @@ def kernel_call(source: Path, name: str, optimizer: str, numel: int, tensors: in
                     f"-DMODE={mode}", f"-DSTATE={state}", "-DCOUNTER=double", str(source), "-o",
                     str(library_path), "-lm"], check=True)
     library = ctypes.CDLL(str(library_path))
-    state_dtype = torch.bfloat16 if state else torch.float32
     n = numel // tensors
+
+    def moments(values: torch.Tensor, nonnegative: bool) -> tuple:
+        """``values`` in the state format, and their block scales (None unless 8-bit)."""
+        if state == 2:
+            return quantize.quantize(values, nonnegative)
+        return values.to(torch.bfloat16 if state else torch.float32), None
+
+    firsts = [moments(torch.randn(n) * 0.1, False) for _ in range(tensors)]
+    seconds = [moments(torch.rand(n), True) for _ in range(tensors)]
     made = {
         "params": [torch.randn(n).to(param_dtype) for _ in range(tensors)],
         "grads": [torch.randn(n).to(param_dtype) for _ in range(tensors)],
-        "first": [(torch.randn(n) * 0.1).to(state_dtype) for _ in range(tensors)],
-        "second": [torch.rand(n).to(state_dtype) for _ in range(tensors)],
+        "first": [codes for codes, _ in firsts],
+        "second": [codes for codes, _ in seconds],
+        "first_scales": [scales for _, scales in firsts],
+        "second_scales": [scales for _, scales in seconds],
         "extras": [None if extra_dtype is None else torch.zeros(n, dtype=extra_dtype)
                    for _ in range(tensors)],
         "w1": [torch.ones((), dtype=torch.float64) for _ in range(tensors)],
@@ -81,18 +94,23 @@ def kernel_call(source: Path, name: str, optimizer: str, numel: int, tensors: in
     d, i = ctypes.c_double, ctypes.c_int
     seeds = ctypes.c_uint64(0x123456789ABCDEF)
     p = {key: table[1] for key, table in tables.items()}
+    maps = cpu._CodeMaps(tuple(quantize.code_map(signed, torch.device("cpu"))
+                               for signed in (True, False))) if state == 2 else None
+    structs = None if maps is None else ctypes.byref(maps.structs)
+    if state != 2:
+        p["first_scales"] = p["second_scales"] = None
     if optimizer == "qhadam":  # QHAdam's paper settings, nu2 = 1, no decay
         def step() -> None:
             library.qhadam_step(i(tensors), sizes, p["params"], p["grads"], p["first"],
-                                p["second"], p["extras"], p["w1"], p["w2"], d(0.995), d(0.999),
-                                d(1e-3), d(0.7), d(1.0), d(1e-8), d(0.0), i(0), d(1.0), seeds,
-                                i(threads))
+                                p["second"], p["first_scales"], p["second_scales"], p["extras"],
+                                p["w1"], p["w2"], structs, d(0.995), d(0.999), d(1e-3), d(0.7),
+                                d(1.0), d(1e-8), d(0.0), i(0), d(1.0), seeds, i(threads))
     else:
         def step() -> None:
             library.qhm_step(i(tensors), sizes, p["params"], p["grads"], p["first"],
-                             p["extras"], d(1.0), d(0.999), d(0.7), d(0.0), i(0), d(1.0), seeds,
-                             i(threads))
-    return step, (made, tables)
+                             p["first_scales"], p["extras"], structs, d(1.0), d(0.999), d(0.7),
+                             d(0.0), i(0), d(1.0), seeds, i(threads))
+    return step, (made, tables, maps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,9 @@ parameters (and QHAdam with bf16 moments, ``fp32 bf16-state``), and bf16 paramet
 where the moments are stored in bf16 (``state_dtype=torch.bfloat16``); fp16 parameters in
 the same modes. State per bf16 (or fp16) parameter element, QHAdam / QHM: master 12 / 8 bytes,
 kahan 10 / 6, kahan+bf16-state 6 / 4, stochastic 8 / 4, stochastic+bf16-state 4 / 2, nearest
-8 / 4.
+8 / 4. ``8bit-state`` (``state_dtype="8bit"``, fp32 parameters and bf16 "stochastic"): a byte
+per moment and an fp32 scale per 256 elements (2.03 / 1.02 bytes) for tensors of 4096
+elements or more, fp32 moments for the smaller ones (norms and biases).
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def qhoptim_classes() -> dict[str, type]:
 
 #: the precision variants of the qhfast rows: (tag, parameter dtype, options). The tag names
 #: the parameter dtype, then for bf16 parameters the ``low_precision`` mode, then
-#: "+bf16-state" (or "bf16-state" for fp32 parameters) for ``state_dtype=torch.bfloat16``
+#: "+bf16-state" (or "bf16-state" for fp32 parameters) for ``state_dtype=torch.bfloat16``, or
+#: "8bit-state" for ``state_dtype="8bit"``
 PRECISION_VARIANTS: tuple[tuple[str, torch.dtype, dict], ...] = (
     ("fp32", torch.float32, {}),
     ("fp32 bf16-state", torch.float32, dict(state_dtype=torch.bfloat16)),
@@ -120,6 +123,9 @@ PRECISION_VARIANTS: tuple[tuple[str, torch.dtype, dict], ...] = (
     ("fp16 stochastic+bf16-state", torch.float16,
      dict(low_precision="stochastic", state_dtype=torch.bfloat16)),
     ("fp16 nearest", torch.float16, dict(low_precision="nearest")),
+    ("fp32 8bit-state", torch.float32, dict(state_dtype="8bit")),
+    ("bf16 stochastic+8bit-state", torch.bfloat16,
+     dict(low_precision="stochastic", state_dtype="8bit")),
 )
 #: variants with QHAdam rows only (QHM's state is one momentum buffer: fp32 with bf16 state
 #: says nothing the QHAdam row does not)

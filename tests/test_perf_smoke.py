@@ -49,6 +49,21 @@ PRECISION_BYTES = {
     "fp16 stochastic+bf16-state": ((4, 14), (2, 10)),
     "fp16 nearest": ((8, 22), (4, 14)),
 }
+#: 8-bit moments: the parameter's bytes and its passes (read and written: no master)
+EIGHT_BIT_VARIANTS = {"fp32 8bit-state": (4, 2), "bf16 stochastic+8bit-state": (2, 2)}
+
+
+def _eight_bit_bytes(shapes, tag):
+    """(state, moved) bytes per parameter of an 8-bit variant on ``shapes``, QHAdam and QHM:
+    a tensor of 4096 elements or more keeps each moment in a byte per element and an fp32
+    scale per (started) block of 256, a smaller one in fp32; moved is the gradient and the
+    parameter passes plus each state tensor read and written (0-d counters left out)."""
+    param_bytes, passes = EIGHT_BIT_VARIANTS[tag]
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    total = sum(sizes)
+    per_moment = sum(n + 4 * -(-n // 256) if n >= 4096 else 4 * n for n in sizes) / total
+    return tuple((moments * per_moment, param_bytes * (1 + passes) + 2 * moments * per_moment)
+                 for moments in (2, 1))
 
 
 def _perf_main():
@@ -164,7 +179,16 @@ def test_step_rows_cover_every_precision_mode_with_exact_bytes():
                 state, moved = nbytes
                 assert abs(result.state_bytes - state) < 0.01, name  # 0-d counters: a little more
                 assert result.traffic_bytes == moved, name
-    assert set(runner.results) >= {f"qhfast QHAdam {tag} foreach" for tag in PRECISION_BYTES}
+    shapes = step_bench.transformer_shapes(1, 64)
+    for tag in EIGHT_BIT_VARIANTS:
+        for optimizer, (state, moved) in zip(("QHAdam", "QHM"), _eight_bit_bytes(shapes, tag)):
+            for path in ("(default)", "per-tensor", "foreach", "fused"):
+                name = f"qhfast {optimizer} {tag} {path}"
+                result = runner.measure(rows[name])
+                assert abs(result.state_bytes - state) < 0.01, name
+                assert result.traffic_bytes == pytest.approx(moved, rel=1e-12), name
+    assert set(runner.results) >= {f"qhfast QHAdam {tag} foreach"
+                                   for tag in [*PRECISION_BYTES, *EIGHT_BIT_VARIANTS]}
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -284,7 +308,9 @@ def restore_qhfast_modules():
 
 def test_compare_runs_end_to_end(capsys, restore_qhfast_modules):
     import compare
+    import step_bench
 
+    compare_shapes = step_bench.transformer_shapes(0)  # --blocks 0
     assert compare.main(["--rev", "HEAD", "--blocks", "0", "--rounds", "1", "--steps", "2",
                          "--warmup", "0"]) == 0
     out = capsys.readouterr().out
@@ -294,8 +320,9 @@ def test_compare_runs_end_to_end(capsys, restore_qhfast_modules):
                          "--warmup", "0"]) == 0
     lines = {line.split(" median ")[0].strip(): line for line in capsys.readouterr().out.splitlines()
              if " median " in line}
-    for tag, ((state, moved), _) in PRECISION_BYTES.items():
-        assert f"state {state:5.2f} B/param   moved {moved:3d} B/param" in lines[f"qhfast {tag}"], tag
+    eight_bit = {tag: _eight_bit_bytes(compare_shapes, tag) for tag in EIGHT_BIT_VARIANTS}
+    for tag, ((state, moved), _) in [*PRECISION_BYTES.items(), *eight_bit.items()]:
+        assert f"state {state:5.2f} B/param   moved {moved:5.2f} B/param" in lines[f"qhfast {tag}"], tag
     assert "/ bf16 master 1.00" in lines["qhfast bf16 master"]
     assert {"torch Adam loop fp32", "torch Adam loop bf16"} <= set(lines)
 
