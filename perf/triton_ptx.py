@@ -25,10 +25,12 @@ from qhfast.kernels import triton_kernel as kernels  # noqa: E402
 
 SIGNATURE = {"table": "*i64", "chunks": "*i64", "n_chunks": "i32", "n": "i32", "lr": "*fp64",
              "nu1": "*fp64", "nu2": "*fp64", "eps": "*fp64", "weight_decay": "*fp64",
-             "grad_scale": "*fp32", "found_inf": "*fp32", "seeds": "*i64"}
+             "grad_scale": "*fp32", "found_inf": "*fp32", "seeds": "*i64",
+             "signed_values": "*fp32", "signed_binade": "*i32", "nonnegative_values": "*fp32",
+             "nonnegative_binade": "*i32"}
 BASE = dict(REAL64=False, PARAM=0, MODE=0, STATE=0, COUNTER64=False, DECAY=0, MAXIMIZE=False,
             HAS_SCALE=False, HAS_FOUND_INF=False, NEEDS_RANDOM=False, ALIGNED=True,
-            CHUNK=plans.CHUNK, BLOCK=plans.BLOCK)
+            CHUNK=plans.CHUNK, BLOCK=plans.BLOCK, SIGNED_LAST=37, NONNEGATIVE_LAST=56)
 VARIANTS = {
     "QHAdam fp32": {},
     "QHAdam bf16 stochastic+bf16-state, GradScaler": dict(
@@ -37,6 +39,8 @@ VARIANTS = {
     "QHAdam fp64, coupled decay": dict(REAL64=True, COUNTER64=True, DECAY=1),
     "QHAdam bf16 master": dict(PARAM=1, MODE=1),
     "QHAdam fp32, not aligned": dict(ALIGNED=False),
+    "QHAdam fp32 8bit-state": dict(STATE=2, NEEDS_RANDOM=True),
+    "QHAdam bf16 stochastic+8bit-state": dict(PARAM=1, MODE=3, STATE=2, NEEDS_RANDOM=True),
 }
 
 

@@ -212,10 +212,11 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
         if tensors is None:
             return None
         if backend == "triton":
-            kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"])
+            kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"],
+                                  _code_maps(tensors))
         else:
             kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"],
-                               _code_maps(tensors, params[0]))
+                               _code_maps(tensors))
             if kernel is None:
                 return None
         local = any(isinstance(p, _tensors.DTensor) for p in bucket)
@@ -236,11 +237,11 @@ def _by_state_dtype(buckets: Any, state_of: dict[int, dict[str, Any]],
     return split
 
 
-def _code_maps(tensors: dict[str, list], param: Tensor) -> tuple | None:
+def _code_maps(tensors: dict[str, list]) -> tuple | None:
     """The (signed, non-negative) code maps where the bucket's moments are 8-bit codes."""
     if tensors["firsts"][0].dtype != torch.uint8:
         return None
-    device = _tensors.local(param).device
+    device = tensors["params"][0].device
     return quantize.code_map(True, device), quantize.code_map(False, device)
 
 
@@ -282,8 +283,7 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         return None
     compute = torch.float32 if low else dtype
     buffer_dtype = tensors["firsts"][0].dtype
-    # 8-bit codes: the C kernel only, for now (the Triton kernel's groups are compiled)
-    eight_bit = buffer_dtype == torch.uint8 and backend == "cpu"
+    eight_bit = buffer_dtype == torch.uint8
     if buffer_dtype not in (compute, torch.bfloat16) and not eight_bit:
         return None
     if not eight_bit:

@@ -322,8 +322,7 @@ def _store_codes(state: dict[str, Any], key: str, value: Tensor, nonnegative: bo
         skip = found_inf != 0
         codes = torch.where(skip, state[key], codes)
         scales = torch.where(skip, state[scale_key], scales)
-    state[key].copy_(codes)
-    state[scale_key].copy_(scales)
+    torch._foreach_copy_([state[key], state[scale_key]], [codes, scales])
 
 
 # --------------------------------------------------------------------------------------------

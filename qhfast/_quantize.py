@@ -99,9 +99,9 @@ def _make_map(signed: bool, device: torch.device) -> CodeMap:
         values = magnitudes
     assert len(values) == 256
     table = [0.0] + [float(s) for s in steps] + [0.0]
-    return CodeMap(torch.tensor(values, dtype=torch.float32, device=device),
-                   torch.tensor(table, dtype=torch.float32, device=device),
-                   torch.tensor(first_code, dtype=torch.int32, device=device), len(steps))
+    return CodeMap(torch.as_tensor(values, dtype=torch.float32, device=device),
+                   torch.as_tensor(table, dtype=torch.float32, device=device),
+                   torch.as_tensor(first_code, dtype=torch.int32, device=device), len(steps))
 
 
 #: the code maps made so far, by (signed, device): made once per device (a step captured in a
@@ -131,8 +131,8 @@ def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool, dtype: torch.dt
     """The moment the codes and scales hold, in ``dtype``, shaped like ``codes``
     (``nonnegative``: a second moment's codes): code value × block scale, in fp32."""
     values = code_map(not nonnegative, codes.device).values
-    moment = _as_blocks(values[codes.long()]) * scales.unsqueeze(1)
-    return moment.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
+    moment = _as_blocks(torch.take(values, codes.long())) * scales.unsqueeze(1)
+    return moment.reshape(-1).narrow(0, 0, codes.numel()).view(codes.shape).to(dtype)
 
 
 def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
@@ -154,7 +154,7 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     mantissa = bits.bitwise_and(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)  # [1, 2)
     position = torch.where(index == code_map_.binades + 1,
                            magnitude * 2.0 ** code_map_.binades,
-                           (mantissa - 1) * code_map_.steps[index])
+                           (mantissa - 1) * torch.take(code_map_.steps, index))
     lower = position.floor()
     share = position - lower  # of the gap to the next code: exact
     if not stochastic:
@@ -163,9 +163,9 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
         up = torch.rand_like(share) < share
     else:
         up = _as_blocks(draws.float()) < share
-    codes = code_map_.first_code[index] + lower.int() + up.int()
+    codes = torch.take(code_map_.first_code, index) + lower.int() + up.int()
     codes = torch.where(magnitude.isnan(), 0, codes)
     if not nonnegative:
         codes = torch.where((values < 0) & (codes > 0), codes + 127, codes)
     codes = codes.to(torch.uint8)
-    return codes.reshape(-1)[: x.numel()].view(x.shape), scales
+    return codes.reshape(-1).narrow(0, 0, x.numel()).view(x.shape), scales

@@ -17,6 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qhfast
 
+@pytest.fixture(autouse=True)
+def fresh_code_maps(monkeypatch):
+    """8-bit state's code maps made afresh in each test: qhfast._quantize keeps them per
+    device, and a fake CUDA map belongs to the FakeTensorMode that made it."""
+    import qhfast._quantize
+
+    monkeypatch.setattr(qhfast._quantize, "_MAPS", {})
+
+
 _RANDOM_OPS = {"randint_like", "rand_like", "randn_like", "random_", "uniform_", "normal_",
                "bernoulli_", "exponential_"}
 
@@ -114,7 +123,7 @@ class _TritonLaunches:
     """Stands in for the Triton kernel module under fake tensors (which have no data to point
     to): each launch checks that every tensor it gets is on CUDA and records its name."""
 
-    ROWS = 9
+    ROWS = 11  # triton_kernel.ROWS: a row per role (kernels.triton.ROLES), sizes and offsets
 
     def __init__(self) -> None:
         self.launches: list[str] = []
@@ -156,7 +165,16 @@ MODES = {
                                                         state_dtype=torch.bfloat16)),
     "fp16_nearest": (torch.float16, dict(low_precision="nearest")),
     "complex64": (torch.complex64, {}),
+    "fp32_8bit_state": (torch.float32, dict(state_dtype="8bit")),
+    "bf16_stochastic_8bit_state": (torch.bfloat16, dict(low_precision="stochastic",
+                                                        state_dtype="8bit")),
 }
+
+
+def _numel(mode: str) -> int:
+    """Elements of the test's parameter: enough for 8-bit moments (4096) where the mode has
+    them."""
+    return 5000 if "8bit" in mode else 10
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["", "grad_scaler"])
@@ -177,11 +195,11 @@ def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode,
     dtype, mode_options = MODES[mode]
     options = {**options, **PATHS[path], **mode_options}
     with FakeTensorMode(), _DtypeCopies(), _HostReads():
-        p = torch.empty(10, device="cuda", dtype=dtype).requires_grad_()
+        p = torch.empty(_numel(mode), device="cuda", dtype=dtype).requires_grad_()
         optimizer = cls([p], **options)
         reads = []
         for _ in range(3):
-            p.grad = torch.empty(10, device="cuda", dtype=dtype)
+            p.grad = torch.empty(_numel(mode), device="cuda", dtype=dtype)
             if scaler:
                 optimizer.grad_scale = torch.full((1,), 2.0**10, device="cuda")
                 optimizer.found_inf = torch.full((1,), 0.0, device="cuda")
@@ -210,11 +228,11 @@ def test_a_step_inside_backward_keeps_to_its_device(name, mode):
     cls, options = OPTIMIZERS[name]
     dtype, mode_options = MODES[mode]
     with FakeTensorMode(), _DtypeCopies(), _HostReads():
-        p = torch.empty(10, device="cuda", dtype=dtype).requires_grad_()
+        p = torch.empty(_numel(mode), device="cuda", dtype=dtype).requires_grad_()
         optimizer = cls([p], **options, **mode_options)
         handle = qhfast.step_in_backward(optimizer)
         for _ in range(3):
-            p.grad = torch.empty(10, device="cuda", dtype=dtype)
+            p.grad = torch.empty(_numel(mode), device="cuda", dtype=dtype)
             with _HostReads() as stepping:
                 handle._step_param(p)
             assert all(device.type == "cpu" for device in stepping.reads)  # counters only

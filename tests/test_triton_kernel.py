@@ -126,6 +126,31 @@ def test_the_triton_kernel_equals_the_c_kernel_bit_for_bit(name, dtype, monkeypa
         _assert_bitwise(expected, actual)
 
 
+@pytest.mark.parametrize("name,dtype,options", [
+    ("QHAdam", torch.float32, {}),
+    ("QHAdamW", torch.bfloat16, dict(low_precision="stochastic")),
+    ("QHAdam", torch.float64, {}),
+    ("QHM", torch.float32, {}),
+    ("QHM", torch.float16, dict(low_precision="kahan")),
+], ids=["QHAdam-fp32", "QHAdamW-bf16-stochastic", "QHAdam-fp64", "QHM-fp32", "QHM-fp16-kahan"])
+def test_8bit_moments_equal_the_c_kernels_bit_for_bit(name, dtype, options, monkeypatch):
+    """state_dtype="8bit": codes, scales, params and the rest equal the C kernel's bit for
+    bit after 2 steps (the same draws: the same seeds and hash), with GradScaler's scale.
+    4400 elements (a partial last block) and 100 (fp32 moments, a bucket of its own); the
+    first case adds 33000 (two chunks: the second's scales start at its 128th block)."""
+    make = lambda p, **o: SETTINGS[name](p, state_dtype="8bit", **options, **o)  # noqa: E731
+    sizes = (4400, 33000, 100) if name == "QHAdam" and dtype == torch.float32 else (4400, 100)
+    run = dict(make=make, dtype=dtype, sizes=sizes, steps=2, scaled=True)
+    _use_triton(monkeypatch, False)
+    expected = _steps(**run)
+    _use_triton(monkeypatch, True)
+    actual = _steps(**run)
+    assert _backend(expected[1]) == "cpu" and _backend(actual[1]) == "triton"
+    key = "momentum_buffer" if name == "QHM" else "exp_avg"
+    assert actual[1].state[actual[0][0]][key].dtype == torch.uint8
+    _assert_bitwise(expected, actual)
+
+
 @pytest.mark.parametrize("name,options", [
     ("QHAdam", dict(weight_decay=0.1, maximize=True)),
     ("QHAdam", dict(nus=(0.0, 1.0), betas=(0.0, 0.5), eps=0.0)),  # lerp's other form, ν1 = 0
@@ -334,7 +359,8 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
     and the newest), with no multiply-add contracted into an FMA, correctly rounded division
     and square root (as the interpreter computes), and, where the launcher found the tensors
     16-byte aligned, 128-bit loads and stores in the full blocks (16-bit tensors included);
-    a GradScaler skip must not cost them (it once did: a per-lane found_inf mask)."""
+    a GradScaler skip must not cost them (it once did: a per-lane found_inf mask). 8-bit
+    moments compile too, with their fp32 parameter and gradient in vector accesses."""
     pytest.importorskip("triton.backends.nvidia")
     monkeypatch.delenv("TRITON_INTERPRET")  # the module loaded afresh: compilable functions
     spec = importlib.util.spec_from_file_location(
@@ -342,10 +368,12 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
     pointers = {"table": "*i64", "chunks": "*i64", "n_chunks": "i32", "n": "i32",
-                "grad_scale": "*fp32", "found_inf": "*fp32", "seeds": "*i64"}
+                "grad_scale": "*fp32", "found_inf": "*fp32", "seeds": "*i64",
+                "signed_values": "*fp32", "signed_binade": "*i32",
+                "nonnegative_values": "*fp32", "nonnegative_binade": "*i32"}
     flags = dict(REAL64=False, PARAM=0, MODE=0, STATE=0, DECAY=0, MAXIMIZE=False,
                  HAS_SCALE=True, HAS_FOUND_INF=True, NEEDS_RANDOM=False, ALIGNED=True,
-                 CHUNK=CHUNK, BLOCK=BLOCK)
+                 CHUNK=CHUNK, BLOCK=BLOCK, SIGNED_LAST=37, NONNEGATIVE_LAST=56)
     qhadam = {**pointers, **{k: "*fp64" for k in ("lr", "nu1", "nu2", "eps", "weight_decay")}}
     qhm = {**pointers, **{k: "*fp64" for k in ("lr", "momentum", "nu", "weight_decay")}}
     variants = [
@@ -353,6 +381,8 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
         (kernels.qhadam, qhadam, dict(flags, PARAM=1, MODE=3, STATE=1, NEEDS_RANDOM=True,
                                       COUNTER64=True), 1),
         (kernels.qhm, qhm, dict(flags, PARAM=2, MODE=2, DECAY=2, NEEDS_RANDOM=True), 2),
+        # 8-bit moments: (4, 256) blocks, the rows' scales reduced and the codes encoded
+        (kernels.qhadam, qhadam, dict(flags, STATE=2, NEEDS_RANDOM=True, COUNTER64=True), 2),
     ]
     for kernel, signature, constants, vectors in variants:
         ptx = _compile_for_sm90(kernel, signature, constants)

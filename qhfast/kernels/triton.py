@@ -30,8 +30,10 @@ __all__ = ["Plan", "available", "interpreting", "CHUNK", "BLOCK", "ROLES"]
 CHUNK = 32768
 BLOCK = 1024
 #: the tensors a plan takes, by role (``extras``: the fp32 master or the 16-bit compensation;
-#: ``weights1``/``weights2``: QHAdam's normalizers)
-ROLES = ("params", "grads", "firsts", "seconds", "extras", "weights1", "weights2")
+#: ``weights1``/``weights2``: QHAdam's normalizers; ``scales1``/``scales2``: the block scales
+#: of 8-bit moments)
+ROLES = ("params", "grads", "firsts", "seconds", "extras", "weights1", "weights2", "scales1",
+         "scales2")
 #: the modes of 16-bit parameters, as the kernel numbers them
 MODES = {"master": 1, "kahan": 2, "stochastic": 3, "nearest": 4}
 _PARAM_FORMATS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -63,10 +65,13 @@ class Plan:
     QHM has no second moment nor normalizers, fp32 parameters no extras), all contiguous, on
     one device, of one size per tensor (normalizers: one element). ``kind`` is ``"qhadam"`` or
     ``"qhm"``; ``mode`` the ``low_precision`` mode of 16-bit parameters (ignored otherwise).
-    The moments' dtype says whether they are bf16; the normalizers' whether they count in fp64.
+    The moments' dtype says whether they are bf16 or 8-bit codes (uint8: ``code_maps`` are the
+    signed and the non-negative ``_quantize.CodeMap``, on the device); the normalizers' whether
+    they count in fp64.
     """
 
-    def __init__(self, kind: str, tensors: dict[str, list[Tensor | None]], mode: str) -> None:
+    def __init__(self, kind: str, tensors: dict[str, list[Tensor | None]], mode: str,
+                 code_maps: tuple | None = None) -> None:
         self.kind = kind
         kernels = _kernel_module()
         params = tensors["params"]
@@ -97,8 +102,17 @@ class Plan:
             REAL64=param_dtype == torch.float64,
             PARAM=_PARAM_FORMATS[param_dtype],
             MODE=MODES[mode] if param_dtype in (torch.bfloat16, torch.float16) else 0,
-            STATE=int(moments.dtype == torch.bfloat16),
+            STATE={torch.bfloat16: 1, torch.uint8: 2}.get(moments.dtype, 0),
         )
+        #: the code maps' tables as the kernel reads them: values and binades (the steps' fp32
+        #: bits with the first code in the low 8 bits), signed then non-negative
+        self.maps = [self.table] * 4
+        self.map_lasts = dict(SIGNED_LAST=0, NONNEGATIVE_LAST=0)
+        if self.flags["STATE"] == 2:
+            self.maps = [table for m in code_maps
+                         for table in (m.values, m.steps.view(torch.int32) | m.first_code)]
+            self.map_lasts = dict(SIGNED_LAST=code_maps[0].binades + 1,
+                                  NONNEGATIVE_LAST=code_maps[1].binades + 1)
         self.needs_random = bool(self.flags["STATE"] or self.flags["MODE"] in (2, 3))
         #: the float hyperparameters' device copies, by name: [value, 0-d tensor]
         self.scalars: dict[str, list] = {}
@@ -142,7 +156,7 @@ class Plan:
         flags = dict(self.flags, DECAY=decay, MAXIMIZE=bool(maximize),
                      HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
                      NEEDS_RANDOM=self.needs_random, ALIGNED=self.aligned, CHUNK=CHUNK,
-                     BLOCK=BLOCK)
+                     BLOCK=BLOCK, **self.map_lasts)
         # (GradScaler's tensors live on its device: another GPU's are copied, as torch's fused
         # optimizers do)
         grad_scale = dummy if grad_scale is None else self._on_device("grad_scale", grad_scale)
@@ -159,11 +173,12 @@ class Plan:
                 kernels.qhadam[(self.n_chunks,)](
                     self.table, self.chunks, self.n_chunks, self.n, hyper["lr"], hyper["nu1"],
                     hyper["nu2"], hyper["eps"], hyper["weight_decay"], grad_scale, found, seeds,
-                    COUNTER64=self.counter64, **flags, **options)
+                    *self.maps, COUNTER64=self.counter64, **flags, **options)
         elif self.n_chunks:
             kernels.qhm[(self.n_chunks,)](
                 self.table, self.chunks, self.n_chunks, self.n, hyper["lr"], hyper["momentum"],
-                hyper["nu"], hyper["weight_decay"], grad_scale, found, seeds, **flags, **options)
+                hyper["nu"], hyper["weight_decay"], grad_scale, found, seeds, *self.maps,
+                **flags, **options)
 
 
 def triton_cdiv(a: int, b: int) -> int:

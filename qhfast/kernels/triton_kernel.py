@@ -17,8 +17,14 @@ and can be captured in a CUDA graph, and a changed tensor lr is seen at the next
 
 Constexpr flags pick the variant (one JIT each): ``REAL64`` (fp64 compute), ``PARAM`` (0: the
 compute dtype, 1: bf16, 2: fp16), ``MODE`` (0, or for 16-bit parameters 1 master, 2 kahan,
-3 stochastic, 4 nearest), ``STATE`` (1: bf16 moments), ``COUNTER64``, ``DECAY`` (0 none,
-1 coupled, 2 decoupled), ``MAXIMIZE``, ``HAS_SCALE``, ``HAS_FOUND_INF``.
+3 stochastic, 4 nearest), ``STATE`` (1: bf16 moments; 2: 8-bit codes with an fp32 scale per
+256 elements, the table's scale rows, decoded and encoded through the code maps passed as
+``maps``, ``qhfast/_quantize.py``), ``COUNTER64``, ``DECAY`` (0 none, 1 coupled,
+2 decoupled), ``MAXIMIZE``, ``HAS_SCALE``, ``HAS_FOUND_INF``.
+
+With 8-bit moments a loop pass is a (BLOCK / 256, 256) block, one row per scale, masked at a
+tensor's end: a row's new scale is the largest magnitude of its elements (NaN if one is),
+taken on their fp32 bits as the C kernel does.
 
 16-bit values are read and written as their bits (uint16) and converted in integer arithmetic
 (torch's round to nearest even and NaN; unbiased stochastic rounding), as the C kernel does:
@@ -32,9 +38,11 @@ import triton
 import triton.language as tl
 
 # table rows (constexpr: a jit function reads no other global)
-PARAMS, GRADS, FIRSTS, SECONDS, EXTRAS, WEIGHTS1, WEIGHTS2, SIZES, OFFSETS = map(tl.constexpr,
-                                                                                 range(9))
-ROWS = 9
+(PARAMS, GRADS, FIRSTS, SECONDS, EXTRAS, WEIGHTS1, WEIGHTS2, SCALES1, SCALES2, SIZES,
+ OFFSETS) = map(tl.constexpr, range(11))
+ROWS = 11
+#: elements per scale of 8-bit moments (qhfast/_quantize.py's BLOCK)
+QBLOCK = tl.constexpr(256)
 
 
 # ---- conversions ------------------------------------------------------------------------------
@@ -118,13 +126,21 @@ def _chunk_pointers(table, t, n, start, PARAM: tl.constexpr, MODE: tl.constexpr,
     values are read as their bits (uint16)."""
     real = tl.float64 if REAL64 else tl.float32
     value = tl.uint16 if PARAM != 0 else real
-    state = tl.uint16 if STATE == 1 else real
+    if STATE == 2:
+        state = tl.uint8
+    elif STATE == 1:
+        state = tl.uint16
+    else:
+        state = real
     extra = tl.float32 if MODE == 1 else tl.uint16
+    # 8-bit moments' scales, at the chunk's first block (a chunk starts on one)
     return (_base(table, PARAMS, t, n, start, value, ALIGNED),
             _base(table, GRADS, t, n, start, value, ALIGNED),
             _base(table, FIRSTS, t, n, start, state, ALIGNED),
             _base(table, SECONDS, t, n, start, state, ALIGNED),
-            _base(table, EXTRAS, t, n, start, extra, ALIGNED))
+            _base(table, EXTRAS, t, n, start, extra, ALIGNED),
+            _base(table, SCALES1, t, n, start // QBLOCK, tl.float32, False),
+            _base(table, SCALES2, t, n, start // QBLOCK, tl.float32, False))
 
 
 @triton.jit
@@ -138,12 +154,69 @@ def _load(pointer, index, mask, FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _store_state(pointer, index, mask, x, r, STATE: tl.constexpr):
-    """A moment written back: in the compute dtype, or bf16 with stochastic rounding."""
-    if STATE == 1:
+def _load_state(pointer, scales, values, index, mask, STATE: tl.constexpr):
+    """A block of moments in the compute dtype's terms: as stored (STATE 0), from bf16 bits
+    (1), or 8-bit codes decoded (2: the code's value times its row's scale, in fp32)."""
+    if STATE == 2:
+        codes = tl.load(pointer + index, mask=mask, other=0)
+        scale = tl.load(scales + index // QBLOCK, mask=mask, other=0.0)
+        return tl.load(values + codes.to(tl.int32)) * scale
+    else:
+        return _load(pointer, index, mask, STATE)
+
+
+@triton.jit
+def _store_state(pointer, scales, binade, index, mask, x, r, STATE: tl.constexpr,
+                 SIGNED: tl.constexpr, LAST: tl.constexpr):
+    """A moment written back: in the compute dtype, bf16 with stochastic rounding (r: the
+    low 16 bits), or 8-bit codes over each row's new scale (:func:`_encode`)."""
+    if STATE == 2:
+        _encode(pointer, scales, binade, index, mask, x.to(tl.float32), r, SIGNED, LAST)
+    elif STATE == 1:
         tl.store(pointer + index, _stochastic_bits(x.to(tl.float32), r, 1), mask=mask)
     else:
         tl.store(pointer + index, x, mask=mask)
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _encode(codes, scales, binade, index, mask, x, r, SIGNED: tl.constexpr,
+            LAST: tl.constexpr):
+    """A (rows, 256) block of fp32 moments as codes and one scale per row, the C kernel's
+    ``encode`` operation for operation (see ``_quantize.CodeMap``): up where the draw (the
+    low 16 bits of r, over 2^16) is below the share of the gap covered. ``binade``: the map's
+    steps' fp32 bits with the first code in the low 8 bits, by binade index (LAST + 1 of
+    them); below the smallest binade a value's position is y · 2^(LAST - 1), exact."""
+    x = tl.where(mask, x, 0.0)
+    # (core builtins and our own jit functions only: triton.language's jit-defined ones, such
+    # as tl.max, fail under an interpreter turned on after triton was imported)
+    magnitudes = tl.reshape(x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF,
+                            (x.shape[0] // QBLOCK, QBLOCK))
+    top = tl.reduce(magnitudes, 1, _larger)
+    scale = tl.reshape(tl.broadcast_to(tl.expand_dims(top.to(tl.float32, bitcast=True), 1),
+                                       magnitudes.shape), x.shape)
+    divisor = tl.where(scale > 0.0, scale, 1.0)
+    y = tl.abs(_divide(x, divisor))
+    bits = y.to(tl.uint32, bitcast=True)
+    at = 127 - (bits >> 23).to(tl.int32)
+    at = tl.minimum(tl.maximum(at, 0), LAST)
+    entry = tl.load(binade + at)
+    mantissa = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # in [1, 2)
+    steps = (entry & -256).to(tl.float32, bitcast=True)
+    below = tl.full((), (LAST - 1 + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+    position = tl.where(at == LAST, y * below, (mantissa - 1.0) * steps)
+    lower = tl.floor(position)
+    draw = (r & 0xFFFF).to(tl.float32) * 0.0000152587890625  # 2^-16
+    code = (entry & 0xFF) + lower.to(tl.int32) + (draw < position - lower).to(tl.int32)
+    code = tl.where(y != y, 0, code)
+    if SIGNED:
+        code = tl.where((x < 0.0) & (code > 0), code + 127, code)
+    tl.store(codes + index, code.to(tl.uint8), mask=mask)
+    tl.store(scales + index // QBLOCK, scale, mask=mask & (index % QBLOCK == 0))
 
 
 @triton.jit
@@ -257,13 +330,15 @@ def _program(table, chunks, n_chunks, n, found_inf, seeds, PARAM: tl.constexpr,
              MODE: tl.constexpr, STATE: tl.constexpr, REAL64: tl.constexpr,
              ALIGNED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr):
     """What both kernels start a program with: its chunk (:func:`_chunk`), the chunk's
-    pointers (:func:`_chunk_pointers`) and the step's two seeds."""
+    pointers (:func:`_chunk_pointers`: parameter, gradient, moments, extra, the moments'
+    scales) and the step's two seeds."""
     t, start, stop, first_element = _chunk(table, chunks, n_chunks, n, CHUNK, found_inf,
                                            HAS_FOUND_INF)
-    param, grad, first, second, extra = _chunk_pointers(table, t, n, start, PARAM, MODE, STATE,
-                                                        REAL64, ALIGNED)
+    param, grad, first, second, extra, scales1, scales2 = _chunk_pointers(
+        table, t, n, start, PARAM, MODE, STATE, REAL64, ALIGNED)
     seed, seed2 = _seeds(seeds)
-    return t, stop, first_element, param, grad, first, second, extra, seed, seed2
+    return (t, stop, first_element, param, grad, first, second, extra, scales1, scales2, seed,
+            seed2)
 
 
 @triton.jit
@@ -317,37 +392,42 @@ def advance_normalizers(table, n, beta1, beta2, found_inf, COUNTER64: tl.constex
 
 
 @triton.jit
-def _qhadam_block(param, grad, first, second, extra, index, mask, first_element, seed,
-                  seed2, f1, one_minus_f1, low_weight, f2, keep2, decay, coupled, factor,
-                  nu2_is_one, nu2, one_minus_nu2, m_scale, d_scale, first_term, both_terms, eps,
-                  PARAM: tl.constexpr, MODE: tl.constexpr, STATE: tl.constexpr,
-                  DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr):
+def _qhadam_block(param, grad, first, second, extra, scales1, scales2, signed_values,
+                  signed_binade, nonnegative_values, nonnegative_binade, index, mask,
+                  first_element, seed, seed2, f1, one_minus_f1, low_weight, f2, keep2, decay,
+                  coupled, factor, nu2_is_one, nu2, one_minus_nu2, m_scale, d_scale, first_term,
+                  both_terms, eps, PARAM: tl.constexpr, MODE: tl.constexpr, STATE: tl.constexpr,
+                  DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr, SIGNED_LAST: tl.constexpr,
+                  NONNEGATIVE_LAST: tl.constexpr):
     element, r, theta, d = _begin_block(param, grad, extra, index, mask, first_element, seed,
                                         decay, coupled, factor, PARAM, MODE, DECAY,
                                         NEEDS_RANDOM)
-    # (STATE is also the moments' format for _load: 0 the compute dtype, 1 bf16)
-    m = _lerp(_load(first, index, mask, STATE), d, f1, one_minus_f1, low_weight)
-    v = _load(second, index, mask, STATE) * keep2 + f2 * d * d
+    m = _load_state(first, scales1, signed_values, index, mask, STATE).to(theta.dtype)
+    m = _lerp(m, d, f1, one_minus_f1, low_weight)
+    v = _load_state(second, scales2, nonnegative_values, index, mask, STATE).to(theta.dtype)
+    v = v * keep2 + f2 * d * d
     den = tl.where(nu2_is_one, v, v * nu2 + one_minus_nu2 * d * d)
     den = _sqrt(den) + eps
     # one division: (m_scale·m + d_scale·d)/den, a term whose ν drops it left out
     step = tl.where(first_term, m_scale * m, d_scale * d)
     step = tl.where(both_terms, step + d_scale * d, step)
     theta = theta + _divide(step, den)
-    _store_state(first, index, mask, m, r, STATE)
-    _store_state(second, index, mask, v, r >> 16, STATE)
-    if STATE == 1 and NEEDS_RANDOM:  # a third rounding: independent bits
+    _store_state(first, scales1, signed_binade, index, mask, m, r, STATE, True, SIGNED_LAST)
+    _store_state(second, scales2, nonnegative_binade, index, mask, v, r >> 16, STATE, False,
+                 NONNEGATIVE_LAST)
+    if STATE != 0 and NEEDS_RANDOM:  # a third rounding: independent bits
         r = (element ^ seed2) * 0x9E3779B1
     _store_theta(param, extra, index, mask, theta, r, PARAM, MODE)
 
 
 @triton.jit
 def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_scale, found_inf,
-           seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
+           seeds, signed_values, signed_binade, nonnegative_values, nonnegative_binade,
+           REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
            STATE: tl.constexpr, COUNTER64: tl.constexpr, DECAY: tl.constexpr,
            MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
            NEEDS_RANDOM: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-           BLOCK: tl.constexpr):
+           BLOCK: tl.constexpr, SIGNED_LAST: tl.constexpr, NONNEGATIVE_LAST: tl.constexpr):
     """One chunk of QHAdam (the normalizers already advanced):
 
     d = g·factor (+ λθ, coupled);  θ ← (1 - αλ)θ first (decoupled)
@@ -355,11 +435,15 @@ def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_sca
     θ ← θ + ((-αν1)m + (-α(1 - ν1))d) / (sqrt(ν2 v + (1 - ν2)d²) + ε)
 
     Blocks of 16·k elements take unmasked-width (vector) accesses; the last few elements of
-    a tensor, if any, one masked block.
+    a tensor, if any, one masked block (8-bit moments: masked (rows, 256) blocks throughout).
+    ``signed_values`` to ``nonnegative_binade``: the code maps' tables (values and packed
+    binades, signed then non-negative; any tensor where STATE is not 2), SIGNED_LAST and
+    NONNEGATIVE_LAST their last binade indices (binades + 1).
     """
-    t, stop, first_element, param, grad, first, second, extra, seed, seed2 = _program(
-        table, chunks, n_chunks, n, found_inf, seeds, PARAM, MODE, STATE, REAL64, ALIGNED,
-        HAS_FOUND_INF, CHUNK)
+    t, stop, first_element, param, grad, first, second, extra, scales1, scales2, seed, seed2 = (
+        _program(table, chunks, n_chunks, n, found_inf, seeds, PARAM, MODE, STATE, REAL64,
+                 ALIGNED, HAS_FOUND_INF, CHUNK))
+
     real = tl.float64 if REAL64 else tl.float32
 
     # the per-tensor and per-call scalars, computed in fp64 and rounded once (as the C kernel)
@@ -380,47 +464,64 @@ def qhadam(table, chunks, n_chunks, n, lr, nu1, nu2, eps, weight_decay, grad_sca
                (1.0 - nu2_).to(real), (-lr_ * nu1_).to(real), (-lr_ * (1.0 - nu1_)).to(real),
                nu1_ != 0.0, (nu1_ != 0.0) & (nu1_ != 1.0), _hyper(eps).to(real))
 
+    tensors = (param, grad, first, second, extra, scales1, scales2, signed_values,
+               signed_binade, nonnegative_values, nonnegative_binade)
     full = stop // 16 * 16
-    for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
-        if lo < full:
+    if STATE == 2:  # whole (rows, 256) blocks: a tensor's last block masked at its end
+        for lo in range(0, CHUNK, BLOCK):
             index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
-            _qhadam_block(param, grad, first, second, extra, index, index < full,
-                          first_element, seed, seed2, *scalars, PARAM, MODE, STATE, DECAY,
-                          NEEDS_RANDOM)
-    if full < stop:
-        index = full + tl.arange(0, BLOCK)
-        _qhadam_block(param, grad, first, second, extra, index, index < stop,
-                      first_element, seed, seed2, *scalars, PARAM, MODE, STATE, DECAY,
-                      NEEDS_RANDOM)
+            if lo + BLOCK <= full:
+                _qhadam_block(*tensors, index, index < full, first_element, seed, seed2,
+                              *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM,
+                              SIGNED_LAST, NONNEGATIVE_LAST)
+            elif lo < stop:
+                _qhadam_block(*tensors, index, index < stop, first_element, seed, seed2,
+                              *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM,
+                              SIGNED_LAST, NONNEGATIVE_LAST)
+    else:
+        for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
+            if lo < full:
+                index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
+                _qhadam_block(*tensors, index, index < full, first_element, seed, seed2,
+                              *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM,
+                              SIGNED_LAST, NONNEGATIVE_LAST)
+        if full < stop:
+            index = full + tl.arange(0, BLOCK)
+            _qhadam_block(*tensors, index, index < stop, first_element, seed, seed2, *scalars,
+                          PARAM, MODE, STATE, DECAY, NEEDS_RANDOM, SIGNED_LAST, NONNEGATIVE_LAST)
 
 
 @triton.jit
-def _qhm_block(param, grad, buffer, extra, index, mask, first_element, seed, weight,
-               one_minus_weight, low_weight, decay, coupled, factor, b_scale, d_scale,
-               first_term, grad_term, PARAM: tl.constexpr, MODE: tl.constexpr,
-               STATE: tl.constexpr, DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr):
+def _qhm_block(param, grad, buffer, extra, scales, values, binade, index, mask, first_element,
+               seed, weight, one_minus_weight, low_weight, decay, coupled, factor, b_scale,
+               d_scale, first_term, grad_term, PARAM: tl.constexpr, MODE: tl.constexpr,
+               STATE: tl.constexpr, DECAY: tl.constexpr, NEEDS_RANDOM: tl.constexpr,
+               LAST: tl.constexpr):
     element, r, theta, d = _begin_block(param, grad, extra, index, mask, first_element, seed,
                                         decay, coupled, factor, PARAM, MODE, DECAY,
                                         NEEDS_RANDOM)
-    b = _lerp(_load(buffer, index, mask, STATE), d, weight, one_minus_weight, low_weight)
+    b = _load_state(buffer, scales, values, index, mask, STATE).to(theta.dtype)
+    b = _lerp(b, d, weight, one_minus_weight, low_weight)
     theta = tl.where(first_term, theta + b_scale * b, theta)
     theta = tl.where(grad_term, theta + d_scale * d, theta)
-    _store_state(buffer, index, mask, b, r, STATE)
+    _store_state(buffer, scales, binade, index, mask, b, r, STATE, True, LAST)
     _store_theta(param, extra, index, mask, theta, r, PARAM, MODE)
 
 
 @triton.jit
 def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, found_inf,
-        seeds, REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
+        seeds, signed_values, signed_binade, nonnegative_values, nonnegative_binade,
+        REAL64: tl.constexpr, PARAM: tl.constexpr, MODE: tl.constexpr,
         STATE: tl.constexpr, DECAY: tl.constexpr, MAXIMIZE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, NEEDS_RANDOM: tl.constexpr,
-        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        SIGNED_LAST: tl.constexpr, NONNEGATIVE_LAST: tl.constexpr):
     """One chunk of QHM:
 
     d = g·factor (+ λθ, "grad" decay);  θ ← (1 - αλ)θ first ("direct" decay)
     b ← lerp(b, d, 1 - β);  θ ← θ + (-αν)b + (-α(1 - ν))d
     """
-    t, stop, first_element, param, grad, buffer, _, extra, seed, _ = _program(
+    t, stop, first_element, param, grad, buffer, _, extra, scales, _, seed, _ = _program(
         table, chunks, n_chunks, n, found_inf, seeds, PARAM, MODE, STATE, REAL64, ALIGNED,
         HAS_FOUND_INF, CHUNK)
     real = tl.float64 if REAL64 else tl.float32
@@ -433,13 +534,24 @@ def qhm(table, chunks, n_chunks, n, lr, momentum, nu, weight_decay, grad_scale, 
                wd.to(real), _factor(grad_scale, MAXIMIZE, HAS_SCALE).to(real),
                (-lr_ * nu_).to(real), (-lr_ * (1.0 - nu_)).to(real), nu_ != 0.0, nu_ != 1.0)
 
+    tensors = (param, grad, buffer, extra, scales, signed_values, signed_binade)
     full = stop // 16 * 16
-    for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
-        if lo < full:
+    if STATE == 2:  # whole (rows, 256) blocks: a tensor's last block masked at its end
+        for lo in range(0, CHUNK, BLOCK):
             index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
-            _qhm_block(param, grad, buffer, extra, index, index < full, first_element, seed,
-                       *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM)
-    if full < stop:
-        index = full + tl.arange(0, BLOCK)
-        _qhm_block(param, grad, buffer, extra, index, index < stop, first_element, seed,
-                   *scalars, PARAM, MODE, STATE, DECAY, NEEDS_RANDOM)
+            if lo + BLOCK <= full:
+                _qhm_block(*tensors, index, index < full, first_element, seed, *scalars,
+                           PARAM, MODE, STATE, DECAY, NEEDS_RANDOM, SIGNED_LAST)
+            elif lo < stop:
+                _qhm_block(*tensors, index, index < stop, first_element, seed, *scalars,
+                           PARAM, MODE, STATE, DECAY, NEEDS_RANDOM, SIGNED_LAST)
+    else:
+        for lo in range(0, CHUNK, BLOCK):  # (constant bounds: older interpreters need them)
+            if lo < full:
+                index = tl.multiple_of(lo, BLOCK) + tl.arange(0, BLOCK)
+                _qhm_block(*tensors, index, index < full, first_element, seed, *scalars,
+                           PARAM, MODE, STATE, DECAY, NEEDS_RANDOM, SIGNED_LAST)
+        if full < stop:
+            index = full + tl.arange(0, BLOCK)
+            _qhm_block(*tensors, index, index < stop, first_element, seed, *scalars, PARAM,
+                       MODE, STATE, DECAY, NEEDS_RANDOM, SIGNED_LAST)
