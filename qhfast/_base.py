@@ -259,15 +259,15 @@ class QHOptimizer(Optimizer):
       also for fp32 parameters, written with stochastic rounding so they neither freeze nor
       drift; ``"8bit"`` stores those of tensors of 4096 elements or more as 8-bit codes with an
       fp32 scale per block of 256, also written with stochastic rounding (see
-      ``qhfast._quantize``; not for DTensor or complex parameters yet). The arithmetic stays in
-      the compute dtype.
+      ``qhfast._quantize``; a complex parameter's as codes of its real and imaginary parts;
+      not for DTensor parameters yet). The arithmetic stays in the compute dtype.
     * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
       ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
 
     Complex parameters (complex64, complex128) are optimized as torch.optim optimizes them: the
     update runs on ``torch.view_as_real`` views (real and imaginary parts as independent
     coordinates, so QHAdam's second moment is per part), and their moments are stored complex,
-    shaped like the parameter.
+    shaped like the parameter (8-bit codes: shaped like its real view, a code per part).
     """
 
     #: per-parameter moments, stored in ``state_dtype``
@@ -439,10 +439,11 @@ class QHOptimizer(Optimizer):
                 "(FSDP2, tensor parallel): 8-bit state does not shard yet; use None or "
                 "torch.bfloat16"
             )
-        if p.is_complex() and group["state_dtype"] is not None:
+        if p.is_complex() and group["state_dtype"] is not None and not isinstance(
+                group["state_dtype"], str):
             raise ValueError(
                 f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
-                "(state_dtype must be None: a complex parameter's state is complex like it)"
+                "(state_dtype must be None or \"8bit\": torch has no complex bf16)"
             )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -642,13 +643,16 @@ class QHOptimizer(Optimizer):
         precision.init_precision_state(state, p, group["low_precision"])
         for key in self._counter_keys:
             state[key] = self._new_counter(p, group)
-        like = torch.zeros_like(p, dtype=precision.buffer_dtype(p, group),
-                                memory_format=torch.preserve_format)
+        dtype = precision.buffer_dtype(p, group)
+        if dtype == torch.uint8 and p.is_complex():  # codes of the real view's parts
+            like = torch.zeros(precision.buffer_shape(p, dtype), dtype=dtype, device=p.device)
+        else:
+            like = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         self._init_param_state(state, like, group)
         for key in self._buffer_keys:
             if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales
                 state[key + quantize.SCALE_SUFFIX] = torch.zeros(
-                    quantize.blocks(p.numel()), dtype=torch.float32, device=p.device)
+                    quantize.blocks(state[key].numel()), dtype=torch.float32, device=p.device)
 
     def _reconcile_precision(self, index: int, group: dict[str, Any]) -> None:
         """Convert the state of ``group``'s (``param_groups[index]``) params to its
@@ -800,11 +804,13 @@ def _view_as_real(
     """A chunk of complex tensors as ``torch.view_as_real`` views (a trailing dimension of 2:
     the real and imaginary parts), as torch.optim updates complex parameters: every rule is
     elementwise, so it runs on the parts unchanged and writes through the views. The moments
-    (``keys``) are viewed in copies of the state dicts; counters stay as they are."""
+    (``keys``) are viewed in copies of the state dicts (8-bit codes are stored as the parts'
+    already); counters stay as they are."""
     return (
         [torch.view_as_real(p) for p in params],
         [torch.view_as_real(g) for g in grads],
-        [{**s, **{k: torch.view_as_real(s[k]) for k in keys}} for s in states],
+        [{**s, **{k: torch.view_as_real(s[k]) for k in keys if s[k].is_complex()}}
+         for s in states],
     )
 
 

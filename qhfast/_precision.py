@@ -53,6 +53,7 @@ __all__ = [
     "COMPENSATION_KEY",
     "compute_dtype",
     "buffer_dtype",
+    "buffer_shape",
     "resolve_low_precision",
     "check_precision_options",
     "upgrade_group",
@@ -90,15 +91,26 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def buffer_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
-    """The dtype the moments of ``p`` are stored in under ``group``'s ``state_dtype``: a
-    complex parameter's are complex like it, as torch.optim stores them; ``"8bit"`` codes are
-    ``uint8`` (for tensors of ``quantize.MIN_ELEMENTS`` or more, else the compute dtype)."""
+    """The dtype the moments of ``p`` are stored in under ``group``'s ``state_dtype``: ``"8bit"``
+    codes are ``uint8`` (for tensors of ``quantize.MIN_ELEMENTS`` or more; smaller ones keep
+    what None keeps); a complex parameter's are otherwise complex like it, as torch.optim
+    stores them."""
+    state = group["state_dtype"]
+    if isinstance(state, str) and quantize.quantizes(p):
+        return torch.uint8
     if p.dtype.is_complex:
         return p.dtype
-    state = group["state_dtype"]
     if isinstance(state, str):
-        return torch.uint8 if quantize.quantizes(p) else compute_dtype(p)
+        return compute_dtype(p)
     return state or compute_dtype(p)
+
+
+def buffer_shape(p: Tensor, dtype: torch.dtype) -> torch.Size:
+    """The shape of a moment of ``p`` stored in ``dtype``: ``p``'s, or for 8-bit codes of a
+    complex parameter its real view's (a code per real and imaginary part)."""
+    if dtype == torch.uint8 and p.is_complex():
+        return torch.Size((*p.shape, 2))
+    return p.shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,11 +376,17 @@ def reconcile_state(
 
 
 def _convert_buffer(state: dict[str, Any], key: str, dtype: torch.dtype, nonnegative: bool) -> None:
+    """(Complex moments are coded as their real views, and made from them.)"""
     scale_key = key + quantize.SCALE_SUFFIX
     value = state[key]
     if value.dtype == torch.uint8:
-        value = quantize.dequantize(value, state.pop(scale_key), nonnegative, torch.float32)
+        real = _REAL_PARTS.get(dtype, torch.float32)  # a complex moment's: its parts' dtype
+        value = quantize.dequantize(value, state.pop(scale_key), nonnegative, real)
+    elif value.is_complex():
+        value = torch.view_as_real(value)
     if dtype == torch.uint8:
         state[key], state[scale_key] = quantize.quantize(value, nonnegative, stochastic=False)
+    elif dtype.is_complex:
+        state[key] = torch.view_as_complex(value.to(_REAL_PARTS[dtype]).contiguous())
     else:
         state[key] = value.to(dtype)

@@ -50,8 +50,10 @@ SCALE_SUFFIX = "_scale"
 
 
 def quantizes(p: Tensor) -> bool:
-    """Whether ``state_dtype="8bit"`` stores the moments of ``p`` as codes."""
-    return p.numel() >= MIN_ELEMENTS
+    """Whether ``state_dtype="8bit"`` stores the moments of ``p`` as codes: whether they hold
+    :data:`MIN_ELEMENTS` or more real numbers (a complex element is two: its moments are
+    coded as the real view's parts)."""
+    return p.numel() * (2 if p.is_complex() else 1) >= MIN_ELEMENTS
 
 
 def blocks(numel: int) -> int:

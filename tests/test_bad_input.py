@@ -89,7 +89,7 @@ class TestConstructorErrors(expecttest.TestCase):
             _message(make(torch.zeros(3, dtype=torch.complex32, requires_grad=True)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.complex32"""
         )
         self.assertExpectedInline(
-            _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 for a torch.complex64 parameter (state_dtype must be None: a complex parameter's state is complex like it)"""
+            _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 for a torch.complex64 parameter (state_dtype must be None or "8bit": torch has no complex bf16)"""
         )
 
 
