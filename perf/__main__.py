@@ -216,7 +216,7 @@ def step_table(results: dict[str, step_bench.Measurement], numel: int) -> list[s
         share = f"{gbps[name] / gbps[twin]:.2f}" if twin in gbps and twin != name else "-"
         lines.append(
             f"| {name} | {median * 1e3:.2f} | {q1 * 1e3:.2f}-{q3 * 1e3:.2f} | {median / default_adam:.2f} "
-            f"| {median / fused_adam:.2f} | {median / floor:.2f} | {r.traffic_bytes:.0f} "
+            f"| {median / fused_adam:.2f} | {median / floor:.2f} | {r.traffic_bytes:.4g} "
             f"| {gbps[name]:.1f} | {share} | {r.state_bytes:.2f} | {temp} |"
         )
     return lines

@@ -49,11 +49,12 @@ import torch.nn.functional as F
 import qhfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_bench import PRECISION_VARIANTS  # noqa: E402
+from step_bench import PRECISION_VARIANTS, peer_8bit_classes  # noqa: E402
 
 #: the precision variants with a quality row, by their step_bench tag
 QUALITY_VARIANTS = ("fp32", "bf16 master", "bf16 kahan", "bf16 kahan+bf16-state",
-                    "bf16 stochastic+bf16-state", "bf16 nearest")
+                    "bf16 stochastic+bf16-state", "bf16 nearest", "fp32 8bit-state",
+                    "bf16 stochastic+8bit-state")
 #: the row the last column compares with
 BASELINE = "qhfast QHAdamW fp32"
 
@@ -83,6 +84,10 @@ def configurations(task: Task) -> list[tuple[str, torch.dtype, Make]]:
     for tag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rows.append((f"torch AdamW {tag}", dtype, lambda p: torch.optim.AdamW(
             p, lr=task.lr, weight_decay=task.weight_decay)))
+    for name, cls in peer_8bit_classes().items():  # where installed (the step table names
+        if cls is not None:                           # the missing ones)
+            rows.append((f"{name} fp32", torch.float32, lambda p, c=cls: c(
+                p, lr=task.lr, weight_decay=task.weight_decay)))
     return rows
 
 

@@ -77,12 +77,14 @@ def make_params(shapes, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
 class Row:
     name: str
     dtype: torch.dtype
-    #: None: the package the row needs is not installed (the table says so)
+    #: None: the package the row needs is not installed (the table says so: ``missing``)
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None
     #: built once and reused across rounds (compiled or captured: a one-off cost)
     once: bool = False
     #: capture the step in a CUDA graph and time its replay
     graph: bool = False
+    #: what the table says where ``make`` is None
+    missing: str = ""
 
 
 QHM_SETTINGS = dict(lr=1.0, momentum=0.999, nu=0.7)
@@ -92,6 +94,39 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # torch's rows
 
 #: what a row whose package is missing says in the table
 MISSING = "not installed: pip install -e \".[perf]\""
+
+
+#: the peers' 8-bit AdamW: row name -> the package that has it (neither is a dependency)
+PEER_8BIT = {"bitsandbytes AdamW8bit": "bitsandbytes", "torchao AdamW8bit": "torchao"}
+
+
+def peer_8bit_classes() -> dict[str, type | None]:
+    """The 8-bit AdamW classes of :data:`PEER_8BIT`, None where the package is missing."""
+    classes: dict[str, type | None] = dict.fromkeys(PEER_8BIT)
+    try:
+        import bitsandbytes
+
+        classes["bitsandbytes AdamW8bit"] = bitsandbytes.optim.AdamW8bit
+    except ImportError:
+        pass
+    try:
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:  # torchao before 0.11
+            from torchao.prototype.low_bit_optim import AdamW8bit
+        classes["torchao AdamW8bit"] = AdamW8bit
+    except ImportError:
+        pass
+    return classes
+
+
+def peer_8bit_rows() -> list[Row]:
+    """A row per peer 8-bit AdamW (fp32 parameters, weight decay 0.01), whose table entry says
+    how to install it where it is missing."""
+    return [Row(f"{name} fp32", torch.float32,
+                None if cls is None else (lambda p, c=cls: c(p, lr=1e-3, weight_decay=0.01)),
+                missing=f"not installed: pip install {PEER_8BIT[name]}")
+            for name, cls in peer_8bit_classes().items()]
 
 
 def qhoptim_classes() -> dict[str, type]:
@@ -246,6 +281,7 @@ def rows(device: str, fused: bool = True, every_fused: bool = False, full: bool 
     for name, settings in (("QHM", QHM_SETTINGS), ("QHAdam", QHADAM_SETTINGS)):
         table.append(Row(f"qhoptim 1.1.0 {name} fp32", torch.float32,
                          (lambda p, c=oracle[name], k=settings: c(p, **k)) if oracle else None))
+    table += peer_8bit_rows()
     if not full:
         table = [row for row in table if row.name in QUICK_ROWS]
     return table
@@ -415,7 +451,7 @@ class Runner:
     def measure(self, row: Row) -> Measurement:
         result = self.results.setdefault(row.name, Measurement())
         if row.make is None:
-            result.missing = MISSING
+            result.missing = row.missing or MISSING
             return result
         streams = self.streams.measure()
         for name, value in streams.items():

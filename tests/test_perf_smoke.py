@@ -111,7 +111,7 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     assert rows["torch Adam fp32 fused"][3] == "1.00"
     assert float(rows["qhfast QHAdam fp32 foreach"][4]) > 0  # a floor ratio was computed
     assert "qhoptim 1.1.0 QHAdam fp32" in rows
-    quality_rows = _quality_rows(done.stdout)  # two tasks of 8 rows
+    quality_rows = _quality_rows(done.stdout)  # two tasks of 10 rows
     assert [cells[0] for cells in quality_rows] == [name for name, _, _ in
                                                     quality.configurations(quality.MLP)] * 2
     assert [cells[4] for cells in quality_rows if cells[0] == quality.BASELINE] == ["+0.00%"] * 2
@@ -138,13 +138,16 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
 
 
 def test_a_row_whose_package_is_missing_says_so(monkeypatch):
-    """Without qhoptim the qhoptim rows stay in the table, saying how to install it."""
+    """Without qhoptim the qhoptim rows stay in the table, saying how to install it; so do
+    the rows of bitsandbytes' and torchao's 8-bit AdamW in the full table (neither is
+    installed here)."""
     import step_bench
 
     main_module = _perf_main()
     monkeypatch.setattr(step_bench, "qhoptim_classes", lambda: {})
-    rows = [row for row in step_bench.rows("cpu", full=False) if row.name.startswith(
-        ("qhoptim", "torch Adam fp32"))]
+    assert set(step_bench.peer_8bit_classes().values()) == {None}
+    rows = [row for row in step_bench.rows("cpu", full=True) if row.name.startswith(
+        ("qhoptim", "torch Adam fp32", "bitsandbytes", "torchao"))]
     runner = step_bench.Runner(step_bench.transformer_shapes(0, 16), "cpu", steps=1, warmup=0)
     runner.streams = step_bench.StreamBandwidth("cpu", megabytes=1)
     for row in rows:
@@ -152,6 +155,8 @@ def test_a_row_whose_package_is_missing_says_so(monkeypatch):
     table = "\n".join(main_module.step_table(runner.results, 100))
     assert f"| qhoptim 1.1.0 QHAdam fp32 | {step_bench.MISSING} |" in table
     assert f"| qhoptim 1.1.0 QHM fp32 | {step_bench.MISSING} |" in table
+    assert "| bitsandbytes AdamW8bit fp32 | not installed: pip install bitsandbytes |" in table
+    assert "| torchao AdamW8bit fp32 | not installed: pip install torchao |" in table
 
 
 def test_step_rows_cover_every_precision_mode_with_exact_bytes():
@@ -234,9 +239,10 @@ def test_quality_runs_end_to_end(capsys, tmp_path):
     table = capsys.readouterr().out
     rows = _quality_rows(table)
     names = [cells[0] for cells in rows]
-    assert len(rows) == 16 and names[:8] == names[8:]
+    assert len(rows) == 20 and names[:10] == names[10:]
     for mode in ("fp32", "bf16 master", "bf16 kahan", "bf16 kahan+bf16-state",
-                 "bf16 stochastic+bf16-state", "bf16 nearest"):
+                 "bf16 stochastic+bf16-state", "bf16 nearest", "fp32 8bit-state",
+                 "bf16 stochastic+8bit-state"):
         assert f"qhfast QHAdamW {mode}" in names
     assert {"torch AdamW fp32", "torch AdamW bf16"} <= set(names)
     for cells in rows:
@@ -244,7 +250,7 @@ def test_quality_runs_end_to_end(capsys, tmp_path):
         assert held_out > 0 and versus.endswith("%") and versus[0] in "+-"
     assert quality.main(["--task", "lm", "--steps", "2"]) == 0
     table = capsys.readouterr().out
-    assert "Task `lm`" in table and "Task `mlp`" not in table and len(_quality_rows(table)) == 8
+    assert "Task `lm`" in table and "Task `mlp`" not in table and len(_quality_rows(table)) == 10
 
 
 def test_the_quality_tasks_bf16_linear_computes_as_a_bf16_gemm():
