@@ -14,12 +14,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import qhfast._quantize as quantize  # noqa: E402
 from qhfast.kernels import triton as plans  # noqa: E402
 from qhfast.kernels import triton_kernel as kernels  # noqa: E402
 
@@ -30,7 +32,9 @@ SIGNATURE = {"table": "*i64", "chunks": "*i64", "n_chunks": "i32", "n": "i32", "
              "nonnegative_binade": "*i32"}
 BASE = dict(REAL64=False, PARAM=0, MODE=0, STATE=0, COUNTER64=False, DECAY=0, MAXIMIZE=False,
             HAS_SCALE=False, HAS_FOUND_INF=False, NEEDS_RANDOM=False, ALIGNED=True,
-            CHUNK=plans.CHUNK, BLOCK=plans.BLOCK, SIGNED_LAST=37, NONNEGATIVE_LAST=56)
+            CHUNK=plans.CHUNK, BLOCK=plans.BLOCK,
+            SIGNED_LAST=quantize.code_map(True, torch.device("cpu")).binades + 1,
+            NONNEGATIVE_LAST=quantize.code_map(False, torch.device("cpu")).binades + 1)
 VARIANTS = {
     "QHAdam fp32": {},
     "QHAdam bf16 stochastic+bf16-state, GradScaler": dict(

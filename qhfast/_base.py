@@ -303,7 +303,7 @@ class QHOptimizer(Optimizer):
         differentiable: bool,
         fused: bool | None,
         low_precision: str = "master",
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
         check_flag(foreach, "foreach", allow_none=True)

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "CodeMap", "quantizes", "blocks", "code_map",
            "quantize", "dequantize"]
@@ -113,10 +114,16 @@ _MAPS: dict[tuple[bool, torch.device], CodeMap] = {}
 
 def code_map(signed: bool, device: torch.device) -> CodeMap:
     """The signed (first moment, QHM's buffer) or non-negative (second moment) map, its tensors
-    on ``device``."""
+    on ``device``. Maps made under a FakeTensorMode (a memory estimate, a trace) are neither
+    kept nor taken from the cache: fake tensors belong to their mode."""
     found = _MAPS.get((signed, device))
-    if found is None:
-        found = _MAPS[(signed, device)] = _make_map(signed, device)
+    if torch.compiler.is_compiling():  # dynamo's fake tensors: maps made here stay in the graph
+        return found if found is not None else _make_map(signed, device)
+    faking = torch._guards.detect_fake_mode() is not None
+    if found is None or is_fake(found.values) != faking:
+        found = _make_map(signed, device)
+        if not faking:
+            _MAPS[(signed, device)] = found
     return found
 
 
@@ -144,9 +151,15 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     codes (in magnitude, for a signed map), at random with the probability that makes the
     result unbiased (``stochastic``: up where a uniform draw in [0, 1) is below the share of
     the gap covered; ``draws``, shaped like ``x``, else ``torch.rand``), else to the nearer (a
-    tie up). ``nonnegative``: a second moment. NaN values code as 0 (their block's scale is
-    NaN, so the whole block reads back NaN)."""
+    tie up). ``nonnegative``: a second moment. NaN values code as 0 and their block's scale is
+    NaN, so the whole block reads back NaN; so does a block with an infinite value (its scale
+    is infinite, its other values code as 0, and 0·∞ is NaN): one overflowing moment loses
+    its block of 256 where fp32 state would lose that element alone (a GradScaler-skipped
+    step writes none)."""
     code_map_ = code_map(not nonnegative, x.device)
+    if draws is not None and draws.shape != x.shape:
+        raise ValueError(f"draws must be shaped like x ({tuple(x.shape)}), got "
+                         f"{tuple(draws.shape)}")
     values = _as_blocks(x.float())
     scales = values.abs().amax(dim=1)
     divisor = torch.where(scales > 0, scales, 1.0).unsqueeze(1)

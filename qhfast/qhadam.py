@@ -257,7 +257,7 @@ class QHAdam(QHOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         low_precision: str = "master",
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
         defaults = dict(

@@ -127,7 +127,7 @@ class QHM(QHOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         low_precision: str = "master",
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
         # lr, momentum and nu may instead come in every param group (torch.optim's `required`):

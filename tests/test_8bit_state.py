@@ -248,6 +248,22 @@ def test_complex_parameters_code_their_parts_and_track_the_complex_state_run(nam
     assert codes.dtype == torch.uint8 and torch.equal(codes, state[key])  # nearest: the same
 
 
+def test_a_step_under_fake_tensors_leaves_real_steps_working(monkeypatch):
+    """A step run under FakeTensorMode (as memory-estimation tools run one) keeps no fake
+    code maps for the real steps that follow (they would fail on them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(quantize, "_MAPS", {})
+    with FakeTensorMode():
+        fake = torch.zeros(5000, requires_grad=True)
+        fake.grad = torch.ones(5000)
+        qhfast.QHAdam([fake], state_dtype="8bit", foreach=True).step()
+    for foreach in (True, None):
+        (p,), optimizer = _run(lambda p: qhfast.QHAdam(p, state_dtype="8bit", foreach=foreach), 2,
+                               _random_grad)
+        assert optimizer.state[p]["exp_avg"].dtype == torch.uint8 and p.isfinite().all()
+
+
 def _kernel_draws(offset, numel, seed, shift):
     """The C kernel's uniform draws for the 8-bit writes of a tensor whose elements start at
     ``offset`` over its call: 16 bits (from bit ``shift``: 0 for the first moment or QHM's
@@ -266,8 +282,10 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     """One C kernel step on 8-bit moments against the C kernel's step on the same moments
     dequantized into fp32 state (the arithmetic, tested elsewhere) and quantize() of its new
     moments with the kernel's draws: codes and scales equal, and the parameters (and masters)
-    equal bit for bit. Two quantized tensors share the call (the second's elements start at
-    12000, a partial last block each) and a small one (fp32 moments) gets its own call."""
+    equal bit for bit. Three quantized tensors share the call (the second's elements start at
+    12000, a partial last block each; the third's 70000 take 5 chunks, on OpenMP's threads,
+    and its gradient has a NaN and an infinity: their blocks' scales are NaN and infinite)
+    and a small one (fp32 moments) gets its own call."""
     from qhfast.kernels import cpu
 
     seed = 0x9ABCDEF012345678
@@ -275,7 +293,7 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     make = {"QHAdam": lambda p, **o: qhfast.QHAdam(p, lr=1e-2, nus=(0.7, 0.9), weight_decay=0.1,
                                                    **o),
             "QHM": lambda p, **o: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, **o)}[name]
-    shapes = [SHAPE, (5000,), (100,)]
+    shapes = [SHAPE, (5000,), (70000,), (100,)]
     params = [_param(dtype, shape, seed=k) for k, shape in enumerate(shapes)]
     _, eight_bit = _run(lambda p: make(p, state_dtype="8bit", low_precision=mode), 3,
                         _random_grad, params=params)
@@ -285,24 +303,31 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     for p, q in zip(params, copies):
         p.grad = _random_grad(5, p).to(dtype)
         q.grad = p.grad.clone()
+    params[2].grad[1000], params[2].grad[40000] = float("nan"), float("inf")
+    copies[2].grad.copy_(params[2].grad)
     eight_bit.step()
     reference.step()
     keys = {"QHAdam": [("exp_avg", False, 0), ("exp_avg_sq", True, 16)],
             "QHM": [("momentum_buffer", False, 0)]}[name]
+    exactly = dict(rtol=0, atol=0, equal_nan=True)  # NaN where the NaN and infinity went
     offset = 0
-    for p, q in zip(params[:2], copies):
-        assert torch.equal(p, q)
+    for p, q in zip(params[:3], copies):
+        torch.testing.assert_close(p, q, **exactly)
         if dtype != torch.float32:
-            assert torch.equal(eight_bit.state[p]["master_param"] if mode == "master" else p,
-                               reference.state[q]["master_param"] if mode == "master" else q)
+            torch.testing.assert_close(
+                eight_bit.state[p]["master_param"] if mode == "master" else p,
+                reference.state[q]["master_param"] if mode == "master" else q, **exactly)
         for key, nonnegative, shift in keys:
             codes, scales = quantize.quantize(
                 reference.state[q][key], nonnegative,
                 draws=_kernel_draws(offset, p.numel(), seed, shift).view(p.shape))
             assert torch.equal(eight_bit.state[p][key], codes), key
-            assert torch.equal(eight_bit.state[p][key + "_scale"], scales), key
+            torch.testing.assert_close(eight_bit.state[p][key + "_scale"], scales, **exactly)
         offset += p.numel()
-    assert eight_bit.state[params[2]][keys[0][0]].dtype == torch.float32
+    assert eight_bit.state[params[3]][keys[0][0]].dtype == torch.float32
+    scales = eight_bit.state[params[2]][keys[0][0] + "_scale"]
+    assert scales.isnan().nonzero().view(-1).tolist() == [1000 // 256]
+    assert scales.isinf().nonzero().view(-1).tolist() == [40000 // 256]
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -17,15 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qhfast
 
-@pytest.fixture(autouse=True)
-def fresh_code_maps(monkeypatch):
-    """8-bit state's code maps made afresh in each test: qhfast._quantize keeps them per
-    device, and a fake CUDA map belongs to the FakeTensorMode that made it."""
-    import qhfast._quantize
-
-    monkeypatch.setattr(qhfast._quantize, "_MAPS", {})
-
-
 _RANDOM_OPS = {"randint_like", "rand_like", "randn_like", "random_", "uniform_", "normal_",
                "bernoulli_", "exponential_"}
 

@@ -20,6 +20,7 @@ import torch
 
 import qhfast
 import qhfast._fused
+import qhfast._quantize as quantize
 from helpers import Problem, max_relative_error
 
 triton = pytest.importorskip("triton")
@@ -312,6 +313,18 @@ def test_complex_params_run_on_their_real_views(dtype, monkeypatch):
     _assert_bitwise(expected, actual)
 
 
+def test_the_switch_needs_the_interpreter(monkeypatch):
+    """QHFAST_TRITON_ON_CPU=1 without TRITON_INTERPRET=1 leaves fused=True CPU groups on the C
+    kernel (compiled Triton cannot take CPU tensors); with both, the Triton kernel."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    (p,), optimizer = _steps(SETTINGS["QHAdam"], torch.float32, (100,), steps=1)
+    assert _backend(optimizer) == "cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert _backend(optimizer) == "triton"
+
+
 def test_state_dict_moves_between_triton_the_c_kernel_and_foreach(monkeypatch):
     """A checkpoint of the Triton path resumes on the C kernel (bit for bit the Triton
     continuation) and on the foreach path (1e-12, float64); capturable=True (its counters in
@@ -341,6 +354,11 @@ def test_state_dict_moves_between_triton_the_c_kernel_and_foreach(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(finals["triton"], finals["cpu"]))
     assert max_relative_error(finals["foreach"], finals["triton"]) < 1e-12
     assert max_relative_error(finals["foreach"], finals["capturable"]) < 1e-12
+
+
+def _last_index(signed: bool) -> int:
+    """A code map's last binade index, as the launcher passes it."""
+    return quantize.code_map(signed, torch.device("cpu")).binades + 1
 
 
 def _compile_for_sm90(kernel, signature: dict, constants: dict) -> str:
@@ -375,7 +393,8 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
                 "nonnegative_values": "*fp32", "nonnegative_binade": "*i32"}
     flags = dict(REAL64=False, PARAM=0, MODE=0, STATE=0, DECAY=0, MAXIMIZE=False,
                  HAS_SCALE=True, HAS_FOUND_INF=True, NEEDS_RANDOM=False, ALIGNED=True,
-                 CHUNK=CHUNK, BLOCK=BLOCK, SIGNED_LAST=37, NONNEGATIVE_LAST=56)
+                 CHUNK=CHUNK, BLOCK=BLOCK, SIGNED_LAST=_last_index(True),
+                 NONNEGATIVE_LAST=_last_index(False))
     qhadam = {**pointers, **{k: "*fp64" for k in ("lr", "nu1", "nu2", "eps", "weight_decay")}}
     qhm = {**pointers, **{k: "*fp64" for k in ("lr", "momentum", "nu", "weight_decay")}}
     variants = [
