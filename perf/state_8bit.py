@@ -4,6 +4,8 @@ C kernel and of the eager path on them, interleaved.
 
     OMP_NUM_THREADS=1 python perf/state_8bit.py            # quality (about 3 minutes) and time
     python perf/state_8bit.py --time-only [--large]
+    OMP_NUM_THREADS=1 python perf/state_8bit.py --spread 5  # the LM task on the C kernel, 5
+                                                             # realizations of its random draws
 """
 
 from __future__ import annotations
@@ -92,13 +94,50 @@ def time_rows(rounds: int = 5, tensors: int = 8, numel: int = 1 << 20) -> list[s
     return table
 
 
+def spread_rows(realizations: int) -> list[str]:
+    """The LM task's held-out loss with 8-bit moments on the default path (the C kernel)
+    against fp32 moments, once per realization of the kernel's random draws (its seeds
+    XOR-ed with a multiple of the golden ratio): how much the stochastic writes alone move
+    the result, everything else the same."""
+    from qhfast.kernels import cpu
+
+    task = quality.LM
+    qh = dict(lr=task.lr, betas=(0.995, 0.999), nus=(0.7, 1.0), weight_decay=task.weight_decay)
+    _, base = task.train(lambda p: qhfast.QHAdamW(p, **qh), torch.float32, task.steps)
+    rows = ["| LM, 8-bit moments | " + " | ".join(f"draws {k}" for k in range(realizations))
+            + " | mean |", "|---|" + "---:|" * (realizations + 1)]
+    original = cpu._draw_seeds
+    try:
+        for label, dtype, options in (
+                ("fp32 params", torch.float32, dict(state_dtype="8bit")),
+                ("bf16 params, stochastic", torch.bfloat16,
+                 dict(state_dtype="8bit", low_precision="stochastic"))):
+            changes = []
+            for k in range(realizations):
+                salt = (0x9E3779B97F4A7C15 * k) & ((1 << 64) - 1)
+                cpu._draw_seeds = lambda salt=salt: original() ^ salt
+                _, held = task.train(lambda p: qhfast.QHAdamW(p, **qh, **options), dtype,
+                                     task.steps)
+                changes.append((held / base - 1) * 100)
+            rows.append(f"| {label} | " + " | ".join(f"{c:+.2f}%" for c in changes)
+                        + f" | {sum(changes) / len(changes):+.2f}% |")
+    finally:
+        cpu._draw_seeds = original
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-only", action="store_true")
+    parser.add_argument("--spread", type=int, default=0, metavar="N",
+                        help="only the LM task on the C kernel, N realizations of its draws")
     parser.add_argument("--large", action="store_true",
                         help="time 8 tensors of 8M parameters (the bytes issue's 64M) not 8 of 1M")
     args = parser.parse_args()
     placement = fix_malloc_placement()
+    if args.spread:
+        print("\n".join(spread_rows(args.spread)))
+        return
     if not args.time_only:
         print("\n".join(quality_rows()) + "\n")
     print("\n".join(time_rows(numel=(8 if args.large else 1) << 20)))
