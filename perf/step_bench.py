@@ -169,9 +169,12 @@ QHADAM_ONLY = ("fp32 bf16-state",)
 #: the variants with CUDA graph rows (on a GPU): the default and the two leanest
 GRAPHED_VARIANTS = ("fp32", "bf16 master", "bf16 kahan+bf16-state", "bf16 stochastic+bf16-state")
 
-#: the CUDA fused rows compiled unless ``every_fused`` (on a GPU each compiles with inductor
-#: for about a minute; on the CPU the fused step is qhfast's C kernel, built in a second)
-DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16 master", "QHAdam bf16 nearest")
+#: the CUDA fused rows measured unless ``every_fused`` (on a GPU each is the Triton kernel,
+#: compiled per variant in seconds, or where it does not serve the group, inductor's compile
+#: of the step, about a minute; on the CPU the fused step is qhfast's C kernel, built in a
+#: second): the defaults, and the leanest with 8-bit moments
+DEFAULT_FUSED = ("QHM fp32", "QHAdam fp32", "QHAdam bf16 master", "QHAdam bf16 nearest",
+                 "QHAdam fp32 8bit-state", "QHAdam bf16 stochastic+8bit-state")
 
 #: the rows of the quick table (``python -m perf`` with no flags): what a user choosing an
 #: optimizer asks first, qhfast's default and fused paths against torch's and qhoptim
