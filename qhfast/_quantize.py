@@ -29,6 +29,11 @@ the expectation exact (:math:`\mathbb{E}[q[c]] = x / s_b`), so a moving average 
 0.1% a step neither freezes nor drifts; the random numbers come from the default generator of
 the tensors' device. A one-off conversion (a checkpoint loaded into 8-bit state) rounds to
 nearest.
+
+The C and Triton kernels decode and encode with the same operations (:class:`CodeMap`), their
+uniform numbers the 16-bit halves of a hash of each element and seeds drawn from that
+generator: given those numbers as ``draws``, :func:`quantize` writes the kernels' codes.
+A complex parameter's moments are coded as its real view's parts.
 """
 
 from __future__ import annotations
