@@ -644,10 +644,9 @@ class QHOptimizer(Optimizer):
         for key in self._counter_keys:
             state[key] = self._new_counter(p, group)
         dtype = precision.buffer_dtype(p, group)
-        if dtype == torch.uint8 and p.is_complex():  # codes of the real view's parts
-            like = torch.zeros(precision.buffer_shape(p, dtype), dtype=dtype, device=p.device)
-        else:
-            like = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        # 8-bit codes of a complex parameter: one per part of its real view
+        shaped_like = torch.view_as_real(p) if dtype == torch.uint8 and p.is_complex() else p
+        like = torch.zeros_like(shaped_like, dtype=dtype, memory_format=torch.preserve_format)
         self._init_param_state(state, like, group)
         for key in self._buffer_keys:
             if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales

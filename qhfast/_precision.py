@@ -53,7 +53,6 @@ __all__ = [
     "COMPENSATION_KEY",
     "compute_dtype",
     "buffer_dtype",
-    "buffer_shape",
     "resolve_low_precision",
     "check_precision_options",
     "upgrade_group",
@@ -103,14 +102,6 @@ def buffer_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     if isinstance(state, str):
         return compute_dtype(p)
     return state or compute_dtype(p)
-
-
-def buffer_shape(p: Tensor, dtype: torch.dtype) -> torch.Size:
-    """The shape of a moment of ``p`` stored in ``dtype``: ``p``'s, or for 8-bit codes of a
-    complex parameter its real view's (a code per real and imaginary part)."""
-    if dtype == torch.uint8 and p.is_complex():
-        return torch.Size((*p.shape, 2))
-    return p.shape
 
 
 # --------------------------------------------------------------------------------------------
