@@ -60,7 +60,7 @@ def time_rows(rounds: int = 5, tensors: int = 8, numel: int = 1 << 20) -> list[s
     moments on the C kernel (the default) and 8-bit moments on the eager foreach path, each
     the best of ``rounds`` steps, interleaved; glibc's mmap threshold fixed (as ``perf``)."""
     def make(cls, state, **options):
-        params = [torch.randn(numel, requires_grad=True) for _ in range(tensors)]
+        params = [torch.randn(numel // 1024, 1024, requires_grad=True) for _ in range(tensors)]
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer = cls(params, state_dtype=state, **options)

@@ -21,8 +21,8 @@ where the moments are stored in bf16 (``state_dtype=torch.bfloat16``); fp16 para
 the same modes. State per bf16 (or fp16) parameter element, QHAdam / QHM: master 12 / 8 bytes,
 kahan 10 / 6, kahan+bf16-state 6 / 4, stochastic 8 / 4, stochastic+bf16-state 4 / 2, nearest
 8 / 4. ``8bit-state`` (``state_dtype="8bit"``, fp32 parameters and bf16 "stochastic"): a byte
-per moment and an fp32 scale per 256 elements (2.03 / 1.02 bytes) for tensors of 4096
-elements or more, fp32 moments for the smaller ones (norms and biases).
+per moment and an fp32 scale per 256 elements (2.03 / 1.02 bytes) for tensors of two or more
+dimensions and 4096 elements or more, fp32 moments for the rest (norms and biases).
 """
 
 from __future__ import annotations

@@ -257,10 +257,11 @@ class QHOptimizer(Optimizer):
     * ``state_dtype`` (None, ``torch.bfloat16`` or ``"8bit"``): None stores the moments in the
       compute dtype (fp32 for bf16/fp16 parameters); ``torch.bfloat16`` stores them in bf16,
       also for fp32 parameters, written with stochastic rounding so they neither freeze nor
-      drift; ``"8bit"`` stores those of tensors of 4096 elements or more as 8-bit codes with an
-      fp32 scale per block of 256, also written with stochastic rounding (see
-      ``qhfast._quantize``; a complex parameter's as codes of its real and imaginary parts;
-      not for DTensor parameters yet). The arithmetic stays in the compute dtype.
+      drift; ``"8bit"`` stores those of tensors of two or more dimensions and 4096 elements or
+      more as 8-bit codes with an fp32 scale per block of 256, also written with stochastic
+      rounding (see ``qhfast._quantize``; a complex parameter's as codes of its real and
+      imaginary parts; a DTensor parameter's sharded like it, which needs it sharded along
+      dim 0 only, with rows of whole blocks). The arithmetic stays in the compute dtype.
     * ``master_weights`` (bool or None): qhfast 0.1.0's flag, kept working: True is
       ``low_precision="master"``, False is ``"nearest"``; a contradiction raises ValueError.
 
@@ -433,11 +434,12 @@ class QHOptimizer(Optimizer):
                 f"fused step for ({', '.join(FUSED_DEVICES)}), got a parameter on "
                 f"{p.device.type}; use fused=None (the default) or foreach"
             )
-        if isinstance(p, DTensor) and isinstance(group["state_dtype"], str):
+        problem = quantize.sharding_problem(p) if isinstance(group["state_dtype"], str) else None
+        if problem:
             raise ValueError(
                 f"Invalid state_dtype value: {group['state_dtype']!r} for a DTensor parameter "
-                "(FSDP2, tensor parallel): 8-bit state does not shard yet; use None or "
-                "torch.bfloat16"
+                f"of shape {tuple(p.shape)}: {problem}. Put it in a param group of its own with "
+                "state_dtype=None or torch.bfloat16"
             )
         if p.is_complex() and group["state_dtype"] is not None and not isinstance(
                 group["state_dtype"], str):
@@ -650,8 +652,7 @@ class QHOptimizer(Optimizer):
         self._init_param_state(state, like, group)
         for key in self._buffer_keys:
             if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales
-                state[key + quantize.SCALE_SUFFIX] = torch.zeros(
-                    quantize.blocks(state[key].numel()), dtype=torch.float32, device=p.device)
+                state[key + quantize.SCALE_SUFFIX] = quantize.new_scales(state[key])
 
     def _reconcile_precision(self, index: int, group: dict[str, Any]) -> None:
         """Convert the state of ``group``'s (``param_groups[index]``) params to its
@@ -697,6 +698,7 @@ class QHOptimizer(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
+            self._check_saved_shapes(saved_id, p, saved)
             if isinstance(p, DTensor) and any(
                 isinstance(v, Tensor) and v.dim() > 0 and not isinstance(v, DTensor)
                 for v in saved.values()
@@ -719,6 +721,31 @@ class QHOptimizer(Optimizer):
             self.state[p] = {k: self._restore_value(p, k, v, group) for k, v in saved.items()}
         for index, group in enumerate(self.param_groups):
             self._reconcile_precision(index, group)
+
+    def _check_saved_shapes(self, saved_id: Any, p: Tensor, saved: dict[str, Any]) -> None:
+        """Raise ValueError unless each saved moment is shaped like ``p`` (8-bit codes: like its
+        real view if complex) and 8-bit codes come with a scale per block: a checkpoint of
+        another model would otherwise broadcast or fail deep inside a step."""
+        for key in self._buffer_keys:
+            value = saved.get(key)
+            if not isinstance(value, Tensor):
+                continue
+            codes = value.dtype == torch.uint8
+            shape = quantize.codes_shape(p) if codes else tuple(p.shape)
+            problem = None
+            if tuple(value.shape) != shape:
+                problem = f"is shaped {tuple(value.shape)}, the parameter's needs {shape}"
+            elif codes:
+                scales = saved.get(key + quantize.SCALE_SUFFIX)
+                blocks = quantize.blocks(value.numel())
+                if not isinstance(scales, Tensor) or scales.numel() != blocks:
+                    found = scales.numel() if isinstance(scales, Tensor) else "none"
+                    problem = (f"holds 8-bit codes with {found} scales in "
+                               f"{key + quantize.SCALE_SUFFIX!r}, not {blocks} (one per block)")
+            if problem:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {key!r} of parameter {saved_id} "
+                    f"{problem}; is the checkpoint this model's?")
 
     def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
         """A saved state entry on ``p``'s device, its own copy; dtypes are then set by

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from . import _quantize as quantize
+from ._tensors import DTensor, shard_like
 
 __all__ = [
     "LOW_PRECISION_DTYPES",
@@ -348,7 +349,11 @@ def reconcile_state(
     """
     for key in keys:
         if key in state and state[key].dtype != dtype:
-            _convert_buffer(state, key, dtype, key in nonnegative)
+            _convert_buffer(state, key, p, dtype, key in nonnegative)
+        scale_key = key + quantize.SCALE_SUFFIX
+        if scale_key in state and not isinstance(state[scale_key], DTensor):
+            # scales saved flat (before they were shaped by rows): the same numbers
+            state[scale_key] = state[scale_key].reshape(quantize.scale_shape(state[key].shape))
     master = state.pop(MASTER_KEY, None)
     compensation = state.pop(COMPENSATION_KEY, None)
     if p.dtype not in LOW_PRECISION_DTYPES:
@@ -366,10 +371,21 @@ def reconcile_state(
         state[COMPENSATION_KEY] = (value - param).to(p.dtype)
 
 
-def _convert_buffer(state: dict[str, Any], key: str, dtype: torch.dtype, nonnegative: bool) -> None:
-    """(Complex moments are coded as their real views, and made from them.)"""
+def _convert_buffer(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtype,
+                    nonnegative: bool) -> None:
+    """(Complex moments are coded as their real views, and made from them; a DTensor's
+    shards are converted each on its own, and the results sharded like ``p``.)"""
     scale_key = key + quantize.SCALE_SUFFIX
     value = state[key]
+    if isinstance(value, DTensor):
+        shards = {k: v.to_local() for k, v in state.items() if k in (key, scale_key)}
+        _convert_buffer(shards, key, p.to_local(), dtype, nonnegative)
+        shape = quantize.codes_shape(p) if dtype == torch.uint8 else tuple(p.shape)
+        state[key] = shard_like(shards[key], p, shape)
+        state.pop(scale_key, None)
+        if dtype == torch.uint8:
+            state[scale_key] = shard_like(shards[scale_key], p, quantize.scale_shape(shape))
+        return
     if value.dtype == torch.uint8:
         real = _REAL_PARTS.get(dtype, torch.float32)  # a complex moment's: its parts' dtype
         value = quantize.dequantize(value, state.pop(scale_key), nonnegative, real)

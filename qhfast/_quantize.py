@@ -1,10 +1,18 @@
 r"""8-bit moments (``state_dtype="8bit"``): blockwise codes through a non-linear code map.
 
-A moment tensor of at least :data:`MIN_ELEMENTS` elements is stored as one ``uint8`` code per
-element (a tensor shaped like the parameter) and one fp32 scale per block of :data:`BLOCK`
-consecutive elements (``state[key + "_scale"]``, the block's largest magnitude): element
-:math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller tensors keep the compute
-dtype (their bytes do not matter; bitsandbytes does the same).
+A moment of a parameter of two or more dimensions and at least :data:`MIN_ELEMENTS` elements
+is stored as one ``uint8`` code per element (a tensor shaped like the parameter) and one fp32
+scale per block of :data:`BLOCK` consecutive elements (``state[key + "_scale"]``, the block's
+largest magnitude): element :math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller
+tensors keep the compute dtype (their bytes do not matter; bitsandbytes does the same), and
+so do 1-D ones (biases, norm weights: a small share of a model, which FSDP2 would cut at
+offsets that are not whole blocks).
+
+Where each row (an index of dim 0) is whole blocks, the scales are shaped (rows, blocks per
+row) (:func:`scale_shape`), so a tensor split along dim 0 splits its scales alike: an FSDP2
+shard quantizes its own blocks, and its codes and scales are DTensors sharded like the
+parameter, which torch.distributed.checkpoint saves and reshards (:func:`sharding_problem`
+says which layouts cannot).
 
 The code maps are "dynamic": floating-point-like, normalized to a top value of exactly 1 (a
 block's largest element is stored exactly), with the most steps per binade just below the
@@ -38,14 +46,18 @@ A complex parameter's moments are coded as its real view's parts.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "CodeMap", "quantizes", "blocks", "code_map",
-           "quantize", "dequantize"]
+from ._tensors import DTensor, shard_like
+
+__all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "CodeMap", "quantizes", "blocks",
+           "scale_shape", "codes_shape", "sharding_problem", "new_scales", "code_map", "quantize", "dequantize"]
 
 #: elements per block (one fp32 scale each)
 BLOCK = 256
@@ -56,14 +68,61 @@ SCALE_SUFFIX = "_scale"
 
 
 def quantizes(p: Tensor) -> bool:
-    """Whether ``state_dtype="8bit"`` stores the moments of ``p`` as codes: whether they hold
-    :data:`MIN_ELEMENTS` or more real numbers (a complex element is two: its moments are
-    coded as the real view's parts)."""
-    return p.numel() * (2 if p.is_complex() else 1) >= MIN_ELEMENTS
+    """Whether ``state_dtype="8bit"`` stores the moments of ``p`` as codes: whether ``p`` has
+    two or more dimensions and its moments hold :data:`MIN_ELEMENTS` or more real numbers (a
+    complex element is two: its moments are coded as the real view's parts)."""
+    return p.dim() >= 2 and p.numel() * (2 if p.is_complex() else 1) >= MIN_ELEMENTS
 
 
 def blocks(numel: int) -> int:
     return -(-numel // BLOCK)
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the scales of codes shaped ``shape``: (rows, blocks per row) where each
+    row (an index of dim 0) is whole blocks, so that splitting the codes along dim 0 splits
+    the scales alike; else (blocks,). The blocks are the same either way: the scales are in
+    the codes' (row-major) order."""
+    row = math.prod(shape[1:])
+    if len(shape) >= 2 and row % BLOCK == 0:
+        return (shape[0], row // BLOCK)
+    return (blocks(math.prod(shape)),)
+
+
+def codes_shape(p: Tensor) -> tuple[int, ...]:
+    """The shape of the codes of ``p``'s moments: its own, or its real view's if complex."""
+    return (*p.shape, 2) if p.is_complex() else tuple(p.shape)
+
+
+def sharding_problem(p: Tensor) -> str | None:
+    """Why the 8-bit moments of DTensor parameter ``p`` cannot be sharded like it (None where
+    they can): each shard must hold whole blocks of the full tensor, so that the shards' codes
+    and scales are those of the full tensor, cut. That needs ``p`` replicated, or sharded
+    along dim 0 only (FSDP2's default; data-parallel replicas may be added) with each of its
+    rows whole blocks of :data:`BLOCK`."""
+    if not isinstance(p, DTensor) or not quantizes(p):
+        return None
+    dims = [placement.dim for placement in p.placements if hasattr(placement, "dim")]
+    if not dims:  # replicated: every rank holds the whole tensor
+        return None
+    if any(dim != 0 for dim in dims):
+        return (f"it is sharded along dim {max(dims)} ({p.placements}): its shards would cut "
+                "the quantization blocks, which only a split along dim 0 keeps whole")
+    if len(scale_shape(codes_shape(p))) != 2:
+        row = math.prod(codes_shape(p)[1:])
+        return (f"its rows are {row} numbers (shape {tuple(p.shape)}), not a multiple of "
+                f"{BLOCK}: a split along dim 0 would cut the quantization blocks")
+    return None
+
+
+def new_scales(codes: Tensor) -> Tensor:
+    """Zero scales for ``codes`` (fp32, :func:`scale_shape`): for DTensor codes a DTensor
+    sharded like them, each shard the scales of its own codes."""
+    if not isinstance(codes, DTensor):
+        return torch.zeros(scale_shape(codes.shape), dtype=torch.float32, device=codes.device)
+    local = torch.zeros(scale_shape(codes.to_local().shape), dtype=torch.float32,
+                        device=codes.device)
+    return shard_like(local, codes, scale_shape(codes.shape))
 
 
 #: steps per binade, from the top: 127 magnitudes (signed) and 255 values (non-negative)
@@ -145,14 +204,14 @@ def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool, dtype: torch.dt
     """The moment the codes and scales hold, in ``dtype``, shaped like ``codes``
     (``nonnegative``: a second moment's codes): code value × block scale, in fp32."""
     values = code_map(not nonnegative, codes.device).values
-    moment = _as_blocks(torch.take(values, codes.long())) * scales.unsqueeze(1)
+    moment = _as_blocks(torch.take(values, codes.long())) * scales.reshape(-1, 1)
     return moment.reshape(-1).narrow(0, 0, codes.numel()).view(codes.shape).to(dtype)
 
 
 def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
              draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales, each the block's
-    largest magnitude). Each value over its scale is rounded to one of its two neighbouring
+    """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales shaped by
+    :func:`scale_shape`, each the block's largest magnitude). Each value over its scale is rounded to one of its two neighbouring
     codes (in magnitude, for a signed map), at random with the probability that makes the
     result unbiased (``stochastic``: up where a uniform draw in [0, 1) is below the share of
     the gap covered; ``draws``, shaped like ``x``, else ``torch.rand``), else to the nearer (a
@@ -188,4 +247,5 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     if not nonnegative:
         codes = torch.where((values < 0) & (codes > 0), codes + 127, codes)
     codes = codes.to(torch.uint8)
-    return codes.reshape(-1).narrow(0, 0, x.numel()).view(x.shape), scales
+    return (codes.reshape(-1).narrow(0, 0, x.numel()).view(x.shape),
+            scales.view(scale_shape(x.shape)))

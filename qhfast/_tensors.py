@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AmpArgs", "DTensor", "Partial", "local", "buckets"]
+__all__ = ["AmpArgs", "DTensor", "Partial", "local", "shard_like", "buckets"]
 
 
 class AmpArgs(NamedTuple):
@@ -34,6 +34,19 @@ def local(t: Tensor) -> Tensor:
     The update runs on local shards: elementwise rules need no communication, and this sidesteps
     DTensor's gaps (no sharding rule for ``_foreach_copy_``, no mixed Tensor/DTensor lists)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(local_shard: Tensor, like: Tensor, shape: Sequence[int]) -> Tensor:
+    """``local_shard`` as this rank's shard of a DTensor of global ``shape`` (contiguous), on
+    ``like``'s mesh with its placements; ``local_shard`` itself where ``like`` is no DTensor.
+    The caller makes the shards line up: no communication checks them."""
+    if not isinstance(like, DTensor):
+        return local_shard
+    strides = [1] * len(shape)
+    for d in reversed(range(len(shape) - 1)):
+        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
+    return DTensor.from_local(local_shard, like.device_mesh, like.placements, run_check=False,
+                              shape=torch.Size(shape), stride=tuple(strides))
 
 
 def buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:

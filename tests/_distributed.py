@@ -52,26 +52,44 @@ def batch(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tenso
     return x[rows], y[rows]
 
 
+def make_wide_model() -> torch.nn.Module:
+    """For 8-bit moments: a (33, 512) weight (16896 elements in rows of two blocks of 256; 33
+    rows, an uneven FSDP2 split of 17 and 16) whose moments are 8-bit, and a bias and a small
+    layer whose moments stay fp32."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(512, 33), torch.nn.Tanh(), torch.nn.Linear(33, 2))
+
+
+def wide_batch(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_wide_model's batch: as batch(), 512 features."""
+    gen = torch.Generator().manual_seed(200 + step)
+    x, y = torch.randn(16, 512, generator=gen), torch.randn(16, 2, generator=gen)
+    if rank is None:
+        return x, y
+    rows = slice(rank * 8, (rank + 1) * 8)
+    return x[rows], y[rows]
+
+
 def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
 
 
-def train_reference(model, optimizer, steps: range) -> None:
+def train_reference(model, optimizer, steps: range, data=batch) -> None:
     """Single process: each step, the half-batch gradients summed, divided by the world size."""
     for step in steps:
         optimizer.zero_grad()
         for rank in range(WORLD):
-            loss_of(model, *batch(step, rank)).backward()
+            loss_of(model, *data(step, rank)).backward()
         for p in model.parameters():
             p.grad.div_(WORLD)
         optimizer.step()
 
 
-def train_rank(model, optimizer, steps: range, rank: int) -> None:
+def train_rank(model, optimizer, steps: range, rank: int, data=batch) -> None:
     for step in steps:
         optimizer.zero_grad()
-        loss_of(model, *batch(step, rank)).backward()
+        loss_of(model, *data(step, rank)).backward()
         optimizer.step()
 
 
@@ -238,11 +256,17 @@ def bad_distributed_input() -> dict:
             outcome[case] = (None, None)
         except RuntimeError as error:
             outcome[case] = (str(error), torch.equal(param.to_local(), local) and not optimizer.state)
-    try:  # 8-bit state does not shard yet
-        qhfast.QHAdam([param], state_dtype="8bit")
-        outcome["8bit_state"] = (None, None)
-    except ValueError as error:
-        outcome["8bit_state"] = (str(error), torch.equal(param.to_local(), local))
+    # 8-bit moments of layouts whose shards would cut quantization blocks
+    layouts = {"8bit_rows": (torch.ones(64, 100), [Shard(0)]),  # rows of 100 numbers
+               "8bit_dim_1": (torch.ones(16, 512), [Shard(1)])}
+    for case, (full, placements) in layouts.items():
+        odd = torch.nn.Parameter(distribute_tensor(full, mesh, placements))
+        before = odd.to_local().clone()
+        try:
+            qhfast.QHAdam([odd], state_dtype="8bit")
+            outcome[case] = (None, None)
+        except ValueError as error:
+            outcome[case] = (str(error), torch.equal(odd.to_local(), before))
     return outcome
 
 
@@ -376,13 +400,112 @@ def train_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:
     return results
 
 
-def two_rank_runs(rank: int, world: int, out_dir: str, from_single: str) -> dict:
+def _state_layout(model, optimizer) -> list:
+    """(param index, key, type, dtype, global shape, local shape, laid out like the param) of
+    each per-element state tensor."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    return [(i, key, type(v).__name__, v.dtype, tuple(v.shape), tuple(local(v).shape),
+             getattr(v, "placements", None) == getattr(p, "placements", None))
+            for i, p in enumerate(model.parameters())
+            for key, v in optimizer.state[p].items() if v.dim() > 0]
+
+
+def _full_state(model, optimizer) -> dict:
+    """{(param index, key): the full tensor} of the per-element state."""
+    return {(i, key): (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+            for i, p in enumerate(model.parameters())
+            for key, v in optimizer.state[p].items() if v.dim() > 0}
+
+
+def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dict:
+    """state_dtype="8bit" under FSDP2 on make_wide_model: QHM and QHAdamW trained on both
+    paths (the C kernel, foreach), QHAdamW on the Triton kernel (interpreted, 3 steps); QHAdamW
+    through DCP: saved at step 3 and resumed (the same
+    RNG seeds after the save and after the load), and a single process's 8-bit checkpoint
+    loaded onto the shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(name, state_dtype="8bit", **options):
+        cls, kwargs = OPTIMIZERS[name]
+        model = make_wide_model()
+        fully_shard(model)
+        return model, cls(model.parameters(), **kwargs, state_dtype=state_dtype, **options)
+
+    results = {}
+    for name in ("QHM", "QHAdamW"):
+        for foreach in (None, True):
+            model, optimizer = sharded(name, foreach=foreach)
+            torch.manual_seed(rank)
+            train_rank(model, optimizer, range(STEPS), rank, data=wide_batch)
+            results[("train", name, foreach)] = full_params(model)
+            results[("layout", name, foreach)] = _state_layout(model, optimizer)
+            plans = qhfast._fused._PLANS.get(optimizer)
+            results[("backend", name, foreach)] = plans[0].backend if plans else None
+    if importlib.util.find_spec("triton") is not None:  # the Triton kernel on local shards
+        os.environ.update(TRITON_INTERPRET="1", QHFAST_TRITON_ON_CPU="1")
+        model, optimizer = sharded("QHAdamW", fused=True)
+        torch.manual_seed(rank)
+        train_rank(model, optimizer, range(3), rank, data=wide_batch)  # interpreted: slow
+        del os.environ["QHFAST_TRITON_ON_CPU"]
+        results["triton"] = (full_params(model), _full_state(model, optimizer),
+                             qhfast._fused._PLANS[optimizer][0].backend)
+
+    def load(model, optimizer, path):
+        state = {"model": get_model_state_dict(model),
+                 "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+    model, optimizer = sharded("QHAdamW")
+    torch.manual_seed(rank)
+    train_rank(model, optimizer, range(3), rank, data=wide_batch)
+    results["saved"] = _full_state(model, optimizer)
+    results["saved_params"] = full_params(model)
+    dcp.save({"model": get_model_state_dict(model),
+              "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=Path(out_dir) / "eight_bit")
+    torch.manual_seed(10 + rank)
+    train_rank(model, optimizer, range(3, STEPS), rank, data=wide_batch)
+    results["uninterrupted"] = full_params(model)
+    model, optimizer = sharded("QHAdamW")
+    load(model, optimizer, Path(out_dir) / "eight_bit")
+    results["loaded_layout"] = _state_layout(model, optimizer)
+    torch.manual_seed(10 + rank)
+    train_rank(model, optimizer, range(3, STEPS), rank, data=wide_batch)
+    results["resumed"] = full_params(model)
+    model, optimizer = sharded("QHAdamW")
+    load(model, optimizer, from_single)
+    results["from_single"] = _full_state(model, optimizer)
+
+    # a sharded state dict converted on load, shard by shard: 8-bit moments (the single
+    # process's, loaded above) to fp32 and back
+    full_model, full_precision = sharded("QHAdamW", state_dtype=None)
+    set_optimizer_state_dict(full_model, full_precision, get_optimizer_state_dict(model, optimizer))
+    results["to_fp32"] = (_state_layout(full_model, full_precision),
+                          _full_state(full_model, full_precision))
+    model, optimizer = sharded("QHAdamW")
+    set_optimizer_state_dict(model, optimizer, get_optimizer_state_dict(full_model, full_precision))
+    results["back_to_8bit"] = (_state_layout(model, optimizer), _full_state(model, optimizer))
+    return results
+
+
+def two_rank_runs(rank: int, world: int, out_dir: str, from_single: str,
+                  eight_bit_from_single: str) -> dict:
     """Everything the 2-rank tests check, in one spawn (a spawn's start-up, torch's import and
     the process group, costs more than most of the work): the DDP/FSDP2/ZeRO training, the DCP
     round trips and tensor parallelism."""
     return {"train": train_many(rank, world, out_dir),
             "checkpoints": checkpoint_round_trip(rank, world, out_dir, from_single),
-            "tensor_parallel": train_tensor_parallel(rank, world, out_dir)}
+            "tensor_parallel": train_tensor_parallel(rank, world, out_dir),
+            "eight_bit": eight_bit_runs(rank, world, out_dir, eight_bit_from_single)}
 
 
 def train_fsdp_tensor_parallel(rank: int, world: int, out_dir: str) -> dict:

@@ -43,15 +43,17 @@ def _random_grad(t, p):
 def test_state_bytes_per_parameter(name, expected):
     """One byte per element per moment plus an fp32 scale per block of 256: QHAdam 2.03
     bytes per parameter (<= 2.1), QHM 1.02 (<= 1.05). A tensor under 4096 elements keeps fp32
-    moments; bf16 parameters with "stochastic" hold a parameter in 4.03 bytes in all."""
+    moments, and so does a 1-D tensor (a bias); bf16 parameters with "stochastic" hold a
+    parameter in 4.03 bytes in all."""
     make = {"QHAdam": lambda p: qhfast.QHAdam(p, state_dtype="8bit"),
             "QHM": lambda p: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, state_dtype="8bit")}[name]
-    small = _param(shape=(4095,))
-    (p, q), optimizer = _run(make, 1, _random_grad, params=[_param(), small])
+    small, bias = _param(shape=(63, 65)), _param(shape=(5000,))
+    (p, q, r), optimizer = _run(make, 1, _random_grad, params=[_param(), small, bias])
     per_element = [v for v in optimizer.state[p].values() if v.dim() > 0]
     assert sum(v.numel() * v.element_size() for v in per_element) / p.numel() == expected
     assert all(v.dtype in (torch.uint8, torch.float32) for v in per_element)
-    assert all(v.dtype == torch.float32 for v in optimizer.state[q].values() if v.dim() > 0)
+    for kept in (q, r):
+        assert all(v.dtype == torch.float32 for v in optimizer.state[kept].values() if v.dim() > 0)
     (b,), optimizer = _run(lambda p: qhfast.QHAdam(p, state_dtype="8bit",
                                                    low_precision="stochastic"),
                            1, _random_grad, dtype=torch.bfloat16)
@@ -209,6 +211,37 @@ def test_checkpoints_round_trip_exactly_and_convert_on_load():
         assert torch.allclose(again, exact, rtol=0.07, atol=0)  # half a code at the most
 
 
+def test_scales_are_shaped_by_rows_of_whole_blocks_and_flat_ones_still_load():
+    """A tensor whose rows are whole blocks has its scales shaped (rows, blocks per row), the
+    same numbers in the same order as flat ones (what FSDP2 splits along dim 0 with the
+    codes); a checkpoint with them flat (as qhfast wrote them before) loads reshaped, and the
+    resumed run equals the one from the shaped checkpoint bit for bit."""
+    make = lambda p: qhfast.QHAdam(p, lr=1e-2, state_dtype="8bit")  # noqa: E731
+    (p,), optimizer = _run(make, 2, _random_grad, params=[_param(shape=(20, 512))])
+    state = optimizer.state[p]
+    assert state["exp_avg_scale"].shape == state["exp_avg_sq_scale"].shape == (20, 2)
+    rows = state["exp_avg_sq"].view(40, 256)  # each block of 256, in the codes' order
+    exact = quantize.dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"], True, torch.float32)
+    assert torch.equal(exact.view(40, 256).amax(dim=1), state["exp_avg_sq_scale"].view(-1))
+    assert (rows == 255).sum(dim=1).min() >= 1  # the top code: each block's largest value
+    saved = optimizer.state_dict()
+    flat = {**saved, "state": {0: {k: v.reshape(-1) if k.endswith("_scale") else v
+                                   for k, v in saved["state"][0].items()}}}
+    finals = []
+    for state_dict in (saved, flat):
+        resumed = p.detach().clone().requires_grad_()
+        other = make([resumed])
+        other.load_state_dict(state_dict)
+        for key, value in state.items():
+            assert other.state[resumed][key].shape == value.shape, key
+            assert torch.equal(other.state[resumed][key], value), key
+        torch.manual_seed(5)
+        resumed.grad = _random_grad(3, resumed).float()
+        other.step()
+        finals.append(resumed.detach())
+    assert torch.equal(*finals)
+
+
 @pytest.mark.parametrize("name", ["QHAdam", "QHM"])
 def test_complex_parameters_code_their_parts_and_track_the_complex_state_run(name):
     """A complex64 parameter of 3000 elements (6000 parts) keeps 8-bit codes shaped like its
@@ -218,14 +251,14 @@ def test_complex_parameters_code_their_parts_and_track_the_complex_state_run(nam
     make = {"QHAdam": lambda p, **o: qhfast.QHAdam(p, lr=2e-2, nus=(0.7, 1.0), **o),
             "QHM": lambda p, **o: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, **o)}[name]
     key = "momentum_buffer" if name == "QHM" else "exp_avg"
-    target = _param(torch.complex64, (3000,), seed=7).detach()
+    target = _param(torch.complex64, (50, 60), seed=7).detach()
 
     def grad(t, p):
-        noise = torch.view_as_complex(_random_grad(t, torch.empty(3000, 2)).float())
+        noise = torch.view_as_complex(_random_grad(t, torch.empty(50, 60, 2)).float())
         return p.detach() - target + 0.3 * noise
 
     def params():
-        return [_param(torch.complex64, (3000,))]
+        return [_param(torch.complex64, (50, 60))]
 
     start = params()[0].detach()
     (expected,), _ = _run(make, 40, grad, params=params())
@@ -234,7 +267,7 @@ def test_complex_parameters_code_their_parts_and_track_the_complex_state_run(nam
         (actual,), optimizer = _run(lambda p: make(p, state_dtype="8bit", foreach=foreach), 40,
                                     grad, params=params())
         state = optimizer.state[actual]
-        assert state[key].dtype == torch.uint8 and state[key].shape == (3000, 2)
+        assert state[key].dtype == torch.uint8 and state[key].shape == (50, 60, 2)
         assert state[key + "_scale"].shape == (quantize.blocks(6000),)
         assert (actual.detach() - expected.detach()).abs().norm() < 0.03 * moved
     exact = quantize.dequantize(state[key], state[key + "_scale"], False, torch.float32)
@@ -255,8 +288,8 @@ def test_a_step_under_fake_tensors_leaves_real_steps_working(monkeypatch):
 
     monkeypatch.setattr(quantize, "_MAPS", {})
     with FakeTensorMode():
-        fake = torch.zeros(5000, requires_grad=True)
-        fake.grad = torch.ones(5000)
+        fake = torch.zeros(50, 100, requires_grad=True)
+        fake.grad = torch.ones(50, 100)
         qhfast.QHAdam([fake], state_dtype="8bit", foreach=True).step()
     for foreach in (True, None):
         (p,), optimizer = _run(lambda p: qhfast.QHAdam(p, state_dtype="8bit", foreach=foreach), 2,
@@ -282,10 +315,11 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     """One C kernel step on 8-bit moments against the C kernel's step on the same moments
     dequantized into fp32 state (the arithmetic, tested elsewhere) and quantize() of its new
     moments with the kernel's draws: codes and scales equal, and the parameters (and masters)
-    equal bit for bit. Three quantized tensors share the call (the second's elements start at
-    12000, a partial last block each; the third's 70000 take 5 chunks, on OpenMP's threads,
-    and its gradient has a NaN and an infinity: their blocks' scales are NaN and infinite)
-    and a small one (fp32 moments) gets its own call."""
+    equal bit for bit. Three quantized tensors share the call (the first's last block is
+    partial; the second's elements start at 12000, its rows whole blocks, so its scales are
+    shaped (rows, 2); the third's 70000 take 5 chunks, on OpenMP's threads, and its gradient
+    has a NaN and an infinity: their blocks' scales are NaN and infinite) and a small one (fp32
+    moments) gets its own call."""
     from qhfast.kernels import cpu
 
     seed = 0x9ABCDEF012345678
@@ -293,7 +327,7 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     make = {"QHAdam": lambda p, **o: qhfast.QHAdam(p, lr=1e-2, nus=(0.7, 0.9), weight_decay=0.1,
                                                    **o),
             "QHM": lambda p, **o: qhfast.QHM(p, lr=0.1, momentum=0.9, nu=0.7, **o)}[name]
-    shapes = [SHAPE, (5000,), (70000,), (100,)]
+    shapes = [SHAPE, (10, 512), (70, 1000), (100,)]
     params = [_param(dtype, shape, seed=k) for k, shape in enumerate(shapes)]
     _, eight_bit = _run(lambda p: make(p, state_dtype="8bit", low_precision=mode), 3,
                         _random_grad, params=params)
@@ -303,7 +337,7 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     for p, q in zip(params, copies):
         p.grad = _random_grad(5, p).to(dtype)
         q.grad = p.grad.clone()
-    params[2].grad[1000], params[2].grad[40000] = float("nan"), float("inf")
+    params[2].grad.view(-1)[1000], params[2].grad.view(-1)[40000] = float("nan"), float("inf")
     copies[2].grad.copy_(params[2].grad)
     eight_bit.step()
     reference.step()
@@ -323,6 +357,7 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
                 draws=_kernel_draws(offset, p.numel(), seed, shift).view(p.shape))
             assert torch.equal(eight_bit.state[p][key], codes), key
             torch.testing.assert_close(eight_bit.state[p][key + "_scale"], scales, **exactly)
+            assert scales.shape == ((10, 2) if p.shape == (10, 512) else (quantize.blocks(p.numel()),))
         offset += p.numel()
     assert eight_bit.state[params[3]][keys[0][0]].dtype == torch.float32
     scales = eight_bit.state[params[2]][keys[0][0] + "_scale"]

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import expecttest
 import pytest
@@ -139,6 +140,33 @@ def test_state_dict_with_an_invalid_hyperparameter_is_refused_and_changes_nothin
     with pytest.raises(ValueError, match=r"Invalid learning rate: -0.5 \(lr must be"):
         optimizer.load_state_dict(corrupt)
     assert_same(snapshot(optimizer, params), before)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_and_changes_nothing():
+    """Moments shaped unlike their parameter (another model's checkpoint: a moment of shape
+    (1,) would broadcast silently) and 8-bit codes without a scale per block raise
+    ValueError naming the entry, before anything is loaded."""
+    p = torch.randn(40, 128, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], state_dtype="8bit")
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    state = saved["state"][0]
+    cases = {
+        "exp_avg_sq": ({**state, "exp_avg_sq": state["exp_avg_sq"][:20]},
+                       "'exp_avg_sq' of parameter 0 is shaped (20, 128), the parameter's needs "
+                       "(40, 128)"),
+        "scales": ({**state, "exp_avg_scale": state["exp_avg_scale"][:10]},
+                   "'exp_avg' of parameter 0 holds 8-bit codes with 10 scales in "
+                   "'exp_avg_scale', not 20 (one per block)"),
+        "broadcast": ({**state, "exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1)},
+                      "'exp_avg' of parameter 0 is shaped (1,), the parameter's needs (40, 128)"),
+    }
+    for corrupt, message in cases.values():
+        before = snapshot(optimizer, [p])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            optimizer.load_state_dict({**saved, "state": {0: corrupt}})
+        assert_same(snapshot(optimizer, [p]), before)
 
 
 def test_qhm_takes_its_required_hyperparameters_from_every_param_group():

@@ -162,10 +162,10 @@ MODES = {
 }
 
 
-def _numel(mode: str) -> int:
-    """Elements of the test's parameter: enough for 8-bit moments (4096) where the mode has
-    them."""
-    return 5000 if "8bit" in mode else 10
+def _shape(mode: str) -> tuple[int, ...]:
+    """The test's parameter: one with 8-bit moments (2-D, 4096 elements or more) where the
+    mode has them."""
+    return (50, 100) if "8bit" in mode else (10,)
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["", "grad_scaler"])
@@ -186,11 +186,11 @@ def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode,
     dtype, mode_options = MODES[mode]
     options = {**options, **PATHS[path], **mode_options}
     with FakeTensorMode(), _DtypeCopies(), _HostReads():
-        p = torch.empty(_numel(mode), device="cuda", dtype=dtype).requires_grad_()
+        p = torch.empty(_shape(mode), device="cuda", dtype=dtype).requires_grad_()
         optimizer = cls([p], **options)
         reads = []
         for _ in range(3):
-            p.grad = torch.empty(_numel(mode), device="cuda", dtype=dtype)
+            p.grad = torch.empty(_shape(mode), device="cuda", dtype=dtype)
             if scaler:
                 optimizer.grad_scale = torch.full((1,), 2.0**10, device="cuda")
                 optimizer.found_inf = torch.full((1,), 0.0, device="cuda")
@@ -202,6 +202,8 @@ def test_each_cuda_path_keeps_to_its_device_and_its_host_reads(name, path, mode,
         assert triton_launches.launches == (launches * 3 if path.startswith("fused") else [])
         resumed = cls([p], **options)
         resumed.load_state_dict(optimizer.state_dict())
+        codes = [v for v in optimizer.state[p].values() if v.dtype == torch.uint8]
+        assert len(codes) == ("8bit" in mode) * len(optimizer._buffer_keys)
         for state in (optimizer.state[p], resumed.state[p]):
             for key, value in state.items():
                 on_device = value.dim() > 0 or path in _SYNC_FREE
@@ -219,11 +221,11 @@ def test_a_step_inside_backward_keeps_to_its_device(name, mode):
     cls, options = OPTIMIZERS[name]
     dtype, mode_options = MODES[mode]
     with FakeTensorMode(), _DtypeCopies(), _HostReads():
-        p = torch.empty(_numel(mode), device="cuda", dtype=dtype).requires_grad_()
+        p = torch.empty(_shape(mode), device="cuda", dtype=dtype).requires_grad_()
         optimizer = cls([p], **options, **mode_options)
         handle = qhfast.step_in_backward(optimizer)
         for _ in range(3):
-            p.grad = torch.empty(_numel(mode), device="cuda", dtype=dtype)
+            p.grad = torch.empty(_shape(mode), device="cuda", dtype=dtype)
             with _HostReads() as stepping:
                 handle._step_param(p)
             assert all(device.type == "cpu" for device in stepping.reads)  # counters only

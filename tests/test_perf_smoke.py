@@ -55,13 +55,14 @@ EIGHT_BIT_VARIANTS = {"fp32 8bit-state": (4, 2), "bf16 stochastic+8bit-state": (
 
 def _eight_bit_bytes(shapes, tag):
     """(state, moved) bytes per parameter of an 8-bit variant on ``shapes``, QHAdam and QHM:
-    a tensor of 4096 elements or more keeps each moment in a byte per element and an fp32
-    scale per (started) block of 256, a smaller one in fp32; moved is the gradient and the
+    a tensor of two or more dimensions and 4096 elements or more keeps each moment in a byte
+    per element and an fp32 scale per (started) block of 256, a smaller or 1-D one in fp32; moved is the gradient and the
     parameter passes plus each state tensor read and written (0-d counters left out)."""
     param_bytes, passes = EIGHT_BIT_VARIANTS[tag]
-    sizes = [torch.Size(shape).numel() for shape in shapes]
-    total = sum(sizes)
-    per_moment = sum(n + 4 * -(-n // 256) if n >= 4096 else 4 * n for n in sizes) / total
+    sizes = [(torch.Size(shape).numel(), len(shape)) for shape in shapes]
+    total = sum(n for n, _ in sizes)
+    per_moment = sum(n + 4 * -(-n // 256) if n >= 4096 and dims >= 2 else 4 * n
+                     for n, dims in sizes) / total
     return tuple((moments * per_moment, param_bytes * (1 + passes) + 2 * moments * per_moment)
                  for moments in (2, 1))
 
