@@ -332,10 +332,28 @@ def parameter_count(optimizer: torch.optim.Optimizer) -> int:
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
     """Optimizer state (moments, masters, compensations, counters) in bytes per parameter
-    element, exact."""
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                for v in s.values() if isinstance(v, torch.Tensor))
-    return state / parameter_count(optimizer)
+    element, exact: the storages behind the state's tensors, each once (a tensor subclass,
+    as torchao's 8-bit state, counted by the tensors it holds; a table that several states
+    share, as bitsandbytes' code maps, once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for s in optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) for t in _plain_tensors(v)}
+    return sum(storages.values()) / parameter_count(optimizer)
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``tensor``'s data: itself, or those inside a tensor
+    subclass (torchao's 8-bit state: codes and scales inside a tensor of the logical dtype)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in _plain_tensors(getattr(tensor, name))]
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in _plain_tensors(tensor))
 
 
 def traffic_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
@@ -352,7 +370,7 @@ def traffic_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
             tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
             param_passes = 1 if MASTER_KEY in state else 2
             total += p.grad.numel() * p.grad.element_size() + param_passes * p.numel() * p.element_size()
-            total += 2 * sum(v.numel() * v.element_size() for v in tensors)
+            total += 2 * sum(_bytes(v) for v in tensors)
     return total / parameter_count(optimizer)
 
 

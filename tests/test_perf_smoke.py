@@ -159,6 +159,30 @@ def test_a_row_whose_package_is_missing_says_so(monkeypatch):
     assert "| torchao AdamW8bit fp32 | not installed: pip install torchao |" in table
 
 
+def test_state_bytes_count_subclasses_by_their_tensors_and_shared_tables_once():
+    """How the peers hold 8-bit state: torchao as a tensor subclass (counted by the tensors
+    inside it, not by its logical shape and dtype), bitsandbytes with a code map that every
+    parameter's state shares (held once; read by each parameter's step)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    import step_bench
+
+    params = [torch.nn.Parameter(torch.zeros(1000)) for _ in range(2)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    table = torch.zeros(256)
+    for p in params:  # a subclass of two fp16 tensors, logically fp16 of 1000 elements
+        optimizer.state[p] = {"moment": TwoTensor(torch.zeros(1000, dtype=torch.float16),
+                                                  torch.zeros(1000, dtype=torch.float16)),
+                              "codes": torch.zeros(1000, dtype=torch.uint8), "table": table}
+    expected = (2 * (2 * 2000 + 1000) + 256 * 4) / 2000
+    assert step_bench.state_bytes_per_param(optimizer) == expected
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    # read the gradient, read and write the parameter and each state tensor (the table too)
+    assert step_bench.traffic_bytes_per_param(optimizer) == pytest.approx(
+        4 + 2 * 4 + 2 * (4 + 1) + 2 * 1.024, rel=1e-12)
+
+
 def test_step_rows_cover_every_precision_mode_with_exact_bytes():
     """Every precision variant has a QHAdam (and, but for fp32 bf16-state, a QHM) row on the
     per-tensor and foreach paths, named after its mode, with the state and moved bytes its
