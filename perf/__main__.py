@@ -6,6 +6,7 @@ qhoptim, in one command.
     python -m perf --sweep          # qhfast against torch on several models' shapes (the targets)
     python -m perf --blocks 24 --width 1024    # a larger parameter set
     python -m perf --full --only QHAdam    # rows whose name contains a word (plus the reference rows)
+    python -m perf --full --only "AdamW8bit,8bit-state (default)"    # or any of several
     python -m perf --no-fused       # skip the fused rows
     python -m perf --all-fused      # on a GPU: compiled rows for every variant (each compiles ~1 min)
 
@@ -82,7 +83,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=12,
                         help="untimed steps of a fresh optimizer (default 12: the allocator settles)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", default="", help="rows whose name contains this text")
+    parser.add_argument("--only", default="",
+                        help="rows whose name contains this text (or one of several, comma-separated)")
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="skip fused=True rows")
     parser.add_argument("--all-fused", action="store_true",
                         help=f"every fused row, not only {', '.join(step_bench.DEFAULT_FUSED)}")
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(torch.Size(s).numel() for s in shapes)
     rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused,
                                            full=args.full)
-            if args.only in row.name or row.name.startswith(REFERENCE_ROWS)]
+            if any(word in row.name for word in args.only.split(","))
+            or row.name.startswith(REFERENCE_ROWS)]
     runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
     measured, total = 0, args.rounds * len(rows)
     timing_began = time.perf_counter()

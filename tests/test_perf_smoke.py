@@ -84,7 +84,8 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     output.write_text("# results\n\nhand-written analysis stays\n")
     # an earlier run's block, as perf writes it (so that perf runs once here)
     _perf_main().write_block(output, "cpu-full", "STALE: an earlier run's tables")
-    command = [sys.executable, "-m", "perf", "--quick", "--full", "--only", "QHAdam fp32",
+    command = [sys.executable, "-m", "perf", "--quick", "--full", "--only",
+               "QHAdam fp32,torch AdamW fp32 fused",
                "--output", str(output), "--plot", str(tmp_path / "q.png")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -93,6 +94,7 @@ def test_python_m_perf_runs_end_to_end_and_writes_its_block(tmp_path):
     rows = _rows(done.stdout)
     # columns: median, p25-p75, /Adam default, /Adam fused, /floor, moved, GB/s,
     # GB/s / fp32's, state, temp
+    assert "torch AdamW fp32 fused" in rows and "torch AdamW fp32 foreach" not in rows
     moved_and_state = {name: (cells[5], cells[8]) for name, cells in rows.items()}
     assert moved_and_state["qhfast QHAdam fp32 (default)"] == ("28", "8.00")
     assert moved_and_state["qhfast QHAdam fp32 per-tensor"] == ("28", "8.00")
