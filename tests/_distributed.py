@@ -419,7 +419,8 @@ def _full_state(model, optimizer) -> dict:
 
 def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dict:
     """state_dtype="8bit" under FSDP2 on make_wide_model: QHM and QHAdamW trained on both
-    paths (the C kernel, foreach), QHAdamW on the Triton kernel (interpreted, 3 steps); QHAdamW
+    paths (the C kernel, foreach) and QHAdamW with bf16 parameters ("stochastic"), QHAdamW
+    on the Triton kernel (interpreted, 3 steps); QHAdamW
     through DCP: saved at step 3 and resumed (the same
     RNG seeds after the save and after the load), and a single process's 8-bit checkpoint
     loaded onto the shards."""
@@ -432,9 +433,9 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
     )
     from torch.distributed.fsdp import fully_shard
 
-    def sharded(name, state_dtype="8bit", **options):
+    def sharded(name, state_dtype="8bit", dtype=torch.float32, **options):
         cls, kwargs = OPTIMIZERS[name]
-        model = make_wide_model()
+        model = make_wide_model().to(dtype)
         fully_shard(model)
         return model, cls(model.parameters(), **kwargs, state_dtype=state_dtype, **options)
 
@@ -448,6 +449,11 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
             results[("layout", name, foreach)] = _state_layout(model, optimizer)
             plans = qhfast._fused._PLANS.get(optimizer)
             results[("backend", name, foreach)] = plans[0].backend if plans else None
+    # the leanest: bf16 parameters rounded stochastically, 8-bit moments (4.1 bytes a parameter)
+    model, optimizer = sharded("QHAdamW", dtype=torch.bfloat16, low_precision="stochastic")
+    torch.manual_seed(rank)
+    train_rank(model, optimizer, range(STEPS), rank, data=wide_batch)
+    results["bf16_stochastic"] = (full_params(model), _state_layout(model, optimizer))
     if importlib.util.find_spec("triton") is not None:  # the Triton kernel on local shards
         os.environ.update(TRITON_INTERPRET="1", QHFAST_TRITON_ON_CPU="1")
         model, optimizer = sharded("QHAdamW", fused=True)

@@ -380,7 +380,8 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
     and square root (as the interpreter computes), and, where the launcher found the tensors
     16-byte aligned, 128-bit loads and stores in the full blocks (16-bit tensors included);
     a GradScaler skip must not cost them (it once did: a per-lane found_inf mask). 8-bit
-    moments compile too, with their fp32 parameter and gradient in vector accesses."""
+    moments compile too, with their fp32 parameter and gradient in vector accesses and their
+    codes in 64-bit ones."""
     pytest.importorskip("triton.backends.nvidia")
     monkeypatch.delenv("TRITON_INTERPRET")  # the module loaded afresh: compilable functions
     spec = importlib.util.spec_from_file_location(
@@ -413,6 +414,8 @@ def test_the_kernels_compile_for_an_nvidia_gpu_with_vector_accesses(monkeypatch)
             assert "div.approx" not in ptx and "div.full" not in ptx and "sqrt.approx" not in ptx
         # per tensor of the block: one 128-bit access (16-bit values: 8 a thread; fp32: 4, twice)
         assert ptx.count("ld.global.v4") >= vectors and ptx.count("st.global.v4") >= vectors - 1
+    # the 8-bit variant's codes (8 a thread): a 64-bit access per code tensor of a full block
+    assert ptx.count("ld.global.v2.b32") >= 2 and ptx.count("st.global.v2.b32") >= 2
     ptx = _compile_for_sm90(kernels.advance_normalizers,
                             {"table": "*i64", "n": "i32", "beta1": "*fp64", "beta2": "*fp64",
                              "found_inf": "*fp32"},
