@@ -449,6 +449,20 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
             results[("layout", name, foreach)] = _state_layout(model, optimizer)
             plans = qhfast._fused._PLANS.get(optimizer)
             results[("backend", name, foreach)] = plans[0].backend if plans else None
+    # a tensor of one row: the second rank's shard is empty (0 rows, 0 scales)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    for foreach in (None, True):
+        row = torch.nn.Parameter(distribute_tensor(torch.ones(1, 4096), mesh, [Shard(0)]))
+        optimizer = qhfast.QHAdam([row], lr=0.1, state_dtype="8bit", foreach=foreach)
+        for _ in range(2):
+            row.grad = distribute_tensor(torch.full((1, 4096), 0.5), mesh, [Shard(0)])
+            optimizer.step()
+        layout = [(key, tuple(v.to_local().shape)) for key, v in optimizer.state[row].items()
+                  if v.dim() > 0]
+        results[("one_row", foreach)] = (row.full_tensor(), layout)
     # the leanest: bf16 parameters rounded stochastically, 8-bit moments (4.1 bytes a parameter)
     model, optimizer = sharded("QHAdamW", dtype=torch.bfloat16, low_precision="stochastic")
     torch.manual_seed(rank)

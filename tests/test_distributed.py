@@ -309,6 +309,20 @@ def test_fsdp2_8bit_moments_of_bf16_stochastic_params_track_the_fp32_run(eight_b
         assert deviation <= 0.1 * (flat(expected) - flat(start)).norm()
 
 
+@pytest.mark.parametrize("foreach", [None, True], ids=["c_kernel", "foreach"])
+def test_an_empty_shard_of_8bit_moments_steps(eight_bit, foreach):
+    """A (1, 4096) tensor on 2 ranks: the second rank's shard has no rows, no codes and no
+    scales, and both step. A constant gradient is one code per block, exact: two steps of
+    QHAdam move each element by lr · g / |g| = 0.1 each, to 0.8."""
+    _, _, ranks = eight_bit
+    for rank, rank_results in enumerate(ranks):
+        full, layout = rank_results[("one_row", foreach)]
+        rows = 1 - rank
+        assert sorted(layout) == [("exp_avg", (rows, 4096)), ("exp_avg_scale", (rows, 16)),
+                                  ("exp_avg_sq", (rows, 4096)), ("exp_avg_sq_scale", (rows, 16))]
+        torch.testing.assert_close(full, torch.full((1, 4096), 0.8), rtol=1e-6, atol=0)
+
+
 def test_fsdp2_8bit_on_the_triton_kernel_equals_the_c_kernel(eight_bit):
     """The Triton kernel (interpreted) on the shards' 8-bit moments: params, codes and scales
     after 3 steps bit for bit the C kernel's on the same shards with the same seeds."""
