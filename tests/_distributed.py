@@ -42,10 +42,11 @@ def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def batch(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, rank: int | None = None, features: int = 8,
+          seed: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's full batch (16 rows), or one rank's half of it."""
-    gen = torch.Generator().manual_seed(100 + step)
-    x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 2, generator=gen)
+    gen = torch.Generator().manual_seed(seed + step)
+    x, y = torch.randn(16, features, generator=gen), torch.randn(16, 2, generator=gen)
     if rank is None:
         return x, y
     rows = slice(rank * 8, (rank + 1) * 8)
@@ -62,12 +63,7 @@ def make_wide_model() -> torch.nn.Module:
 
 def wide_batch(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_wide_model's batch: as batch(), 512 features."""
-    gen = torch.Generator().manual_seed(200 + step)
-    x, y = torch.randn(16, 512, generator=gen), torch.randn(16, 2, generator=gen)
-    if rank is None:
-        return x, y
-    rows = slice(rank * 8, (rank + 1) * 8)
-    return x[rows], y[rows]
+    return batch(step, rank, features=512, seed=200)
 
 
 def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -98,6 +94,23 @@ def full_params(model) -> list[torch.Tensor]:
         (p.full_tensor() if isinstance(p, torch.distributed.tensor.DTensor) else p).detach().clone()
         for p in model.parameters()
     ]
+
+
+def dcp_load(model, optimizer, path) -> None:
+    """Load a DCP checkpoint into ``model`` and ``optimizer`` in place, as torch documents it
+    (sharded or not: in one process too)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +290,6 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
     )
     from torch.distributed.fsdp import fully_shard
 
@@ -288,13 +299,6 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
         model = make_model(torch.bfloat16)
         fully_shard(model)
         return model, cls(model.parameters(), **kwargs)
-
-    def load(model, optimizer, path):
-        state = {"model": get_model_state_dict(model),
-                 "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
 
     results = {}
     model, optimizer = sharded()
@@ -309,12 +313,12 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
     results["uninterrupted"] = full_params(model)
 
     model, optimizer = sharded()
-    load(model, optimizer, Path(out_dir) / "two_ranks")
+    dcp_load(model, optimizer, Path(out_dir) / "two_ranks")
     train_rank(model, optimizer, range(3, STEPS), rank)
     results["resumed"] = full_params(model)
 
     model, optimizer = sharded()
-    load(model, optimizer, from_single)
+    dcp_load(model, optimizer, from_single)
     train_rank(model, optimizer, range(3, STEPS), rank)
     results["from_single"] = full_params(model)
 
@@ -336,7 +340,7 @@ def checkpoint_round_trip(rank: int, world: int, out_dir: str, from_single: str)
     train_rank(model, optimizer, range(3, STEPS), rank)
     results["kahan_uninterrupted"] = full_params(model)
     model, optimizer = lean()
-    load(model, optimizer, Path(out_dir) / "kahan")
+    dcp_load(model, optimizer, Path(out_dir) / "kahan")
     results["kahan_loaded"] = [(type(v).__name__, v.dtype) for s in optimizer.state.values()
                                for k, v in s.items() if k == "kahan_compensation"]
     torch.manual_seed(10 + rank)
@@ -428,7 +432,6 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
-        set_model_state_dict,
         set_optimizer_state_dict,
     )
     from torch.distributed.fsdp import fully_shard
@@ -477,13 +480,6 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
         results["triton"] = (full_params(model), _full_state(model, optimizer),
                              qhfast._fused._PLANS[optimizer][0].backend)
 
-    def load(model, optimizer, path):
-        state = {"model": get_model_state_dict(model),
-                 "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-
     model, optimizer = sharded("QHAdamW")
     torch.manual_seed(rank)
     train_rank(model, optimizer, range(3), rank, data=wide_batch)
@@ -496,13 +492,13 @@ def eight_bit_runs(rank: int, world: int, out_dir: str, from_single: str) -> dic
     train_rank(model, optimizer, range(3, STEPS), rank, data=wide_batch)
     results["uninterrupted"] = full_params(model)
     model, optimizer = sharded("QHAdamW")
-    load(model, optimizer, Path(out_dir) / "eight_bit")
+    dcp_load(model, optimizer, Path(out_dir) / "eight_bit")
     results["loaded_layout"] = _state_layout(model, optimizer)
     torch.manual_seed(10 + rank)
     train_rank(model, optimizer, range(3, STEPS), rank, data=wide_batch)
     results["resumed"] = full_params(model)
     model, optimizer = sharded("QHAdamW")
-    load(model, optimizer, from_single)
+    dcp_load(model, optimizer, from_single)
     results["from_single"] = _full_state(model, optimizer)
 
     # a sharded state dict converted on load, shard by shard: 8-bit moments (the single

@@ -171,6 +171,25 @@ def test_a_skipped_step_changes_no_code_and_no_scale():
         assert torch.equal(value, before[key]), key
 
 
+def _resumed(make, start, state_dicts, state):
+    """``start`` resumed from each of ``state_dicts`` by ``make``'s optimizer (each loaded
+    state equal to ``state``, shapes included) and stepped once with the same gradient and
+    seed: the parameters each gives."""
+    finals = []
+    for state_dict in state_dicts:
+        resumed = start.clone().requires_grad_()
+        other = make([resumed])
+        other.load_state_dict(state_dict)
+        for key, value in state.items():
+            loaded = other.state[resumed][key]
+            assert loaded.shape == value.shape and torch.equal(loaded, value), key
+        torch.manual_seed(5)
+        resumed.grad = _random_grad(3, resumed).float()
+        other.step()
+        finals.append(resumed.detach())
+    return finals
+
+
 def test_checkpoints_round_trip_exactly_and_convert_on_load():
     """state_dict and torch.save(weights_only=True) keep codes and scales exactly (the resumed
     run continues bit for bit); loading into another state_dtype converts once: 8-bit into
@@ -183,18 +202,7 @@ def test_checkpoints_round_trip_exactly_and_convert_on_load():
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     start = p.detach().clone()
-    finals = []
-    for state_dict in (optimizer.state_dict(), saved):
-        resumed = start.clone().requires_grad_()
-        other = make([resumed])
-        other.load_state_dict(state_dict)
-        for key, value in optimizer.state[p].items():
-            assert torch.equal(other.state[resumed][key], value), key
-        torch.manual_seed(5)
-        resumed.grad = _random_grad(3, resumed).float()
-        other.step()
-        finals.append(resumed.detach())
-    assert torch.equal(*finals)
+    assert torch.equal(*_resumed(make, start, (optimizer.state_dict(), saved), optimizer.state[p]))
     exact = quantize.dequantize(optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_scale"],
                                 False, torch.float32)
     for state_dtype in (None, torch.bfloat16):
@@ -227,19 +235,7 @@ def test_scales_are_shaped_by_rows_of_whole_blocks_and_flat_ones_still_load():
     saved = optimizer.state_dict()
     flat = {**saved, "state": {0: {k: v.reshape(-1) if k.endswith("_scale") else v
                                    for k, v in saved["state"][0].items()}}}
-    finals = []
-    for state_dict in (saved, flat):
-        resumed = p.detach().clone().requires_grad_()
-        other = make([resumed])
-        other.load_state_dict(state_dict)
-        for key, value in state.items():
-            assert other.state[resumed][key].shape == value.shape, key
-            assert torch.equal(other.state[resumed][key], value), key
-        torch.manual_seed(5)
-        resumed.grad = _random_grad(3, resumed).float()
-        other.step()
-        finals.append(resumed.detach())
-    assert torch.equal(*finals)
+    assert torch.equal(*_resumed(make, p.detach(), (saved, flat), state))
 
 
 @pytest.mark.parametrize("name", ["QHAdam", "QHM"])

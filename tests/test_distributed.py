@@ -220,22 +220,11 @@ def test_dcp_checkpoint_from_one_process_loads_on_two_ranks(checkpoints):
 
 
 def test_dcp_checkpoint_from_two_ranks_loads_in_one_process(checkpoints):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     directory, _, ranks = checkpoints
     cls, kwargs = D.OPTIMIZERS["QHAdamW"]
     model = D.make_model(torch.bfloat16)
     optimizer = cls(model.parameters(), **kwargs)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=directory / "two_ranks")
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    D.dcp_load(model, optimizer, directory / "two_ranks")
     master = optimizer.state[next(model.parameters())]["master_param"]
     assert master.dtype == torch.float32 and type(master) is torch.Tensor
     D.train_reference(model, optimizer, range(3, D.STEPS))
@@ -374,20 +363,9 @@ def test_dcp_round_trip_of_8bit_moments_resumes_the_same_trajectory(eight_bit):
 def test_dcp_8bit_checkpoint_from_two_ranks_loads_in_one_process(eight_bit):
     """The 2-rank checkpoint loaded into a plain model and optimizer in one process: every
     code, scale and moment equals the ranks' state gathered at the save, and the steps go on."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     directory, _, ranks = eight_bit
     model, optimizer = _eight_bit_reference(steps=0)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=directory / "eight_bit")
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    D.dcp_load(model, optimizer, directory / "eight_bit")
     loaded = D._full_state(model, optimizer)
     saved = ranks[0]["saved"]
     assert loaded.keys() == saved.keys() and loaded[(0, "exp_avg_scale")].shape == (33, 2)

@@ -9,7 +9,7 @@ import torch
 
 import qhfast
 import qhfast._precision as precision
-from helpers import OPTIMIZERS, PATHS, Problem, assert_same, max_relative_error, snapshot
+from helpers import OPTIMIZERS, Problem, assert_same, max_relative_error, snapshot
 
 LOW = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 #: the update paths a low-precision mode must work on without torch.compile (the default is

@@ -191,7 +191,6 @@ def test_step_rows_cover_every_precision_mode_with_exact_bytes():
     mode implies: what a mode without a master reads of the parameter, and a Kahan
     compensation's read and write, are counted."""
     import step_bench
-    import torch
 
     rows = {row.name: row for row in step_bench.rows("cpu", fused=True)}
     fused = [name for name, row in rows.items() if row.once]
