@@ -361,6 +361,53 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     assert scales.isinf().nonzero().view(-1).tolist() == [40000 // 256]
 
 
+@pytest.mark.parametrize("isa", ["native", "no_avx512"])
+def test_the_c_kernel_encodes_every_binade_of_both_maps(isa, monkeypatch):
+    """Moments across every binade of both maps and below their smallest (β = 0: the moments
+    are the gradient and its square, from 1 down to 2^-63.5 and 2^-127 of their block's
+    largest), signs and mantissas mixed: the kernel's codes and scales are quantize()'s for
+    its draws, on AVX-512 and without it."""
+    from qhfast.kernels import cpu
+
+    if isa == "no_avx512":
+        monkeypatch.setattr(cpu, "FLAGS", [*cpu.FLAGS, "-mno-avx512f"])
+        monkeypatch.setattr(cpu, "_libraries", {})
+    seed = 0x13579BDF02468ACE
+    monkeypatch.setattr(cpu, "_draw_seeds", lambda: seed)
+    j = torch.arange(4096)
+    grad = (2.0 ** -(j % 128 / 2) * (1 + j % 7 / 7) * (1 - 2 * (j % 3 == 0))).float()
+    p = torch.zeros(16, 256, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], betas=(0.0, 0.0), state_dtype="8bit")
+    p.grad = grad.view(16, 256)
+    optimizer.step()
+    for key, moment, nonnegative, shift in [("exp_avg", grad, False, 0),
+                                            ("exp_avg_sq", grad * grad, True, 16)]:
+        codes, scales = quantize.quantize(moment.view(16, 256), nonnegative,
+                                          draws=_kernel_draws(0, 4096, seed, shift).view(16, 256))
+        assert torch.equal(optimizer.state[p][key], codes), key
+        assert torch.equal(optimizer.state[p][key + "_scale"], scales), key
+        # every binade index of the map is hit: 0 (the top), each binade, below the smallest
+        y = moment.view(16, 256).abs() / scales.view(16, 1)
+        last = quantize.code_map(not nonnegative, y.device).binades + 1
+        index = (127 - (y.view(torch.int32) >> 23)).clamp(0, last)
+        assert index.unique().tolist() == list(range(last + 1)), key
+
+
+@pytest.mark.parametrize("name", ["QHAdam", "QHM"])
+def test_the_c_kernel_without_avx512_writes_the_same_codes(name, monkeypatch):
+    """The kernel's codes come from AVX-512 permutes where the machine has them (this one)
+    and from plain loops the compiler vectorizes where not: built with -mno-avx512f (under
+    its own cache key), the test above holds as well."""
+    from qhfast.kernels import cpu
+
+    monkeypatch.setattr(cpu, "FLAGS", [*cpu.FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(cpu, "_libraries", {})
+    builds = cpu.builds
+    test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, torch.float32, "master",
+                                                               monkeypatch)
+    assert cpu.builds > builds
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_the_compiled_step_is_whole_and_a_changing_lr_recompiles_nothing():
     """torch.compile(fullgraph=True) of the step with 8-bit moments (capturable): the

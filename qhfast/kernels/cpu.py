@@ -257,8 +257,11 @@ class _CodeMaps:
     into."""
 
     def __init__(self, maps: tuple) -> None:
-        # a power of two (or 0) has no low mantissa bits: the first code (< 256) goes there
-        self.tables = [(m.values, m.steps.view(torch.int32) | m.first_code) for m in maps]
+        # a power of two (or 0) has no low mantissa bits: the first code (< 256) goes there;
+        # padded to BINADE_TABLE (64) entries, which the kernel reads whole
+        self.tables = [(m.values, torch.nn.functional.pad(m.steps.view(torch.int32) | m.first_code,
+                                                          (0, 64 - m.binades - 2)))
+                       for m in maps]
         self.structs = (_CodeMap * 2)(*(
             _CodeMap(values.data_ptr(), binade.data_ptr(), m.binades, 2.0 ** m.binades)
             for (values, binade), m in zip(self.tables, maps)))

@@ -246,6 +246,62 @@ __attribute__((noinline)) static float block_scale(const float *restrict x, int 
  * element's random bits (RANDOM). The tables come as restrict arguments of a function that is
  * not inlined (inlined, gcc forgets them): codes are bytes, which may alias anything, and the
  * loop would stay scalar. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define BINADE_TABLE 64 /* entries a packed table holds, padded (qhfast/kernels/cpu.py) */
+
+/* a packed binade table in four registers, for binade_entries */
+typedef struct {
+    __m512i quarter[4];
+} binade_table_t;
+
+static inline binade_table_t load_binade_table(const uint32_t *binade) {
+    binade_table_t table;
+    for (int q = 0; q < 4; q++) table.quarter[q] = _mm512_loadu_si512(binade + 16 * q);
+    return table;
+}
+
+/* the table's entries at 16 indices in [0, 64): two permutes of 32 entries each and a blend,
+ * in place of a gather */
+static inline __m512i binade_entries(const binade_table_t *table, __m512i index) {
+    const __m512i low = _mm512_permutex2var_epi32(table->quarter[0], index, table->quarter[1]);
+    const __m512i high = _mm512_permutex2var_epi32(table->quarter[2], index, table->quarter[3]);
+    return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(index, _mm512_set1_epi32(32)), low,
+                                   high);
+}
+
+/* encode() on 16 values at once, operation for operation */
+static inline __m128i encode16(__m512 x, __m512 divisor, __m512 u, const binade_table_t *table,
+                               __m512i last, __m512 below, const int is_signed) {
+    const __m512 y = _mm512_abs_ps(_mm512_div_ps(x, divisor));
+    const __m512i bits = _mm512_castps_si512(y);
+    __m512i index = _mm512_sub_epi32(_mm512_set1_epi32(127), _mm512_srli_epi32(bits, 23));
+    index = _mm512_min_epi32(_mm512_max_epi32(index, _mm512_setzero_si512()), last);
+    const __m512i entry = binade_entries(table, index);
+    const __m512 mantissa = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF)), _mm512_set1_epi32(0x3F800000)));
+    const __m512 steps = _mm512_castsi512_ps(_mm512_and_si512(entry, _mm512_set1_epi32(~0xFF)));
+    const __m512 position = _mm512_mask_blend_ps(
+        _mm512_cmpeq_epi32_mask(index, last),
+        _mm512_mul_ps(_mm512_sub_ps(mantissa, _mm512_set1_ps(1.0f)), steps),
+        _mm512_mul_ps(y, below));
+    const __m512 lower = _mm512_roundscale_ps(position, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(position, lower), _CMP_LT_OQ);
+    __m512i code = _mm512_add_epi32(_mm512_and_si512(entry, _mm512_set1_epi32(0xFF)),
+                                    _mm512_cvttps_epi32(lower));
+    code = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+    code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
+                                 _mm512_setzero_si512());
+    if (is_signed) {
+        const __mmask16 negative =
+            _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ) &
+            _mm512_cmpgt_epi32_mask(code, _mm512_setzero_si512());
+        code = _mm512_mask_add_epi32(code, negative, code, _mm512_set1_epi32(127));
+    }
+    return _mm512_cvtepi32_epi8(code);
+}
+#endif
+
 INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8_t *restrict mc,
                          uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
                          const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
@@ -253,7 +309,38 @@ INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8
                          const int second) {
     const int32_t m_last = maps[0].binades + 1, v_last = maps[1].binades + 1;
     const float m_below = maps[0].below, v_below = maps[1].below;
-    for (int k = 0; k < count; k++) {
+    int k = 0;
+#if defined(__AVX512F__)
+    {
+        const binade_table_t m_table = load_binade_table(m_binade);
+        const binade_table_t v_table = load_binade_table(second ? v_binade : m_binade);
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                14, 15);
+        for (; k + 16 <= count; k += 16) {
+            __m512i r = _mm512_xor_si512(
+                _mm512_add_epi32(_mm512_set1_epi32((int32_t)(first + (uint32_t)k)), lanes),
+                _mm512_set1_epi32((int32_t)seed));
+            r = _mm512_mullo_epi32(r, _mm512_set1_epi32((int32_t)0x9E3779B1u));
+            r = _mm512_xor_si512(r, _mm512_srli_epi32(r, 16));
+            const __m512 u = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xFFFF))),
+                _mm512_set1_ps(0x1p-16f));
+            _mm_storeu_si128((__m128i *)(mc + k),
+                             encode16(_mm512_loadu_ps(m + k), _mm512_set1_ps(m_divisor), u,
+                                      &m_table, _mm512_set1_epi32(m_last),
+                                      _mm512_set1_ps(m_below), 1));
+            if (second) {
+                const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 16)),
+                                               _mm512_set1_ps(0x1p-16f));
+                _mm_storeu_si128((__m128i *)(vc + k),
+                                 encode16(_mm512_loadu_ps(v + k), _mm512_set1_ps(v_divisor), w,
+                                          &v_table, _mm512_set1_epi32(v_last),
+                                          _mm512_set1_ps(v_below), 0));
+            }
+        }
+    }
+#endif
+    for (; k < count; k++) {
         const uint32_t r = weyl_hash((first + (uint32_t)k) ^ seed);
         const float u = (float)(r & 0xFFFFu) * 0x1p-16f;
         mc[k] = (uint8_t)encode(m[k], m_divisor, u, m_binade, m_last, m_below, 1);
@@ -302,7 +389,27 @@ __attribute__((noinline)) static void decode_block(const uint8_t *restrict codes
                                                    float *restrict x, int count,
                                                    const code_map_t *map) {
     const float *values = map->values;
-    for (int k = 0; k < count; k++) x[k] = values[codes[k]] * scale;
+    int k = 0;
+#if defined(__AVX512F__)
+    /* the 256 values in 16 registers: 8 permutes of 32 values each, then a blend by each of
+     * the code's top 3 bits, in place of a gather */
+    __m512 table[16];
+    for (int q = 0; q < 16; q++) table[q] = _mm512_loadu_ps(values + 16 * q);
+    const __m512 scales = _mm512_set1_ps(scale);
+    for (; k + 16 <= count; k += 16) {
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + k)));
+        __m512 part[8];
+        for (int j = 0; j < 8; j++)
+            part[j] = _mm512_permutex2var_ps(table[2 * j], code, table[2 * j + 1]);
+        for (int bit = 5, width = 8; bit < 8; bit++, width /= 2) {
+            const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << bit));
+            for (int j = 0; j < width / 2; j++)
+                part[j] = _mm512_mask_blend_ps(set, part[2 * j], part[2 * j + 1]);
+        }
+        _mm512_storeu_ps(x + k, _mm512_mul_ps(part[0], scales));
+    }
+#endif
+    for (; k < count; k++) x[k] = values[codes[k]] * scale;
 }
 
 /* the moments of element i (k of the block): first_ and second_ are the span's tensors */
