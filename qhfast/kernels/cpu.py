@@ -243,6 +243,10 @@ def _cpu_model() -> str:
     return "\n".join(seen) or platform.processor()
 
 
+#: the entries of a packed binade table as the kernel reads it (four AVX-512 registers)
+_BINADE_ENTRIES = 64
+
+
 class _CodeMap(ctypes.Structure):
     """The kernel's ``code_map_t``: a ``_quantize.CodeMap``, its steps and first codes packed
     into one table (``binade``: the steps' fp32 bits with the first code in the low 8 bits)."""
@@ -258,10 +262,13 @@ class _CodeMaps:
 
     def __init__(self, maps: tuple) -> None:
         # a power of two (or 0) has no low mantissa bits: the first code (< 256) goes there;
-        # padded to BINADE_TABLE (64) entries, which the kernel reads whole
-        self.tables = [(m.values, torch.nn.functional.pad(m.steps.view(torch.int32) | m.first_code,
-                                                          (0, 64 - m.binades - 2)))
-                       for m in maps]
+        # padded to the 64 entries that the kernel's AVX-512 lookup reads whole
+        if any(m.binades + 2 > _BINADE_ENTRIES for m in maps):
+            raise RuntimeError(f"a code map has more than {_BINADE_ENTRIES - 2} binades, more "
+                               "than the C kernel's lookup holds")
+        self.tables = [(m.values, torch.nn.functional.pad(
+            m.steps.view(torch.int32) | m.first_code, (0, _BINADE_ENTRIES - m.binades - 2)))
+            for m in maps]
         self.structs = (_CodeMap * 2)(*(
             _CodeMap(values.data_ptr(), binade.data_ptr(), m.binades, 2.0 ** m.binades)
             for (values, binade), m in zip(self.tables, maps)))

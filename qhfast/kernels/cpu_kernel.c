@@ -248,9 +248,8 @@ __attribute__((noinline)) static float block_scale(const float *restrict x, int 
  * loop would stay scalar. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define BINADE_TABLE 64 /* entries a packed table holds, padded (qhfast/kernels/cpu.py) */
-
-/* a packed binade table in four registers, for binade_entries */
+/* a packed binade table in four registers, for binade_entries: 64 entries (qhfast/kernels/cpu.py
+ * pads the tables to that) */
 typedef struct {
     __m512i quarter[4];
 } binade_table_t;
