@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(torch.Size(s).numel() for s in shapes)
     rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused,
                                            full=args.full)
-            if any(word in row.name for word in args.only.split(","))
+            if any(word in row.name for word in args.only.split(",") if word or args.only == "")
             or row.name.startswith(REFERENCE_ROWS)]
     runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
     measured, total = 0, args.rounds * len(rows)

@@ -434,6 +434,17 @@ class QHOptimizer(Optimizer):
                 f"fused step for ({', '.join(FUSED_DEVICES)}), got a parameter on "
                 f"{p.device.type}; use fused=None (the default) or foreach"
             )
+        self._check_sharding(p, group)
+        if p.is_complex() and group["state_dtype"] is not None and not isinstance(
+                group["state_dtype"], str):
+            raise ValueError(
+                f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
+                "(state_dtype must be None or \"8bit\": torch has no complex bf16)"
+            )
+
+    def _check_sharding(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Raise ValueError where ``group``'s 8-bit moments of DTensor ``p`` could not be
+        sharded like it (:func:`qhfast._quantize.sharding_problem`)."""
         problem = quantize.sharding_problem(p) if isinstance(group["state_dtype"], str) else None
         if problem:
             raise ValueError(
@@ -441,12 +452,15 @@ class QHOptimizer(Optimizer):
                 f"of shape {tuple(p.shape)}: {problem}. Put it in a param group of its own with "
                 "state_dtype=None or torch.bfloat16"
             )
-        if p.is_complex() and group["state_dtype"] is not None and not isinstance(
-                group["state_dtype"], str):
-            raise ValueError(
-                f"Invalid state_dtype value: {group['state_dtype']} for a {p.dtype} parameter "
-                "(state_dtype must be None or \"8bit\": torch has no complex bf16)"
-            )
+
+    def _check_changed_options(self) -> None:
+        """Raise before anything changes where a group's precision options, changed since its
+        state was made, do not suit one of its parameters (each is checked per dtype and device
+        when it steps; whether 8-bit moments shard depends on each one's shape and layout)."""
+        for index, group in enumerate(self.param_groups):
+            if self._precision_made.get(index) != _precision_options(group):
+                for p in group["params"]:
+                    self._check_sharding(p, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -493,6 +507,7 @@ class QHOptimizer(Optimizer):
                 loss = closure()
         # Check every group before touching any tensor: a step that raises changes nothing.
         with_grads = [self._params_with_grads(group) for group in self.param_groups]
+        self._check_changed_options()
         # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
         grad_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
         found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
@@ -659,6 +674,8 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
         steps); see
         :func:`qhfast._precision.reconcile_state`."""
+        for p in group["params"]:  # (step() checks every group first; step_in_backward not)
+            self._check_sharding(p, group)
         self._state_changed()
         for p in group["params"]:
             state = self.state.get(p)
@@ -732,16 +749,23 @@ class QHOptimizer(Optimizer):
                 continue
             codes = value.dtype == torch.uint8
             shape = quantize.codes_shape(p) if codes else tuple(p.shape)
+            scales = saved.get(key + quantize.SCALE_SUFFIX)
             problem = None
             if tuple(value.shape) != shape:
                 problem = f"is shaped {tuple(value.shape)}, the parameter's needs {shape}"
-            elif codes:
-                scales = saved.get(key + quantize.SCALE_SUFFIX)
-                blocks = quantize.blocks(value.numel())
-                if not isinstance(scales, Tensor) or scales.numel() != blocks:
-                    found = scales.numel() if isinstance(scales, Tensor) else "none"
-                    problem = (f"holds 8-bit codes with {found} scales in "
-                               f"{key + quantize.SCALE_SUFFIX!r}, not {blocks} (one per block)")
+            elif codes and (not isinstance(scales, Tensor)
+                            or scales.numel() != quantize.blocks(value.numel())):
+                found = scales.numel() if isinstance(scales, Tensor) else "none"
+                problem = (f"holds 8-bit codes with {found} scales in "
+                           f"{key + quantize.SCALE_SUFFIX!r}, not "
+                           f"{quantize.blocks(value.numel())} (one per block)")
+            elif codes and isinstance(p, DTensor) and (
+                    tuple(scales.shape) != quantize.scale_shape(shape)):
+                # flat scales (qhfast before 2026-12) split as the rows are not: load them
+                # into one process, where they are reshaped, and save again
+                problem = (f"holds scales shaped {tuple(scales.shape)}, which a sharded "
+                           f"parameter needs shaped {quantize.scale_shape(shape)} (flat scales "
+                           "of an earlier qhfast load into a single-process optimizer)")
             if problem:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: {key!r} of parameter {saved_id} "

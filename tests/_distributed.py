@@ -280,6 +280,33 @@ def bad_distributed_input() -> dict:
             outcome[case] = (None, None)
         except ValueError as error:
             outcome[case] = (str(error), torch.equal(odd.to_local(), before))
+    # ... and the same asked for after construction: the step refuses before any change
+    odd = torch.nn.Parameter(distribute_tensor(torch.ones(64, 100), mesh, [Shard(0)]))
+    wide = torch.nn.Parameter(distribute_tensor(torch.ones(32, 512), mesh, [Shard(0)]))
+    optimizer = qhfast.QHAdam([wide, odd], lr=0.1)
+    optimizer.param_groups[0]["state_dtype"] = "8bit"
+    wide.grad = distribute_tensor(torch.ones(32, 512), mesh, [Shard(0)])
+    odd.grad = distribute_tensor(torch.ones(64, 100), mesh, [Shard(0)])
+    try:
+        optimizer.step()
+        outcome["8bit_later"] = (None, None)
+    except ValueError as error:
+        unchanged = not optimizer.state and bool((odd.to_local() == 1).all()
+                                                 and (wide.to_local() == 1).all())
+        outcome["8bit_later"] = (str(error), unchanged)
+    # flat scales (an earlier qhfast's) loaded into sharded 8-bit moments
+    optimizer = qhfast.QHAdam([wide], lr=0.1, state_dtype="8bit")
+    saved = {0: {key: distribute_tensor(value, mesh, [Shard(0)]) for key, value in {
+        "exp_avg": torch.zeros(32, 512, dtype=torch.uint8), "exp_avg_scale": torch.zeros(64),
+        "exp_avg_sq": torch.zeros(32, 512, dtype=torch.uint8),
+        "exp_avg_sq_scale": torch.zeros(32, 2)}.items()}}
+    saved[0].update(beta1_weight=torch.tensor(1.0), beta2_weight=torch.tensor(1.0))
+    try:
+        optimizer.load_state_dict({"state": saved, "param_groups": [
+            dict(optimizer.state_dict()["param_groups"][0], params=[0])]})
+        outcome["flat_scales"] = (None, None)
+    except ValueError as error:
+        outcome["flat_scales"] = (str(error), not optimizer.state)
     return outcome
 
 

@@ -172,6 +172,9 @@ def test_inputs_that_do_not_line_up_with_dtensor_params_raise_and_change_nothing
         "8bit_rows": "of shape (64, 100): its rows are 100 numbers (shape (64, 100)), not a "
                      "multiple of 256",
         "8bit_dim_1": "of shape (16, 512): it is sharded along dim 1",
+        "8bit_later": "of shape (64, 100): its rows are 100 numbers",
+        "flat_scales": "'exp_avg' of parameter 0 holds scales shaped (64,), which a sharded "
+                       "parameter needs shaped (32, 2)",
     }
     for rank_results in trained:
         for case, expected in messages.items():
