@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shapes = step_bench.transformer_shapes(args.blocks, args.width)
     numel = sum(torch.Size(s).numel() for s in shapes)
+    words = [word for word in args.only.split(",") if word] or [""]
     rows = [row for row in step_bench.rows(args.device, fused=args.fused, every_fused=args.all_fused,
                                            full=args.full)
-            if any(word in row.name for word in args.only.split(",") if word or args.only == "")
-            or row.name.startswith(REFERENCE_ROWS)]
+            if any(word in row.name for word in words) or row.name.startswith(REFERENCE_ROWS)]
     runner = step_bench.Runner(shapes, args.device, args.steps, args.warmup)
     measured, total = 0, args.rounds * len(rows)
     timing_began = time.perf_counter()

@@ -459,8 +459,11 @@ class QHOptimizer(Optimizer):
         when it steps; whether 8-bit moments shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
             if self._precision_made.get(index) != _precision_options(group):
-                for p in group["params"]:
-                    self._check_sharding(p, group)
+                self._check_group_sharding(group)
+
+    def _check_group_sharding(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            self._check_sharding(p, group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -674,8 +677,7 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
         steps); see
         :func:`qhfast._precision.reconcile_state`."""
-        for p in group["params"]:  # (step() checks every group first; step_in_backward not)
-            self._check_sharding(p, group)
+        self._check_group_sharding(group)  # (step() checks every group first; not every caller)
         self._state_changed()
         for p in group["params"]:
             state = self.state.get(p)

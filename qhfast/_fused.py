@@ -248,10 +248,6 @@ def _code_maps(tensors: dict[str, list]) -> tuple | None:
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _maybe(function: Any, t: Tensor | None) -> Tensor | None:
-    return None if t is None else function(t)
-
-
 def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
                     states: list[dict[str, Any]], backend: str) -> dict[str, list] | None:
     """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``, and the C
@@ -275,9 +271,9 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         "extras": [view(s[extra_key]) for s in states] if extra_key else [None] * len(bucket),
         "weights1": [s[counters[0]] for s in states] if counters else [None] * len(bucket),
         "weights2": [s[counters[1]] for s in states] if counters else [None] * len(bucket),
-        "scales1": [_maybe(view, s.get(keys[0] + quantize.SCALE_SUFFIX)) for s in states],
-        "scales2": [_maybe(view, s.get(keys[-1] + quantize.SCALE_SUFFIX)) if len(keys) > 1
-                    else None for s in states],
+        "scales1": [view(s.get(keys[0] + quantize.SCALE_SUFFIX)) for s in states],
+        "scales2": [view(s.get(keys[-1] + quantize.SCALE_SUFFIX)) if len(keys) > 1 else None
+                    for s in states],
     }
     if dtype.is_complex:
         tensors = {role: [t if t is None or not t.is_complex() else torch.view_as_real(t)

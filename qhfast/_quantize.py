@@ -57,7 +57,8 @@ from torch._subclasses.fake_tensor import is_fake
 from ._tensors import DTensor, shard_like
 
 __all__ = ["BLOCK", "MIN_ELEMENTS", "SCALE_SUFFIX", "CodeMap", "quantizes", "blocks",
-           "scale_shape", "codes_shape", "sharding_problem", "new_scales", "code_map", "quantize", "dequantize"]
+           "scale_shape", "codes_shape", "sharding_problem", "new_scales", "code_map",
+           "quantize", "dequantize"]
 
 #: elements per block (one fp32 scale each)
 BLOCK = 256
@@ -211,8 +212,9 @@ def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool, dtype: torch.dt
 def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
              draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales shaped by
-    :func:`scale_shape`, each the block's largest magnitude). Each value over its scale is rounded to one of its two neighbouring
-    codes (in magnitude, for a signed map), at random with the probability that makes the
+    :func:`scale_shape`, each the block's largest magnitude). Each value over its scale is
+    rounded to one of its two neighbouring codes (in magnitude, for a signed map), at random
+    with the probability that makes the
     result unbiased (``stochastic``: up where a uniform draw in [0, 1) is below the share of
     the gap covered; ``draws``, shaped like ``x``, else ``torch.rand``), else to the nearer (a
     tie up). ``nonnegative``: a second moment. NaN values code as 0 and their block's scale is

@@ -393,6 +393,19 @@ def test_the_c_kernel_encodes_every_binade_of_both_maps(isa, monkeypatch):
         assert index.unique().tolist() == list(range(last + 1)), key
 
 
+def test_a_map_larger_than_the_kernels_lookup_is_refused():
+    """The C kernel's AVX-512 lookup holds 64 binade entries (62 binades): a larger map is
+    refused where its tables are made, not read out of bounds."""
+    from qhfast.kernels import cpu
+
+    fits = quantize.code_map(False, torch.device("cpu"))
+    steps = torch.zeros(65, dtype=torch.float32)
+    too_large = quantize.CodeMap(fits.values, steps, torch.zeros(65, dtype=torch.int32), 63)
+    assert cpu._CodeMaps((fits, fits)).tables[0][1].numel() == 64
+    with pytest.raises(RuntimeError, match="more than 62 binades"):
+        cpu._CodeMaps((fits, too_large))
+
+
 @pytest.mark.parametrize("name", ["QHAdam", "QHM"])
 def test_the_c_kernel_without_avx512_writes_the_same_codes(name, monkeypatch):
     """The kernel's codes come from AVX-512 permutes where the machine has them (this one)

@@ -241,11 +241,6 @@ __attribute__((noinline)) static float block_scale(const float *restrict x, int 
     return bits_float(top);
 }
 
-/* The codes of a block of first moments (signed map) and, where `second`, of second moments
- * (non-negative map) over their blocks' divisors; the draws are the two 16-bit halves of each
- * element's random bits (RANDOM). The tables come as restrict arguments of a function that is
- * not inlined (inlined, gcc forgets them): codes are bytes, which may alias anything, and the
- * loop would stay scalar. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* a packed binade table in four registers, for binade_entries: 64 entries (qhfast/kernels/cpu.py
@@ -301,6 +296,11 @@ static inline __m128i encode16(__m512 x, __m512 divisor, __m512 u, const binade_
 }
 #endif
 
+/* The codes of a block of first moments (signed map) and, where `second`, of second moments
+ * (non-negative map) over their blocks' divisors; the draws are the two 16-bit halves of each
+ * element's random bits (RANDOM). The tables come as restrict arguments of a function that is
+ * not inlined (inlined, gcc forgets them): codes are bytes, which may alias anything, and the
+ * loop would stay scalar. With AVX-512, 16 at a time by encode16, the rest by that loop. */
 INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8_t *restrict mc,
                          uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
                          const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
