@@ -143,8 +143,12 @@ class CodeMap(NamedTuple):
     :math:`t = (\mathrm{mantissa} - 1) \cdot \mathrm{steps}[index]` (the mantissa in [1, 2)),
     below it :math:`t = y \cdot 2^{\mathrm{binades}}`; either is exact in fp32, and the two codes
     around :math:`y` are ``first_code[index]`` + ⌊t⌋ and the next, :math:`t - ⌊t⌋` of the way
-    from one to the other. A signed map codes the magnitude, and a negative value with
-    magnitude code c > 0 as 127 + c."""
+    from one to the other. A stochastic write takes ``first_code[index]`` + ⌊t + u⌋ for a
+    uniform draw u in [0, 1): the next code with probability :math:`t - ⌊t⌋`, in one addition
+    and one rounding (the kernels' cheapest unbiased form: within a binade t has at most
+    23 - log2(steps) bits after the point, so t + u is exact in fp32 for the kernels' 16-bit
+    draws; below the smallest binade it may round, a bias under 2^-23 of a step). A signed
+    map codes the magnitude, and a negative value with magnitude code c > 0 as 127 + c."""
 
     values: Tensor  # fp32 [256]
     steps: Tensor  # fp32 [binades + 2]: steps per binade (0 for index 0, unused for the last)
@@ -215,9 +219,9 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     :func:`scale_shape`, each the block's largest magnitude). Each value over its scale is
     rounded to one of its two neighbouring codes (in magnitude, for a signed map), at random
     with the probability that makes the
-    result unbiased (``stochastic``: up where a uniform draw in [0, 1) is below the share of
-    the gap covered; ``draws``, shaped like ``x``, else ``torch.rand``), else to the nearer (a
-    tie up). ``nonnegative``: a second moment. NaN values code as 0 and their block's scale is
+    result unbiased (``stochastic``: up where the share of the gap covered and a uniform draw
+    in [0, 1) add up to 1 or more, see :class:`CodeMap`; ``draws``, shaped like ``x``, else
+    ``torch.rand``), else to the nearer (a tie up). ``nonnegative``: a second moment. NaN values code as 0 and their block's scale is
     NaN, so the whole block reads back NaN; so does a block with an infinite value (its scale
     is infinite, its other values code as 0, and 0·∞ is NaN): one overflowing moment loses
     its block of 256 where fp32 state would lose that element alone (a GradScaler-skipped
@@ -236,15 +240,13 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     position = torch.where(index == code_map_.binades + 1,
                            magnitude * 2.0 ** code_map_.binades,
                            (mantissa - 1) * torch.take(code_map_.steps, index))
-    lower = position.floor()
-    share = position - lower  # of the gap to the next code: exact
     if not stochastic:
-        up = share >= 0.5
-    elif draws is None:
-        up = torch.rand_like(share) < share
-    else:
-        up = _as_blocks(draws.float()) < share
-    codes = torch.take(code_map_.first_code, index) + lower.int() + up.int()
+        lower = position.floor()
+        rounded = lower + (position - lower >= 0.5)  # the share of the gap is exact
+    else:  # up where the share of the gap and the draw reach 1: with the share's probability
+        draw = torch.rand_like(position) if draws is None else _as_blocks(draws.float())
+        rounded = (position + draw).floor()
+    codes = torch.take(code_map_.first_code, index) + rounded.int()
     codes = torch.where(magnitude.isnan(), 0, codes)
     if not nonnegative:
         codes = torch.where((values < 0) & (codes > 0), codes + 127, codes)

@@ -83,6 +83,16 @@ def test_writes_are_unbiased_and_exact_values_stay_exact(nonnegative):
     nearest, _ = quantize.quantize(x, nonnegative, stochastic=False)
     assert len(quantize.dequantize(nearest, scales, nonnegative, torch.float32)
                .view(64, -1)[:, 2::2].unique()) == 1
+    # the kernels' draws, 16-bit: over 65535 of the 65536 the mean is exact to a step / 2^15
+    x = torch.full((257, quantize.BLOCK), 0.465)
+    x[:, 0] = 1.5
+    draws = torch.zeros_like(x)
+    draws[:, 1:] = torch.randperm(65535).view(257, -1) / 65536
+    codes, scales = quantize.quantize(x, nonnegative, draws=draws)
+    middle = quantize.dequantize(codes, scales, nonnegative, torch.float32)[:, 1:]
+    gap = middle.max() - middle.min()
+    assert 0 < gap < 0.125 * 1.5 and len(middle.unique()) == 2
+    assert abs(middle.double().mean().item() - 0.465) <= gap.item() * 2 ** -15
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -401,9 +411,23 @@ def test_a_map_larger_than_the_kernels_lookup_is_refused():
     fits = quantize.code_map(False, torch.device("cpu"))
     steps = torch.zeros(65, dtype=torch.float32)
     too_large = quantize.CodeMap(fits.values, steps, torch.zeros(65, dtype=torch.int32), 63)
-    assert cpu._CodeMaps((fits, fits)).tables[0][1].numel() == 64
+    assert cpu._CodeMaps((fits, fits)).tables[0][2].numel() == 64
     with pytest.raises(RuntimeError, match="more than 62 binades"):
         cpu._CodeMaps((fits, too_large))
+
+
+def test_a_map_whose_values_bf16_cannot_hold_is_refused():
+    """The C kernel's AVX-512 decoding reads the code values as bf16, exact for qhfast's maps
+    (at most 6 significant bits); a value with more is refused where the tables are made, not
+    decoded wrongly."""
+    from qhfast.kernels import cpu
+
+    fits = quantize.code_map(True, torch.device("cpu"))
+    assert torch.equal(cpu._CodeMaps((fits, fits)).tables[0][1].float(), fits.values)
+    values = fits.values.clone()
+    values[5] = 1 / 3
+    with pytest.raises(RuntimeError, match="bf16 does not hold exactly"):
+        cpu._CodeMaps((fits, fits._replace(values=values)))
 
 
 @pytest.mark.parametrize("name", ["QHAdam", "QHM"])

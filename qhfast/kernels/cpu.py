@@ -251,8 +251,9 @@ class _CodeMap(ctypes.Structure):
     """The kernel's ``code_map_t``: a ``_quantize.CodeMap``, its steps and first codes packed
     into one table (``binade``: the steps' fp32 bits with the first code in the low 8 bits)."""
 
-    _fields_ = [("values", ctypes.c_void_p), ("binade", ctypes.c_void_p),
-                ("binades", ctypes.c_int32), ("below", ctypes.c_float)]
+    _fields_ = [("values", ctypes.c_void_p), ("bf16_values", ctypes.c_void_p),
+                ("binade", ctypes.c_void_p), ("binades", ctypes.c_int32),
+                ("below", ctypes.c_float)]
 
 
 class _CodeMaps:
@@ -266,12 +267,17 @@ class _CodeMaps:
         if any(m.binades + 2 > _BINADE_ENTRIES for m in maps):
             raise RuntimeError(f"a code map has more than {_BINADE_ENTRIES - 2} binades, more "
                                "than the C kernel's lookup holds")
-        self.tables = [(m.values, torch.nn.functional.pad(
+        # the values as bf16 too, for the kernel's AVX-512 decoding: exact, or refused
+        if any(not torch.equal(m.values.bfloat16().float(), m.values) for m in maps):
+            raise RuntimeError("a code map has values that bf16 does not hold exactly, as the "
+                               "C kernel's decoding reads them")
+        self.tables = [(m.values, m.values.bfloat16(), torch.nn.functional.pad(
             m.steps.view(torch.int32) | m.first_code, (0, _BINADE_ENTRIES - m.binades - 2)))
             for m in maps]
         self.structs = (_CodeMap * 2)(*(
-            _CodeMap(values.data_ptr(), binade.data_ptr(), m.binades, 2.0 ** m.binades)
-            for (values, binade), m in zip(self.tables, maps)))
+            _CodeMap(values.data_ptr(), bf16_values.data_ptr(), binade.data_ptr(), m.binades,
+                     2.0 ** m.binades)
+            for (values, bf16_values, binade), m in zip(self.tables, maps)))
 
 
 def _declare(library: ctypes.CDLL) -> None:

@@ -201,14 +201,16 @@ static inline uint32_t weyl_hash(uint32_t x) {
  * bits of the steps (a power of two, or 0) with the first code in the low 8 bits */
 typedef struct {
     const float *values;    /* the value of each of the 256 codes */
+    const uint16_t *bf16_values; /* the same as bf16 (exact: every value has 8 significant bits
+                                  * or fewer; qhfast/kernels/cpu.py checks) */
     const uint32_t *binade; /* by index (binades + 2): steps' fp32 bits | first code */
     int32_t binades;
     float below;            /* 2^binades */
 } code_map_t;
 
 /* x's code in its block (divisor: the block's scale, or 1 where that is not > 0), rounded up
- * where the uniform draw u in [0, 1) is below the share of the gap x covers: the torch ops of
- * _quantize.quantize, operation for operation */
+ * where the share of the gap x covers and the uniform draw u in [0, 1) add up to 1 or more
+ * (floor(position + u)): the torch ops of _quantize.quantize, operation for operation */
 INLINE uint32_t encode(float x, float divisor, float u, const uint32_t *binade, int32_t last,
                        float below, const int is_signed) {
     const float y = fabsf(x / divisor);
@@ -220,8 +222,7 @@ INLINE uint32_t encode(float x, float divisor, float u, const uint32_t *binade, 
     const float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u); /* in [1, 2) */
     const float position =
         index == last ? y * below : (mantissa - 1.0f) * bits_float(entry & ~0xFFu);
-    const float lower = floorf(position);
-    int32_t code = (int32_t)(entry & 0xFFu) + (int32_t)lower + (u < position - lower);
+    int32_t code = (int32_t)(entry & 0xFFu) + (int32_t)floorf(position + u);
     code = y != y ? 0 : code;
     if (is_signed) code = x < 0.0f && code > 0 ? code + 127 : code;
     return (uint32_t)code;
@@ -279,11 +280,10 @@ static inline __m128i encode16(__m512 x, __m512 divisor, __m512 u, const binade_
         _mm512_cmpeq_epi32_mask(index, last),
         _mm512_mul_ps(_mm512_sub_ps(mantissa, _mm512_set1_ps(1.0f)), steps),
         _mm512_mul_ps(y, below));
-    const __m512 lower = _mm512_roundscale_ps(position, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(position, lower), _CMP_LT_OQ);
-    __m512i code = _mm512_add_epi32(_mm512_and_si512(entry, _mm512_set1_epi32(0xFF)),
-                                    _mm512_cvttps_epi32(lower));
-    code = _mm512_mask_add_epi32(code, up, code, _mm512_set1_epi32(1));
+    __m512i code = _mm512_add_epi32(
+        _mm512_and_si512(entry, _mm512_set1_epi32(0xFF)),
+        _mm512_cvt_roundps_epi32(_mm512_add_ps(position, u),
+                                 _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
     code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
                                  _mm512_setzero_si512());
     if (is_signed) {
@@ -389,23 +389,30 @@ __attribute__((noinline)) static void decode_block(const uint8_t *restrict codes
                                                    const code_map_t *map) {
     const float *values = map->values;
     int k = 0;
-#if defined(__AVX512F__)
-    /* the 256 values in 16 registers: 8 permutes of 32 values each, then a blend by each of
-     * the code's top 3 bits, in place of a gather */
-    __m512 table[16];
-    for (int q = 0; q < 16; q++) table[q] = _mm512_loadu_ps(values + 16 * q);
+#if defined(__AVX512BW__)
+    /* the 256 values as bf16 in 8 registers: 4 word permutes of 64 values each, then a blend
+     * by each of the code's top 2 bits, in place of a gather; 32 codes at a time */
+    __m512i table[8];
+    for (int q = 0; q < 8; q++) table[q] = _mm512_loadu_si512(map->bf16_values + 32 * q);
     const __m512 scales = _mm512_set1_ps(scale);
-    for (; k + 16 <= count; k += 16) {
-        const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + k)));
-        __m512 part[8];
-        for (int j = 0; j < 8; j++)
-            part[j] = _mm512_permutex2var_ps(table[2 * j], code, table[2 * j + 1]);
-        for (int bit = 5, width = 8; bit < 8; bit++, width /= 2) {
-            const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << bit));
-            for (int j = 0; j < width / 2; j++)
-                part[j] = _mm512_mask_blend_ps(set, part[2 * j], part[2 * j + 1]);
+    for (; k + 32 <= count; k += 32) {
+        const __m512i code =
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + k)));
+        __m512i part[4];
+        for (int j = 0; j < 4; j++)
+            part[j] = _mm512_permutex2var_epi16(table[2 * j], code, table[2 * j + 1]);
+        const __mmask32 bit6 = _mm512_test_epi16_mask(code, _mm512_set1_epi16(1 << 6));
+        const __mmask32 bit7 = _mm512_test_epi16_mask(code, _mm512_set1_epi16(1 << 7));
+        const __m512i value = _mm512_mask_blend_epi16(
+            bit7, _mm512_mask_blend_epi16(bit6, part[0], part[1]),
+            _mm512_mask_blend_epi16(bit6, part[2], part[3]));
+        for (int half = 0; half < 2; half++) { /* bf16 to fp32: the bits moved up by 16 */
+            const __m256i words = half ? _mm512_extracti64x4_epi64(value, 1)
+                                       : _mm512_castsi512_si256(value);
+            const __m512 widened =
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+            _mm512_storeu_ps(x + k + 16 * half, _mm512_mul_ps(widened, scales));
         }
-        _mm512_storeu_ps(x + k, _mm512_mul_ps(part[0], scales));
     }
 #endif
     for (; k < count; k++) x[k] = values[codes[k]] * scale;

@@ -187,8 +187,8 @@ def _larger(a, b):
 def _encode(codes, scales, binade, index, mask, x, r, SIGNED: tl.constexpr,
             LAST: tl.constexpr):
     """A (rows, 256) block of fp32 moments as codes and one scale per row, the C kernel's
-    ``encode`` operation for operation (see ``_quantize.CodeMap``): up where the draw (the
-    low 16 bits of r, over 2^16) is below the share of the gap covered. ``binade``: the map's
+    ``encode`` operation for operation (see ``_quantize.CodeMap``): up where the share of the
+    gap covered and the draw (the low 16 bits of r, over 2^16) add up to 1 or more. ``binade``: the map's
     steps' fp32 bits with the first code in the low 8 bits, by binade index (LAST + 1 of
     them); below the smallest binade a value's position is y · 2^(LAST - 1), exact."""
     x = tl.where(mask, x, 0.0)
@@ -209,9 +209,8 @@ def _encode(codes, scales, binade, index, mask, x, r, SIGNED: tl.constexpr,
     steps = (entry & -256).to(tl.float32, bitcast=True)
     below = tl.full((), (LAST - 1 + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
     position = tl.where(at == LAST, y * below, (mantissa - 1.0) * steps)
-    lower = tl.floor(position)
     draw = (r & 0xFFFF).to(tl.float32) * 0.0000152587890625  # 2^-16
-    code = (entry & 0xFF) + lower.to(tl.int32) + (draw < position - lower).to(tl.int32)
+    code = (entry & 0xFF) + tl.floor(position + draw).to(tl.int32)
     code = tl.where(y != y, 0, code)
     if SIGNED:
         code = tl.where((x < 0.0) & (code > 0), code + 127, code)
