@@ -3,7 +3,7 @@ r"""8-bit moments (``state_dtype="8bit"``): blockwise codes through a non-linear
 A moment of a parameter of two or more dimensions and at least :data:`MIN_ELEMENTS` elements
 is stored as one ``uint8`` code per element (a tensor shaped like the parameter) and one fp32
 scale per block of :data:`BLOCK` consecutive elements (``state[key + "_scale"]``, the block's
-largest magnitude): element :math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller
+largest magnitude, or 2^-126 where that is smaller but nonzero): element :math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller
 tensors keep the compute dtype (their bytes do not matter; bitsandbytes does the same), and
 so do 1-D ones (biases, norm weights: a small share of a model, which FSDP2 would cut at
 offsets that are not whole blocks).
@@ -135,8 +135,8 @@ class CodeMap(NamedTuple):
     r"""A code map, as both the torch ops here and the C kernel read it.
 
     ``values``: the value of each of the 256 codes (fp32; code 0 is 0.0, so zero-filled codes
-    are a zero moment). Encoding a magnitude :math:`y \in [0, 1]` (an element over its block's
-    scale) is arithmetic, by its binade: ``index`` = 127 - (the biased fp32 exponent of
+    are a zero moment). Encoding a magnitude :math:`y \in [0, 1]` (an element times its block's
+    inverse scale, :func:`_inverse`) is arithmetic, by its binade: ``index`` = 127 - (the biased fp32 exponent of
     :math:`y`), clamped to [0, ``binades`` + 1]: 0 is :math:`y = 1` (the top code), 1 to
     ``binades`` the binades from [1/2, 1) down, ``binades`` + 1 everything below the smallest
     nonzero value :math:`2^{-\mathrm{binades}}`. Within a binade the position
@@ -213,11 +213,27 @@ def dequantize(codes: Tensor, scales: Tensor, nonnegative: bool, dtype: torch.dt
     return moment.reshape(-1).narrow(0, 0, codes.numel()).view(codes.shape).to(dtype)
 
 
+#: the smallest nonzero scale (the smallest normal fp32): a subnormal's reciprocal overflows
+_SMALLEST_SCALE = 2.0 ** -126
+
+
+def _inverse(scales: Tensor) -> Tensor:
+    """What each block's elements are multiplied by to put their magnitudes in [0, 1] (one
+    multiplication each, where a division costs the kernels several): 1/scale, one fp32 step
+    up where rounding to nearest left scale · (1/scale) below 1, so that a block's largest
+    element is exactly 1, the top code (any other may round to 1 too, a bias of 2^-24); 1
+    where the scale is not > 0 (zero, NaN)."""
+    positive = scales > 0
+    inverse = 1 / torch.where(positive, scales, 1.0)
+    up = (inverse.view(torch.int32) + 1).view(torch.float32)
+    return torch.where(positive & (scales * inverse < 1), up, inverse)
+
+
 def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
              draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales shaped by
-    :func:`scale_shape`, each the block's largest magnitude). Each value over its scale is
-    rounded to one of its two neighbouring codes (in magnitude, for a signed map), at random
+    :func:`scale_shape`, each the block's largest magnitude, 2^-126 where that is smaller
+    but nonzero). Each value times its block's inverse scale (:func:`_inverse`) is rounded to one of its two neighbouring codes (in magnitude, for a signed map), at random
     with the probability that makes the
     result unbiased (``stochastic``: up where the share of the gap covered and a uniform draw
     in [0, 1) add up to 1 or more, see :class:`CodeMap`; ``draws``, shaped like ``x``, else
@@ -232,8 +248,8 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
                          f"{tuple(draws.shape)}")
     values = _as_blocks(x.float())
     scales = values.abs().amax(dim=1)
-    divisor = torch.where(scales > 0, scales, 1.0).unsqueeze(1)
-    magnitude = (values / divisor).abs()  # in [0, 1]
+    scales = torch.where((scales > 0) & (scales < _SMALLEST_SCALE), _SMALLEST_SCALE, scales)
+    magnitude = (values * _inverse(scales).unsqueeze(1)).abs()  # in [0, 1] (see _inverse)
     bits = magnitude.view(torch.int32)
     index = (127 - bits.bitwise_right_shift(23)).clamp_(0, code_map_.binades + 1).long()
     mantissa = bits.bitwise_and(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)  # [1, 2)

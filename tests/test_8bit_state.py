@@ -95,6 +95,31 @@ def test_writes_are_unbiased_and_exact_values_stay_exact(nonnegative):
     assert abs(middle.double().mean().item() - 0.465) <= gap.item() * 2 ** -15
 
 
+@pytest.mark.parametrize("nonnegative", [False, True], ids=["signed", "second_moment"])
+def test_a_blocks_largest_element_is_exact_and_subnormal_blocks_stay_finite(nonnegative):
+    """Elements are multiplied by their block's reciprocal scale (no division): 1/scale rounds
+    below the exact reciprocal for about 15% of scales, which would put the largest element
+    one code down where it rounds down (draws of 0 here); it must come back exactly, for 4096
+    maxima across 2^-100 to 2^100. A block of subnormal moments gets the scale 2^-126 (the
+    reciprocal of a subnormal overflows) and comes back finite, its largest within a code."""
+    torch.manual_seed(0)
+    top = (1 + torch.rand(4096)) * 2.0 ** torch.randint(-100, 100, (4096,)).float()
+    x = top.unsqueeze(1) * torch.rand(4096, quantize.BLOCK)
+    x[:, 0] = top
+    if not nonnegative:
+        x[::2] = -x[::2]
+    codes, scales = quantize.quantize(x, nonnegative, draws=torch.zeros_like(x))
+    assert torch.equal(scales.view(-1), top)
+    assert torch.equal(quantize.dequantize(codes, scales, nonnegative, torch.float32)[:, 0],
+                       x[:, 0])
+    tiny = torch.full((quantize.BLOCK,), 2.0 ** -140)
+    tiny[0] = 2.0 ** -130
+    codes, scales = quantize.quantize(tiny, nonnegative)
+    back = quantize.dequantize(codes, scales, nonnegative, torch.float32)
+    assert scales.item() == 2.0 ** -126 and back.isfinite().all()
+    assert 2.0 ** -131 <= back[0] <= 2.0 ** -129
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["QHAdam", "QHAdamW", "QHM"])
 def test_the_trajectory_tracks_the_fp32_state_run(name, dtype):
@@ -371,6 +396,30 @@ def test_the_c_kernel_writes_the_reference_codes_for_its_draws(name, dtype, mode
     assert scales.isinf().nonzero().view(-1).tolist() == [40000 // 256]
 
 
+def test_the_c_kernels_largest_element_is_exact_at_a_zero_draw(monkeypatch):
+    """The C kernel multiplies by the block's reciprocal scale, like quantize(): where 1/scale
+    rounds low, the largest element is one fp32 step under the top and only a draw of 0 (one
+    in 2^16) rounds it a code down, which random draws do not test. Here element 0's draws
+    are both 0 (the step's seed is 0: its hash is 0), and its moments' scales, d and d², are
+    such scales: both come back exactly."""
+    from qhfast.kernels import cpu
+
+    d = 1.125062346458435  # d * fl(1/d) and d² * fl(1/d²) both round below 1 in fp32
+    top = torch.tensor([d, d * d])
+    assert (top * (1 / top) < 1).all()
+    assert _kernel_draws(0, 1, 0, 0).item() == _kernel_draws(0, 1, 0, 16).item() == 0
+    monkeypatch.setattr(cpu, "_draw_seeds", lambda: 0)
+    p = torch.zeros(16, 256, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], betas=(0.0, 0.0), state_dtype="8bit")
+    p.grad = torch.linspace(-0.5, 1.0, 4096).view(16, 256)
+    p.grad[0, 0] = d
+    optimizer.step()
+    for key, nonnegative in [("exp_avg", False), ("exp_avg_sq", True)]:
+        codes, scales = optimizer.state[p][key], optimizer.state[p][key + "_scale"]
+        back = quantize.dequantize(codes, scales, nonnegative, torch.float32)
+        assert back[0, 0].item() == top[int(nonnegative)].item(), key
+
+
 @pytest.mark.parametrize("isa", ["native", "no_avx512"])
 def test_the_c_kernel_encodes_every_binade_of_both_maps(isa, monkeypatch):
     """Moments across every binade of both maps and below their smallest (β = 0: the moments
@@ -386,6 +435,7 @@ def test_the_c_kernel_encodes_every_binade_of_both_maps(isa, monkeypatch):
     monkeypatch.setattr(cpu, "_draw_seeds", lambda: seed)
     j = torch.arange(4096)
     grad = (2.0 ** -(j % 128 / 2) * (1 + j % 7 / 7) * (1 - 2 * (j % 3 == 0))).float()
+    grad[-256:] *= 2.0 ** -66  # the last block's second moments subnormal: scale 2^-126
     p = torch.zeros(16, 256, requires_grad=True)
     optimizer = qhfast.QHAdam([p], betas=(0.0, 0.0), state_dtype="8bit")
     p.grad = grad.view(16, 256)
@@ -396,6 +446,7 @@ def test_the_c_kernel_encodes_every_binade_of_both_maps(isa, monkeypatch):
                                           draws=_kernel_draws(0, 4096, seed, shift).view(16, 256))
         assert torch.equal(optimizer.state[p][key], codes), key
         assert torch.equal(optimizer.state[p][key + "_scale"], scales), key
+        assert (scales[-1].item() == 2.0 ** -126) == nonnegative
         # every binade index of the map is hit: 0 (the top), each binade, below the smallest
         y = moment.view(16, 256).abs() / scales.view(16, 1)
         last = quantize.code_map(not nonnegative, y.device).binades + 1

@@ -208,12 +208,12 @@ typedef struct {
     float below;            /* 2^binades */
 } code_map_t;
 
-/* x's code in its block (divisor: the block's scale, or 1 where that is not > 0), rounded up
+/* x's code in its block (inverse: the block's, from block_inverse), rounded up
  * where the share of the gap x covers and the uniform draw u in [0, 1) add up to 1 or more
  * (floor(position + u)): the torch ops of _quantize.quantize, operation for operation */
-INLINE uint32_t encode(float x, float divisor, float u, const uint32_t *binade, int32_t last,
+INLINE uint32_t encode(float x, float inverse, float u, const uint32_t *binade, int32_t last,
                        float below, const int is_signed) {
-    const float y = fabsf(x / divisor);
+    const float y = fabsf(x * inverse);
     const uint32_t bits = float_bits(y);
     int32_t index = 127 - (int32_t)(bits >> 23);
     index = index < 0 ? 0 : index;
@@ -228,12 +228,12 @@ INLINE uint32_t encode(float x, float divisor, float u, const uint32_t *binade, 
     return (uint32_t)code;
 }
 
-/* a block's scale: its largest magnitude, NaN if it holds one (as torch's amax); the float
+/* a block's largest magnitude, NaN if it holds one (as torch's amax); the float
  * bits of magnitudes order as their values, and a NaN's above them all. (This and
  * decode_block are not inlined: the element loop's block is inlined into nine specialized
  * copies, and with them inlined too an 8-bit variant took 2.9 s to build instead of about
  * 1 s, for 1-3% of its step, measured with perf/kernel_bench.py.) */
-__attribute__((noinline)) static float block_scale(const float *restrict x, int count) {
+__attribute__((noinline)) static float largest_magnitude(const float *restrict x, int count) {
     uint32_t top = 0;
     for (int k = 0; k < count; k++) {
         const uint32_t magnitude = float_bits(x[k]) & 0x7FFFFFFFu;
@@ -266,9 +266,9 @@ static inline __m512i binade_entries(const binade_table_t *table, __m512i index)
 }
 
 /* encode() on 16 values at once, operation for operation */
-static inline __m128i encode16(__m512 x, __m512 divisor, __m512 u, const binade_table_t *table,
+static inline __m128i encode16(__m512 x, __m512 inverse, __m512 u, const binade_table_t *table,
                                __m512i last, __m512 below, const int is_signed) {
-    const __m512 y = _mm512_abs_ps(_mm512_div_ps(x, divisor));
+    const __m512 y = _mm512_abs_ps(_mm512_mul_ps(x, inverse));
     const __m512i bits = _mm512_castps_si512(y);
     __m512i index = _mm512_sub_epi32(_mm512_set1_epi32(127), _mm512_srli_epi32(bits, 23));
     index = _mm512_min_epi32(_mm512_max_epi32(index, _mm512_setzero_si512()), last);
@@ -297,12 +297,12 @@ static inline __m128i encode16(__m512 x, __m512 divisor, __m512 u, const binade_
 #endif
 
 /* The codes of a block of first moments (signed map) and, where `second`, of second moments
- * (non-negative map) over their blocks' divisors; the draws are the two 16-bit halves of each
+ * (non-negative map) by their blocks' inverses; the draws are the two 16-bit halves of each
  * element's random bits (RANDOM). The tables come as restrict arguments of a function that is
  * not inlined (inlined, gcc forgets them): codes are bytes, which may alias anything, and the
  * loop would stay scalar. With AVX-512, 16 at a time by encode16, the rest by that loop. */
 INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8_t *restrict mc,
-                         uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
+                         uint8_t *restrict vc, int count, float m_inverse, float v_inverse,
                          const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
                          const code_map_t *maps, uint32_t first, uint32_t seed,
                          const int second) {
@@ -325,14 +325,14 @@ INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8
                 _mm512_cvtepi32_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xFFFF))),
                 _mm512_set1_ps(0x1p-16f));
             _mm_storeu_si128((__m128i *)(mc + k),
-                             encode16(_mm512_loadu_ps(m + k), _mm512_set1_ps(m_divisor), u,
+                             encode16(_mm512_loadu_ps(m + k), _mm512_set1_ps(m_inverse), u,
                                       &m_table, _mm512_set1_epi32(m_last),
                                       _mm512_set1_ps(m_below), 1));
             if (second) {
                 const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 16)),
                                                _mm512_set1_ps(0x1p-16f));
                 _mm_storeu_si128((__m128i *)(vc + k),
-                                 encode16(_mm512_loadu_ps(v + k), _mm512_set1_ps(v_divisor), w,
+                                 encode16(_mm512_loadu_ps(v + k), _mm512_set1_ps(v_inverse), w,
                                           &v_table, _mm512_set1_epi32(v_last),
                                           _mm512_set1_ps(v_below), 0));
             }
@@ -342,46 +342,59 @@ INLINE void encode_codes(const float *restrict m, const float *restrict v, uint8
     for (; k < count; k++) {
         const uint32_t r = weyl_hash((first + (uint32_t)k) ^ seed);
         const float u = (float)(r & 0xFFFFu) * 0x1p-16f;
-        mc[k] = (uint8_t)encode(m[k], m_divisor, u, m_binade, m_last, m_below, 1);
+        mc[k] = (uint8_t)encode(m[k], m_inverse, u, m_binade, m_last, m_below, 1);
         if (second) {
             const float w = (float)(r >> 16) * 0x1p-16f;
-            vc[k] = (uint8_t)encode(v[k], v_divisor, w, v_binade, v_last, v_below, 0);
+            vc[k] = (uint8_t)encode(v[k], v_inverse, w, v_binade, v_last, v_below, 0);
         }
     }
 }
 
 __attribute__((noinline)) static void encode_first(
-        const float *restrict m, uint8_t *restrict mc, int count, float m_divisor,
+        const float *restrict m, uint8_t *restrict mc, int count, float m_inverse,
         const uint32_t *restrict m_binade, const code_map_t *maps, uint32_t first,
         uint32_t seed) {
-    encode_codes(m, NULL, mc, NULL, count, m_divisor, 1.0f, m_binade, m_binade, maps, first,
+    encode_codes(m, NULL, mc, NULL, count, m_inverse, 1.0f, m_binade, m_binade, maps, first,
                  seed, 0);
 }
 
 __attribute__((noinline)) static void encode_both(
         const float *restrict m, const float *restrict v, uint8_t *restrict mc,
-        uint8_t *restrict vc, int count, float m_divisor, float v_divisor,
+        uint8_t *restrict vc, int count, float m_inverse, float v_inverse,
         const uint32_t *restrict m_binade, const uint32_t *restrict v_binade,
         const code_map_t *maps, uint32_t first, uint32_t seed) {
-    encode_codes(m, v, mc, vc, count, m_divisor, v_divisor, m_binade, v_binade, maps, first,
+    encode_codes(m, v, mc, vc, count, m_inverse, v_inverse, m_binade, v_binade, maps, first,
                  seed, 1);
+}
+
+/* a block's scale from its largest magnitude top: top itself, but 2^-126 where it is nonzero and
+ * smaller (a subnormal's reciprocal would overflow) */
+static inline float block_scale_of(float top) {
+    return top > 0.0f && top < 0x1p-126f ? 0x1p-126f : top;
+}
+
+/* what a block's elements are multiplied by to put their magnitudes in [0, 1]: 1/scale, one
+ * fp32 step up where rounding to nearest left scale * 1/scale below 1 (so that the largest is
+ * exactly the top code); 1 where the scale is not > 0 (zero, NaN). A multiplication in place
+ * of each element's division, as _quantize.quantize does */
+static inline float block_inverse(float scale) {
+    if (!(scale > 0.0f)) return 1.0f;
+    const float inverse = 1.0f / scale;
+    return scale * inverse < 1.0f ? bits_float(float_bits(inverse) + 1u) : inverse;
 }
 
 /* a block's new scales (stored) and codes: the first moment, and the second where v */
 static inline void encode_block(const float *m, const float *v, uint8_t *mc, uint8_t *vc,
                                 float *m_scale, float *v_scale, int count,
                                 const code_map_t *maps, uint32_t first, uint32_t seed) {
-    const float m_top = block_scale(m, count);
-    *m_scale = m_top;
-    const float m_divisor = m_top > 0.0f ? m_top : 1.0f;
+    *m_scale = block_scale_of(largest_magnitude(m, count));
     if (!v) {
-        encode_first(m, mc, count, m_divisor, maps[0].binade, maps, first, seed);
+        encode_first(m, mc, count, block_inverse(*m_scale), maps[0].binade, maps, first, seed);
         return;
     }
-    const float v_top = block_scale(v, count);
-    *v_scale = v_top;
-    encode_both(m, v, mc, vc, count, m_divisor, v_top > 0.0f ? v_top : 1.0f, maps[0].binade,
-                maps[1].binade, maps, first, seed);
+    *v_scale = block_scale_of(largest_magnitude(v, count));
+    encode_both(m, v, mc, vc, count, block_inverse(*m_scale), block_inverse(*v_scale),
+                maps[0].binade, maps[1].binade, maps, first, seed);
 }
 
 __attribute__((noinline)) static void decode_block(const uint8_t *restrict codes, float scale,

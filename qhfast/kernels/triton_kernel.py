@@ -24,7 +24,8 @@ compute dtype, 1: bf16, 2: fp16), ``MODE`` (0, or for 16-bit parameters 1 master
 
 With 8-bit moments a loop pass is a (BLOCK / 256, 256) block, one row per scale, masked at a
 tensor's end: a row's new scale is the largest magnitude of its elements (NaN if one is),
-taken on their fp32 bits as the C kernel does.
+taken on their fp32 bits as the C kernel does, and 2^-126 where that is smaller but nonzero;
+the elements are multiplied by its inverse (``_quantize._inverse``), not divided by it.
 
 16-bit values are read and written as their bits (uint16) and converted in integer arithmetic
 (torch's round to nearest even and NaN; unbiased stochastic rounding), as the C kernel does:
@@ -196,11 +197,16 @@ def _encode(codes, scales, binade, index, mask, x, r, SIGNED: tl.constexpr,
     # as tl.max, fail under an interpreter turned on after triton was imported)
     magnitudes = tl.reshape(x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF,
                             (x.shape[0] // QBLOCK, QBLOCK))
-    top = tl.reduce(magnitudes, 1, _larger)
-    scale = tl.reshape(tl.broadcast_to(tl.expand_dims(top.to(tl.float32, bitcast=True), 1),
-                                       magnitudes.shape), x.shape)
-    divisor = tl.where(scale > 0.0, scale, 1.0)
-    y = tl.abs(_divide(x, divisor))
+    top = tl.reduce(magnitudes, 1, _larger).to(tl.float32, bitcast=True)
+    smallest = tl.full((), 1 << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^-126
+    top = tl.where((top > 0.0) & (top < smallest), smallest, top)  # the scale (_quantize)
+    positive = top > 0.0
+    inverse = _divide(tl.full(top.shape, 1.0, tl.float32), tl.where(positive, top, 1.0))
+    up = (inverse.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    inverse = tl.where(positive & (top * inverse < 1.0), up, inverse)  # _quantize._inverse
+    scale = tl.reshape(tl.broadcast_to(tl.expand_dims(top, 1), magnitudes.shape), x.shape)
+    y = tl.abs(x * tl.reshape(tl.broadcast_to(tl.expand_dims(inverse, 1), magnitudes.shape),
+                              x.shape))
     bits = y.to(tl.uint32, bitcast=True)
     at = 127 - (bits >> 23).to(tl.int32)
     at = tl.minimum(tl.maximum(at, 0), LAST)
