@@ -175,6 +175,10 @@ typedef struct {
 #include <immintrin.h>
 static void halves_to_floats(const uint16_t *src, float *dst, int n) {
     int k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= n; k += 16)
+        _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + k))));
+#endif
     for (; k + 8 <= n; k += 8)
         _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + k))));
     for (; k < n; k++) dst[k] = _cvtsh_ss(src[k]);
@@ -182,10 +186,32 @@ static void halves_to_floats(const uint16_t *src, float *dst, int n) {
 
 static void floats_to_halves(const float *src, uint16_t *dst, int n) {
     int k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= n; k += 16)
+        _mm256_storeu_si256((__m256i *)(dst + k),
+                         _mm512_cvtps_ph(_mm512_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+#endif
     for (; k + 8 <= n; k += 8)
         _mm_storeu_si128((__m128i *)(dst + k),
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
     for (; k < n; k++) dst[k] = _cvtss_sh(src[k], _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* rounds src to nearest halves (dst) and leaves in src what that lost (exact in fp32) */
+static void floats_to_halves_and_residuals(float *src, uint16_t *dst, int n) {
+    int k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= n; k += 16) {
+        const __m512 x = _mm512_loadu_ps(src + k);
+        const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_si256((__m256i *)(dst + k), h);
+        _mm512_storeu_ps(src + k, _mm512_sub_ps(x, _mm512_cvtph_ps(h)));
+    }
+#endif
+    for (; k < n; k++) {
+        dst[k] = _cvtss_sh(src[k], _MM_FROUND_TO_NEAREST_INT);
+        src[k] = src[k] - _cvtsh_ss(dst[k]);
+    }
 }
 #endif
 
@@ -650,13 +676,15 @@ static inline void stage_out(const span_t *span, int64_t lo, int count, stage_t 
 #endif
 #if STAGE_PARAM
     if (MODE == 3) return; /* written by the loop, rounded at random */
-    floats_to_halves(stage->out, span->param + lo, count);
-    if (MODE != 2) return;
+    if (MODE != 2) {
+        floats_to_halves(stage->out, span->param + lo, count);
+        return;
+    }
     /* kahan: c = what rounding theta to nearest lost, itself rounded at random */
-    halves_to_floats(span->param + lo, stage->theta, count);
+    floats_to_halves_and_residuals(stage->out, span->param + lo, count);
     uint16_t *compensation = span->compensation + lo;
     for (int k = 0; k < count; k++)
-        compensation[k] = TO_PARAM_STOCHASTIC(stage->out[k] - stage->theta[k], stage->bits[k] >> 16);
+        compensation[k] = TO_PARAM_STOCHASTIC(stage->out[k], stage->bits[k] >> 16);
 #endif
 }
 #else
