@@ -3,10 +3,11 @@ r"""8-bit moments (``state_dtype="8bit"``): blockwise codes through a non-linear
 A moment of a parameter of two or more dimensions and at least :data:`MIN_ELEMENTS` elements
 is stored as one ``uint8`` code per element (a tensor shaped like the parameter) and one fp32
 scale per block of :data:`BLOCK` consecutive elements (``state[key + "_scale"]``, the block's
-largest magnitude, or 2^-126 where that is smaller but nonzero): element :math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller
-tensors keep the compute dtype (their bytes do not matter; bitsandbytes does the same), and
-so do 1-D ones (biases, norm weights: a small share of a model, which FSDP2 would cut at
-offsets that are not whole blocks).
+largest magnitude, or 2^-126 where that is smaller but nonzero): element
+:math:`x = s_b \cdot q[c]` with :math:`q` the code map. Smaller tensors keep the compute dtype
+(their bytes do not matter; bitsandbytes does the same), and so do 1-D ones (biases, norm
+weights: a small share of a model, which FSDP2 would cut at offsets that are not whole
+blocks).
 
 Where each row (an index of dim 0) is whole blocks, the scales are shaped (rows, blocks per
 row) (:func:`scale_shape`), so a tensor split along dim 0 splits its scales alike: an FSDP2
@@ -136,19 +137,22 @@ class CodeMap(NamedTuple):
 
     ``values``: the value of each of the 256 codes (fp32; code 0 is 0.0, so zero-filled codes
     are a zero moment). Encoding a magnitude :math:`y \in [0, 1]` (an element times its block's
-    inverse scale, :func:`_inverse`) is arithmetic, by its binade: ``index`` = 127 - (the biased fp32 exponent of
-    :math:`y`), clamped to [0, ``binades`` + 1]: 0 is :math:`y = 1` (the top code), 1 to
+    inverse scale, :func:`_inverse`; the largest may exceed 1 by an fp32 step or two) is
+    arithmetic, by its binade: ``index`` = 127 - (the biased fp32 exponent of :math:`y`),
+    clamped to [0, ``binades`` + 1]: 0 is :math:`y = 1` (the top code), 1 to
     ``binades`` the binades from [1/2, 1) down, ``binades`` + 1 everything below the smallest
     nonzero value :math:`2^{-\mathrm{binades}}`. Within a binade the position
     :math:`t = (\mathrm{mantissa} - 1) \cdot \mathrm{steps}[index]` (the mantissa in [1, 2)),
     below it :math:`t = y \cdot 2^{\mathrm{binades}}`; either is exact in fp32, and the two codes
     around :math:`y` are ``first_code[index]`` + ⌊t⌋ and the next, :math:`t - ⌊t⌋` of the way
     from one to the other. A stochastic write takes ``first_code[index]`` + ⌊t + u⌋ for a
-    uniform draw u in [0, 1): the next code with probability :math:`t - ⌊t⌋`, in one addition
-    and one rounding (the kernels' cheapest unbiased form: within a binade t has at most
-    23 - log2(steps) bits after the point, so t + u is exact in fp32 for the kernels' 16-bit
-    draws; below the smallest binade it may round, a bias under 2^-23 of a step). A signed
-    map codes the magnitude, and a negative value with magnitude code c > 0 as 127 + c."""
+    uniform draw u in [0, 1): the next code with probability :math:`t - ⌊t⌋`, to the draws'
+    resolution, in one addition and one rounding (the kernels' cheapest form). Within a
+    binade t has at most 23 - log2(steps) bits after the point, so t + u is exact in fp32 for
+    the kernels' 16-bit draws, and the probability is ⌊2^16 (t - ⌊t⌋)⌋ / 2^16: low by under
+    2^-16 of a step. With ``torch.rand``'s 24-bit draws, or below the smallest binade, t + u
+    may round: a bias of about 2^-20 of a step or less. A signed map codes the magnitude, and
+    a negative value with magnitude code c > 0 as 127 + c."""
 
     values: Tensor  # fp32 [256]
     steps: Tensor  # fp32 [binades + 2]: steps per binade (0 for index 0, unused for the last)
@@ -221,8 +225,11 @@ def _inverse(scales: Tensor) -> Tensor:
     """What each block's elements are multiplied by to put their magnitudes in [0, 1] (one
     multiplication each, where a division costs the kernels several): 1/scale, one fp32 step
     up where rounding to nearest left scale · (1/scale) below 1, so that a block's largest
-    element is exactly 1, the top code (any other may round to 1 too, a bias of 2^-24); 1
-    where the scale is not > 0 (zero, NaN)."""
+    element comes to 1 or an fp32 step or two above, the top code either way (an element
+    just below it may too: a bias of a few 2^-23); 1 where the scale is not > 0 (zero,
+    NaN). The reciprocal of a scale above 2^126 (8.5e37) is subnormal: where subnormals are
+    flushed to zero (``torch.set_flush_denormal(True)``) such a block's values code as 0, as
+    only a diverged run's moments would be that large."""
     positive = scales > 0
     inverse = 1 / torch.where(positive, scales, 1.0)
     up = (inverse.view(torch.int32) + 1).view(torch.float32)
@@ -233,12 +240,14 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
              draws: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``x`` (fp32 or fp64) as (codes shaped like it, fp32 block scales shaped by
     :func:`scale_shape`, each the block's largest magnitude, 2^-126 where that is smaller
-    but nonzero). Each value times its block's inverse scale (:func:`_inverse`) is rounded to one of its two neighbouring codes (in magnitude, for a signed map), at random
-    with the probability that makes the
-    result unbiased (``stochastic``: up where the share of the gap covered and a uniform draw
-    in [0, 1) add up to 1 or more, see :class:`CodeMap`; ``draws``, shaped like ``x``, else
-    ``torch.rand``), else to the nearer (a tie up). ``nonnegative``: a second moment. NaN values code as 0 and their block's scale is
-    NaN, so the whole block reads back NaN; so does a block with an infinite value (its scale
+    but nonzero). Each value times its block's inverse scale (:func:`_inverse`) is rounded
+    to one of its two neighbouring codes (in magnitude, for a signed map), at random with
+    the probability that makes the result unbiased (``stochastic``: up where the share of
+    the gap covered and a uniform draw in [0, 1) add up to 1 or more, see :class:`CodeMap`;
+    ``draws``, shaped like ``x``, else ``torch.rand``; a draw that rounds to 1 in fp32 is
+    taken as the largest below it), else to the nearer (a tie up). ``nonnegative``: a
+    second moment. NaN values code as 0 and their block's scale is NaN, so the whole block
+    reads back NaN; so does a block with an infinite value (its scale
     is infinite, its other values code as 0, and 0·∞ is NaN): one overflowing moment loses
     its block of 256 where fp32 state would lose that element alone (a GradScaler-skipped
     step writes none)."""
@@ -249,7 +258,7 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
     values = _as_blocks(x.float())
     scales = values.abs().amax(dim=1)
     scales = torch.where((scales > 0) & (scales < _SMALLEST_SCALE), _SMALLEST_SCALE, scales)
-    magnitude = (values * _inverse(scales).unsqueeze(1)).abs()  # in [0, 1] (see _inverse)
+    magnitude = (values * _inverse(scales).unsqueeze(1)).abs()  # in [0, 1], see _inverse
     bits = magnitude.view(torch.int32)
     index = (127 - bits.bitwise_right_shift(23)).clamp_(0, code_map_.binades + 1).long()
     mantissa = bits.bitwise_and(0x7FFFFF).bitwise_or_(0x3F800000).view(torch.float32)  # [1, 2)
@@ -260,7 +269,8 @@ def quantize(x: Tensor, nonnegative: bool, stochastic: bool = True,
         lower = position.floor()
         rounded = lower + (position - lower >= 0.5)  # the share of the gap is exact
     else:  # up where the share of the gap and the draw reach 1: with the share's probability
-        draw = torch.rand_like(position) if draws is None else _as_blocks(draws.float())
+        draw = (torch.rand_like(position) if draws is None
+                else _as_blocks(draws.float()).clamp(max=1 - 2.0 ** -24))
         rounded = (position + draw).floor()
     codes = torch.take(code_map_.first_code, index) + rounded.int()
     codes = torch.where(magnitude.isnan(), 0, codes)

@@ -83,6 +83,12 @@ def test_writes_are_unbiased_and_exact_values_stay_exact(nonnegative):
     nearest, _ = quantize.quantize(x, nonnegative, stochastic=False)
     assert len(quantize.dequantize(nearest, scales, nonnegative, torch.float32)
                .view(64, -1)[:, 2::2].unique()) == 1
+    # a draw that rounds to 1 in fp32 (an fp64 draw) does not push a code past the top
+    high, _ = quantize.quantize(x, nonnegative, draws=torch.full(x.shape, 1 - 2.0 ** -30,
+                                                                  dtype=torch.float64))
+    back = quantize.dequantize(high, scales, nonnegative, torch.float32).view(64, -1)
+    assert torch.equal(back[:, 0], torch.full((64,), 1.5))
+    assert torch.equal(back[:, 1::2], torch.zeros(64, quantize.BLOCK // 2))
     # the kernels' draws, 16-bit: over 65535 of the 65536 the mean is exact to a step / 2^15
     x = torch.full((257, quantize.BLOCK), 0.465)
     x[:, 0] = 1.5

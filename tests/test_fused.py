@@ -149,6 +149,29 @@ def test_kernel_kahan_accumulates_updates_below_half_an_ulp():
     assert torch.equal(finals["nearest"], torch.ones(64))
 
 
+def test_kernel_kahan_on_fp16_without_avx512_equals_the_native_build(monkeypatch):
+    """fp16 "kahan" writes the rounded parameter and keeps the residual in one pass of F16C
+    conversions: 16 at a time with AVX-512, 8 at a time without (a build with -mno-avx512f,
+    under its own cache key), then one by one. Both builds give the same parameters and
+    compensations bit for bit over 5 steps of 1003 elements (every loop's tail)."""
+    finals = {}
+    for build in ("native", "no_avx512"):
+        if build == "no_avx512":
+            monkeypatch.setattr(qhfast.kernels.cpu, "FLAGS",
+                                [*qhfast.kernels.cpu.FLAGS, "-mno-avx512f"])
+            monkeypatch.setattr(qhfast.kernels.cpu, "_libraries", {})
+        torch.manual_seed(0)
+        p = (torch.randn(1003) * 10).half().requires_grad_()
+        optimizer = qhfast.QHAdam([p], lr=1e-3, fused=True, low_precision="kahan")
+        for _ in range(5):
+            p.grad = torch.randn(1003).half()
+            optimizer.step()
+        finals[build] = (p.detach().clone(), optimizer.state[p]["kahan_compensation"].clone())
+    assert finals["native"][1].abs().max() > 0  # the residuals are kept
+    for native, plain in zip(finals["native"], finals["no_avx512"]):
+        assert torch.equal(native.view(torch.int16), plain.view(torch.int16))
+
+
 @pytest.fixture(params=["native", "no_f16c"])
 def fp16_conversions(request, monkeypatch):
     """The kernel's two ways to convert fp16: F16C instructions on a staged block where the

@@ -154,6 +154,33 @@ def test_8bit_moments_equal_the_c_kernels_bit_for_bit(name, dtype, options, size
     _assert_bitwise(expected, actual)
 
 
+def test_8bit_largest_element_is_exact_at_a_zero_draw_and_subnormal_blocks_stay_finite(
+        monkeypatch):
+    """The Triton kernel's inverse scale, as quantize()'s (tests/test_8bit_state.py has the C
+    kernel's twin): element 0's draws are both 0 (the step's seeds are 0, so its hash is 0)
+    and its moments' scales, d and d², are ones whose rounded reciprocal is one fp32 step too
+    low: they come back exactly (without the step up, a code lower). The last row's second
+    moments are subnormal: their scale is 2^-126, and they come back finite."""
+    d = 1.125062346458435
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.zeros(
+        (), dtype=torch.int64, device=kwargs.get("device")))
+    p = torch.zeros(16, 256, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], betas=(0.0, 0.0), state_dtype="8bit", fused=True)
+    grad = torch.linspace(-0.5, 1.0, 4096).view(16, 256)
+    grad[0, 0] = d
+    grad[15] *= 2.0 ** -66
+    p.grad = grad
+    optimizer.step()
+    assert _backend(optimizer) == "triton"
+    for key, moment, nonnegative in [("exp_avg", grad, False),
+                                     ("exp_avg_sq", grad * grad, True)]:
+        scales = optimizer.state[p][key + "_scale"]
+        back = quantize.dequantize(optimizer.state[p][key], scales, nonnegative, torch.float32)
+        assert back[0, 0].item() == moment[0, 0].item(), key
+        assert back.isfinite().all()
+    assert optimizer.state[p]["exp_avg_sq_scale"][15].item() == 2.0 ** -126
+
+
 @pytest.mark.parametrize("name,options", [
     ("QHAdam", dict(weight_decay=0.1, maximize=True)),
     ("QHAdam", dict(nus=(0.0, 1.0), betas=(0.0, 0.5), eps=0.0)),  # lerp's other form, ν1 = 0

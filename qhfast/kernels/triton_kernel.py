@@ -189,9 +189,10 @@ def _encode(codes, scales, binade, index, mask, x, r, SIGNED: tl.constexpr,
             LAST: tl.constexpr):
     """A (rows, 256) block of fp32 moments as codes and one scale per row, the C kernel's
     ``encode`` operation for operation (see ``_quantize.CodeMap``): up where the share of the
-    gap covered and the draw (the low 16 bits of r, over 2^16) add up to 1 or more. ``binade``: the map's
-    steps' fp32 bits with the first code in the low 8 bits, by binade index (LAST + 1 of
-    them); below the smallest binade a value's position is y · 2^(LAST - 1), exact."""
+    gap covered and the draw (the low 16 bits of r, over 2^16) add up to 1 or more.
+    ``binade``: the map's steps' fp32 bits with the first code in the low 8 bits, by binade
+    index (LAST + 1 of them); below the smallest binade a value's position is
+    y · 2^(LAST - 1), exact."""
     x = tl.where(mask, x, 0.0)
     # (core builtins and our own jit functions only: triton.language's jit-defined ones, such
     # as tl.max, fail under an interpreter turned on after triton was imported)
