@@ -140,9 +140,9 @@ typedef uint16_t param_t;
  *
  * fp16 with F16C (x86 since 2013): the stage holds the fp16 tensors (gradient, parameter,
  * compensation), converted by vcvtph2ps / vcvtps2ph (round to nearest even, as torch), 16 at a
- * time with AVX-512 and 8 without. The loop itself cannot use the conversion instructions: compilers vectorize no
- * _Float16 conversion without AVX512-FP16. Without F16C the loop converts in integer and float
- * operations (above).
+ * time with AVX-512 and 8 without. The loop itself cannot use the conversion instructions:
+ * compilers vectorize no _Float16 conversion without AVX512-FP16. Without F16C the loop
+ * converts in integer and float operations (above).
  *
  * 8-bit state (STATE 2): the stage holds a quantization block of the moments, decoded, and
  * stage_out encodes the block's new values by its new scale. */
