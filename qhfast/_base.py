@@ -93,6 +93,17 @@ def check_flag(value: Any, name: str, allow_none: bool = False) -> None:
         raise TypeError(f"Invalid {name} value: {value!r} ({name} must be {choices})")
 
 
+def _check_flags(group: dict[str, Any]) -> None:
+    """Raise unless the group's flags are booleans (``foreach`` and ``fused`` may be None),
+    ``fused`` and ``foreach`` not both True."""
+    check_flag(group["foreach"], "foreach", allow_none=True)
+    check_flag(group["fused"], "fused", allow_none=True)
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    for name in ("maximize", "capturable", "differentiable"):
+        check_flag(group[name], name)
+
+
 # --------------------------------------------------------------------------------------------
 # foreach ops whose scalar is a float or a 0-d tensor
 #
@@ -307,16 +318,8 @@ class QHOptimizer(Optimizer):
         state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
-        check_flag(foreach, "foreach", allow_none=True)
-        check_flag(fused, "fused", allow_none=True)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        for name, flag in (
-            ("maximize", maximize),
-            ("capturable", capturable),
-            ("differentiable", differentiable),
-        ):
-            check_flag(flag, name)
+        _check_flags(dict(foreach=foreach, fused=fused, maximize=maximize,
+                          capturable=capturable, differentiable=differentiable))
         defaults = dict(
             defaults,
             foreach=foreach,
@@ -380,6 +383,13 @@ class QHOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError/TypeError if an option or hyperparameter of ``group`` is invalid."""
+        self._check_options(group)
+        self._validate_group(group)
+
+    def _check_options(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError/RuntimeError if ``group``'s flags and precision options
+        are invalid, alone or together (what a step checks: it reads no hyperparameter)."""
+        _check_flags(group)
         precision.check_precision_options(group)
         if group["differentiable"]:
             if group["fused"]:
@@ -390,7 +400,6 @@ class QHOptimizer(Optimizer):
                     "differentiable=True (state_dtype must be None: bf16 and 8-bit moments are "
                     "written with stochastic rounding, which autograd cannot differentiate)"
                 )
-        self._validate_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = precision.upgrade_group({k: v for k, v in param_group.items() if k != "params"})
@@ -454,11 +463,14 @@ class QHOptimizer(Optimizer):
             )
 
     def _check_changed_options(self) -> None:
-        """Raise before anything changes where a group's precision options, changed since its
-        state was made, do not suit one of its parameters (each is checked per dtype and device
-        when it steps; whether 8-bit moments shard depends on each one's shape and layout)."""
+        """Raise before anything changes where a group's precision options changed since its
+        state was made (or it has not stepped): where they, or the flags with them, are not
+        valid (a typo would otherwise drop the fp32 masters), or do not suit one of its
+        parameters (each is checked per dtype and device when it steps; whether 8-bit moments
+        shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
             if self._precision_made.get(index) != _precision_options(group):
+                self._check_options(group)
                 self._check_group_sharding(group)
 
     def _check_group_sharding(self, group: dict[str, Any]) -> None:
@@ -548,7 +560,8 @@ class QHOptimizer(Optimizer):
             differentiable.fresh_buffers(states, self._buffer_keys)
         if _fused.kernel_step(self, index, group, params, states, amp):
             return
-        if group["fused"] and not torch.compiler.is_compiling():
+        if (group["fused"] and not torch.compiler.is_compiling()
+                and _fused.traceable_grads(params)):
             _fused.compiled_group_step(self, group, params, amp)
         else:
             self._step_group(group, params, amp)
@@ -702,22 +715,43 @@ class QHOptimizer(Optimizer):
         """Load a state dict saved by this optimizer, by torch.optim's conventions, or by qhoptim.
 
         Unlike torch's base class, fp32 state of bf16/fp16 parameters (masters, moments) stays
-        fp32, and the loaded state never shares storage with ``state_dict``'s tensors. The dict
-        passed in is not modified. Its hyperparameters are validated first, as the constructor's.
+        fp32, and the loaded state never shares storage with ``state_dict``'s tensors; the
+        moments of a contiguous parameter are contiguous, 8-bit scales fp32, whatever the
+        checkpoint's were. The dict passed in is not modified. The groups as
+        they will be, and every saved state entry, are checked first, as the constructor
+        checks; a load that raises changes nothing. Load pre-hooks see the dict first, and
+        what they return is what is loaded; post-hooks run once the state is in place.
 
-        The hyperparameters come from the checkpoint, as in torch.optim, but each group keeps
-        this optimizer's ``low_precision`` and ``state_dtype``: the loaded state is converted to
-        them (master to kahan: ``c = master - param``; kahan to master: ``master = param + c``;
-        moments cast to ``state_dtype``), see :func:`qhfast._precision.reconcile_state`.
+        The hyperparameters come from the checkpoint, as in torch.optim (one it lacks: this
+        optimizer's default), but each group keeps this optimizer's ``low_precision`` and
+        ``state_dtype``: the loaded state is converted to them (master to kahan:
+        ``c = master - param``; kahan to master: ``master = param + c``; moments cast to
+        ``state_dtype``), see :func:`qhfast._precision.reconcile_state`.
         """
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        state_dict = state_dict.copy()
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
-        for saved_group in saved_groups:
-            self._check_group({**self.defaults, **precision.upgrade_group(dict(saved_group))})
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            saved_group = precision.upgrade_group(dict(saved_group))
+            # the saved options must be valid ones, though the group keeps its own
+            precision.check_precision_options({**self.defaults, **saved_group})
+            loaded = {**saved_group, "low_precision": group["low_precision"],
+                      "state_dtype": group["state_dtype"]}
+            for key, value in self.defaults.items():
+                if key not in loaded and isinstance(value, type(required)):
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: a param group "
+                                     f"of the checkpoint has no {key!r}, which has no default")
+            self._check_group({**self.defaults, **loaded})
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
-            self._check_saved_shapes(saved_id, p, saved)
+            self._check_saved_state(saved_id, p, saved)
             if isinstance(p, DTensor) and any(
                 isinstance(v, Tensor) and v.dim() > 0 and not isinstance(v, DTensor)
                 for v in saved.values()
@@ -727,9 +761,34 @@ class QHOptimizer(Optimizer):
                     "parameters; load a full state dict with "
                     "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
                 )
+        before = (self.state, self.param_groups, dict(self._precision_made))
         options = [_precision_options(group) for group in self.param_groups]
-        super().load_state_dict(state_dict)
+        # torch's base class runs no hooks here: the pre-hooks ran above, the post-hooks run
+        # below, once qhfast's own state is in place
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        try:
+            super().load_state_dict(state_dict)
+            self._restore_state(state_dict, saved_ids, params, options)
+        except BaseException:
+            self.state, self.param_groups, self._precision_made = before
+            self._state_changed()
+            raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _restore_state(self, state_dict: dict[str, Any], saved_ids: list[Any],
+                       params: list[Tensor], options: list[tuple]) -> None:
+        """After torch's base class loaded ``state_dict`` (checked): the groups' precision
+        ``options`` from before and any default the checkpoint lacks, the state from the saved
+        entries (not the base class's copies cast to the params' dtypes), converted to the
+        options."""
         for group, (mode, dtype) in zip(self.param_groups, options):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
             group["low_precision"], group["state_dtype"] = mode, dtype
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(saved_ids, params):
@@ -741,46 +800,72 @@ class QHOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             self._reconcile_precision(index, group)
 
-    def _check_saved_shapes(self, saved_id: Any, p: Tensor, saved: dict[str, Any]) -> None:
-        """Raise ValueError unless each saved moment is shaped like ``p`` (8-bit codes: like its
-        real view if complex) and 8-bit codes come with a scale per block: a checkpoint of
-        another model would otherwise broadcast or fail deep inside a step."""
-        for key in self._buffer_keys:
+    def _check_saved_state(self, saved_id: Any, p: Tensor, saved: dict[str, Any]) -> None:
+        """Raise ValueError unless ``saved`` (a parameter's entry of a checkpoint) is state this
+        optimizer can step from: empty, or every counter a number and every moment a tensor,
+        complex where ``p`` is (8-bit codes: uint8), shaped like ``p`` (codes: like its real
+        view if complex) and codes with a scale per block. A checkpoint of another model or
+        optimizer would otherwise broadcast or fail deep inside a step."""
+        def refuse(key: str, problem: str) -> None:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: {key!r} of parameter {saved_id} "
+                f"{problem}; is the checkpoint this model's, and this optimizer's?")
+
+        if not saved:
+            return
+        for key in (*self._counter_keys, *self._buffer_keys):
+            if key not in saved:
+                refuse(key, f"is missing (the entry has {sorted(map(str, saved))})")
+        for key in self._counter_keys:
+            if not _is_number(saved[key]):
+                refuse(key, f"is {saved[key]!r}, not a number (a step counter)")
+        for key in (*self._buffer_keys, precision.MASTER_KEY, precision.COMPENSATION_KEY,
+                    *(k + quantize.SCALE_SUFFIX for k in self._buffer_keys)):
             value = saved.get(key)
-            if not isinstance(value, Tensor):
-                continue
+            if key in saved and not (isinstance(value, Tensor) and (
+                    value.is_floating_point() or value.is_complex()
+                    or (value.dtype == torch.uint8 and key in self._buffer_keys))):
+                found = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                refuse(key, f"is {found}, not a floating-point tensor")
+        for key in self._buffer_keys:
+            value = saved[key]
             codes = value.dtype == torch.uint8
             shape = quantize.codes_shape(p) if codes else tuple(p.shape)
             scales = saved.get(key + quantize.SCALE_SUFFIX)
-            problem = None
-            if tuple(value.shape) != shape:
-                problem = f"is shaped {tuple(value.shape)}, the parameter's needs {shape}"
-            elif codes and (not isinstance(scales, Tensor)
-                            or scales.numel() != quantize.blocks(value.numel())):
-                found = scales.numel() if isinstance(scales, Tensor) else "none"
-                problem = (f"holds 8-bit codes with {found} scales in "
-                           f"{key + quantize.SCALE_SUFFIX!r}, not "
-                           f"{quantize.blocks(value.numel())} (one per block)")
+            if not codes and value.is_complex() != p.is_complex():
+                refuse(key, f"is {value.dtype} for a {p.dtype} parameter")
+            elif tuple(value.shape) != shape:
+                refuse(key, f"is shaped {tuple(value.shape)}, the parameter's needs {shape}")
+            elif codes and (scales is None or scales.numel() != quantize.blocks(value.numel())):
+                found = "none" if scales is None else scales.numel()
+                refuse(key, f"holds 8-bit codes with {found} scales in "
+                            f"{key + quantize.SCALE_SUFFIX!r}, not "
+                            f"{quantize.blocks(value.numel())} (one per block)")
             elif codes and isinstance(p, DTensor) and (
                     tuple(scales.shape) != quantize.scale_shape(shape)):
                 # flat scales (qhfast before 2026-12) split as the rows are not: load them
                 # into one process, where they are reshaped, and save again
-                problem = (f"holds scales shaped {tuple(scales.shape)}, which a sharded "
-                           f"parameter needs shaped {quantize.scale_shape(shape)} (flat scales "
-                           "of an earlier qhfast load into a single-process optimizer)")
-            if problem:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: {key!r} of parameter {saved_id} "
-                    f"{problem}; is the checkpoint this model's?")
+                refuse(key, f"holds scales shaped {tuple(scales.shape)}, which a sharded "
+                            f"parameter needs shaped {quantize.scale_shape(shape)} (flat scales "
+                            "of an earlier qhfast load into a single-process optimizer)")
 
     def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
         """A saved state entry on ``p``'s device, its own copy; dtypes are then set by
-        :meth:`_reconcile_precision` (torch's base class would cast them to ``p``'s)."""
+        :meth:`_reconcile_precision` (torch's base class would cast them to ``p``'s). Scales
+        are fp32 (the kernels read no other), and tensors shaped like a contiguous ``p`` are
+        made contiguous (the kernels read contiguous ones only), whatever the saving model's
+        layout was."""
         if key in self._counter_keys:
             return self._new_counter(p, group, _as_float(value))
         if not isinstance(value, Tensor):
             return value
-        return value.to(device=p.device, copy=True)
+        if key.endswith(quantize.SCALE_SUFFIX):
+            return value.to(device=p.device, dtype=torch.float32, copy=True)
+        value = value.to(device=p.device, copy=True)
+        if isinstance(p, DTensor) or isinstance(value, DTensor) or value.is_contiguous():
+            return value
+        like = torch.view_as_real(p) if value.dtype == torch.uint8 and p.is_complex() else p
+        return value.contiguous() if value.shape == like.shape and like.is_contiguous() else value
 
 
 def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:
@@ -857,10 +942,11 @@ def _view_as_real(
     the real and imaginary parts), as torch.optim updates complex parameters: every rule is
     elementwise, so it runs on the parts unchanged and writes through the views. The moments
     (``keys``) are viewed in copies of the state dicts (8-bit codes are stored as the parts'
-    already); counters stay as they are."""
+    already); counters stay as they are. A lazily conjugated gradient (autograd gives one
+    where the forward used ``z.conj()``) is resolved into a copy first."""
     return (
         [torch.view_as_real(p) for p in params],
-        [torch.view_as_real(g) for g in grads],
+        [torch.view_as_real(g.resolve_conj()) for g in grads],
         [{**s, **{k: torch.view_as_real(s[k]) for k in keys if s[k].is_complex()}}
          for s in states],
     )

@@ -92,6 +92,17 @@ def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tens
     _compiled_group_step(optimizer, group)(optimizer, group, params, amp)
 
 
+def traceable_grads(params: list[Tensor]) -> bool:
+    """Whether the compiled group step takes the params' gradients: each in its param's dtype
+    (dynamo refuses another) and neither a lazy conjugate nor a lazy negation (the graph would
+    read their memory as it is). Where not, the group steps eagerly."""
+    for p in params:
+        grad = _tensors.local(p.grad)
+        if grad.dtype != p.dtype or grad.is_conj() or grad.is_neg():
+            return False
+    return True
+
+
 def _backend(group: dict[str, Any], param: Tensor) -> str | None:
     """Which kernel serves the group: "triton", "cpu" or None."""
     device = _tensors.local(param).device.type
@@ -121,13 +132,12 @@ class _BucketPlan:
 
     def point_to_grads(self) -> bool:
         """Point the plan at the params' current gradients, or return False if one is not what
-        the kernel reads: contiguous, of its param's size. (A gradient's dtype and device are
-        its param's: torch's ``grad`` setter and autograd see to that, and the plan was made
-        with the params checked; a param given new storage makes a new plan.)"""
+        the kernel reads (:func:`plain_grad`). (The plan was made with the params checked; a
+        param given new storage or strides makes a new plan.)"""
         grads = [p.grad for p in self.params]
         if self.local:
             grads = [_tensors.local(g) for g in grads]
-        if not all(g.is_contiguous() and _elements(g) == n for g, n in zip(grads, self.numels)):
+        if not all(plain_grad(g, p, n) for g, p, n in zip(grads, self.params, self.numels)):
             return False
         self.kernel.point_to_grads(grads)
         return True
@@ -155,6 +165,16 @@ class _GroupPlan:
                 and _param_pointers(params, self.local) == self.param_pointers)
 
 
+def plain_grad(grad: Tensor, param: Tensor, elements: int | None = None) -> bool:
+    """Whether the kernels can read ``grad`` as it is: its param's dtype and device (torch's
+    ``grad_dtype`` lets them differ), contiguous, of its param's size, and neither a lazy
+    conjugate nor a lazy negation (their memory holds the values before it: the kernels, and
+    inductor's graph of the group step, would read them unconjugated or unnegated)."""
+    return (grad.dtype == param.dtype and grad.device == param.device and grad.is_contiguous()
+            and not grad.is_conj() and not grad.is_neg()
+            and (elements is None or _elements(grad) == elements))
+
+
 def _elements(t: Tensor) -> int:
     """Elements the kernel sees: a complex tensor's real and imaginary parts apart."""
     return t.numel() * 2 if t.is_complex() else t.numel()
@@ -164,10 +184,12 @@ def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
     return [[s.get(key) for s in states] for key in keys]
 
 
-def _param_pointers(params: list[Tensor], local: bool) -> list[int]:
+def _param_pointers(params: list[Tensor], local: bool) -> list[tuple]:
+    """Where each param's elements are and how they lie (``p.data = p.data.t()`` keeps the
+    pointer and changes the strides)."""
     if local:
-        return [_tensors.local(p).data_ptr() for p in params]
-    return [p.data_ptr() for p in params]
+        params = [_tensors.local(p) for p in params]
+    return [(p.data_ptr(), p.stride(), p.dtype) for p in params]
 
 
 def drop_kernel_plans(optimizer: Any) -> None:
@@ -257,6 +279,8 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
+    if not all(plain_grad(view(p.grad), q) for p, q in zip(bucket, params)):
+        return None
     device, dtype = params[0].device, params[0].dtype
     low = dtype in LOW_PRECISION_DTYPES
     mode = group["low_precision"]

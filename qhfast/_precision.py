@@ -184,12 +184,13 @@ def nearest_value(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def stochastic_round_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
-    """``dst ← sr(src)`` for each pair: ``src`` (fp32) rounded to ``dst``'s dtype (bf16 or fp16),
+    """``dst ← sr(src)`` for each pair: ``src`` (fp32, or fp64 rounded to fp32 first) rounded to ``dst``'s dtype (bf16 or fp16),
     up or down at random with the probability that makes the result unbiased (the share of the
     gap between the two neighbours that ``src`` has covered). A value that ``dst``'s dtype
     holds exactly is written unchanged. Draws from the default generator of the tensors'
     device."""
     for dst, src in zip(dsts, srcs):
+        src = src.float()  # fp64 moments: rounded to fp32 first, as the C kernel does
         if dst.dtype == torch.bfloat16:
             # adding 16 random bits to the lower half and truncating carries into the upper
             # half with probability (dropped bits)/2^16. Sign-magnitude: the magnitude is

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qhfast
+import qhfast._precision
 from helpers import OPTIMIZERS, PATHS, Problem, assert_same, snapshot
 
 
@@ -168,6 +169,148 @@ def test_a_checkpoint_of_other_shapes_is_refused_and_changes_nothing():
             optimizer.load_state_dict({**saved, "state": {0: corrupt}})
         assert_same(snapshot(optimizer, [p]), before)
 
+
+def test_a_checkpoint_this_optimizer_cannot_step_from_is_refused_and_changes_nothing():
+    """A state entry with a counter that is not a number, a moment that is not a tensor or
+    is complex for a real parameter, or a key missing (another optimizer's checkpoint:
+    torch's Adam keeps ``step``, not the normalizers) raises ValueError naming the entry, with
+    the checkpoint's lr not applied and the fp32 masters of bf16 parameters still fp32 (the
+    base class, had it run, would have cast them to bf16)."""
+    p = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], lr=0.01)
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    state = saved["state"][0]
+    missing = {k: v for k, v in state.items() if k != "exp_avg_sq"}
+    adam = torch.optim.Adam([torch.zeros(8, 4, requires_grad=True)])
+    adam.param_groups[0]["params"][0].grad = torch.ones(8, 4)
+    adam.step()
+    cases = [
+        ({**state, "beta2_weight": None}, "'beta2_weight' of parameter 0 is None, not a number"),
+        ({**state, "beta1_weight": "2"}, "'beta1_weight' of parameter 0 is '2', not a number"),
+        ({**state, "beta1_weight": torch.ones(2)}, "'beta1_weight' of parameter 0 is tensor"),
+        ({**state, "exp_avg": [0.0] * 32}, "'exp_avg' of parameter 0 is list, not a floating"),
+        ({**state, "exp_avg": state["exp_avg"].to(torch.complex64)},
+         "'exp_avg' of parameter 0 is torch.complex64 for a torch.bfloat16 parameter"),
+        (missing, "'exp_avg_sq' of parameter 0 is missing (the entry has ['beta1_weight', "
+                  "'beta2_weight', 'exp_avg', 'master_param'])"),
+        (adam.state_dict()["state"][0], "'beta1_weight' of parameter 0 is missing (the entry "
+                                        "has ['exp_avg', 'exp_avg_sq', 'step'])"),
+    ]
+    for corrupt, message in cases:
+        before = snapshot(optimizer, [p])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            optimizer.load_state_dict({"state": {0: corrupt}, "param_groups": [
+                dict(saved["param_groups"][0], lr=0.5)]})
+        assert_same(snapshot(optimizer, [p]), before)
+        assert optimizer.state[p]["master_param"].dtype == torch.float32
+
+
+def test_a_load_that_fails_after_torch_loaded_changes_nothing(monkeypatch):
+    """A load that raises once torch's base class has loaded the checkpoint (here: the
+    conversion to the groups' precision options) leaves the optimizer as it was, and it
+    steps on as it would have."""
+    problem = Problem()
+    params = problem.params(torch.bfloat16)
+    optimizer = qhfast.QHAdam(params, low_precision="kahan")
+    problem.set_grads(params, 0)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["lr"] = 0.5
+    before = snapshot(optimizer, params)
+    twin = copy.deepcopy(optimizer)
+
+    def fail(*args):
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(qhfast._precision, "reconcile_state", fail)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        optimizer.load_state_dict(saved)
+    monkeypatch.undo()
+    assert_same(snapshot(optimizer, params), before)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    problem.set_grads(params, 1)
+    problem.set_grads(twin_params, 1)
+    torch.manual_seed(0)  # the same draws for kahan's compensation
+    optimizer.step()
+    torch.manual_seed(0)
+    twin.step()
+    assert_same(snapshot(optimizer, params), snapshot(twin, twin_params))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_flags_are_checked_in_every_group_a_load_or_add_makes(name):
+    """The flags the constructor checks (``maximize="False"`` would ascend), checked for a
+    group added later and in a checkpoint's groups as they will be loaded: with this
+    optimizer's state_dtype, which differentiable=True cannot have."""
+    params = Problem().params()
+    optimizer = OPTIMIZERS[name](params[:2], state_dtype="8bit")
+    saved = optimizer.state_dict()
+    before = snapshot(optimizer, params[:2])
+    with pytest.raises(TypeError, match=re.escape(
+            "Invalid maximize value: 'False' (maximize must be True or False)")):
+        optimizer.add_param_group({"params": params[2:], "maximize": "False"})
+    cases = [
+        (dict(maximize="False"), TypeError, "Invalid maximize value: 'False'"),
+        (dict(foreach=True, fused=True), RuntimeError, "`fused` and `foreach` cannot be"),
+        (dict(capturable=1), TypeError, "Invalid capturable value: 1"),
+        (dict(differentiable=True), ValueError, "Invalid state_dtype value: '8bit' with "
+                                                "differentiable=True"),
+    ]
+    for change, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            optimizer.load_state_dict({**saved, "param_groups": [
+                dict(saved["param_groups"][0], **change)]})
+        assert_same(snapshot(optimizer, params[:2]), before)
+    assert len(optimizer.param_groups) == 1
+
+
+def test_a_checkpoint_group_without_a_hyperparameter_takes_the_default():
+    """A saved group missing ``eps`` (a hand-made checkpoint) loads with the constructor's
+    default, and one missing QHM's required ``nu`` is refused, naming it."""
+    p = _param()
+    optimizer = qhfast.QHAdam([p], eps=1e-6)
+    saved = optimizer.state_dict()
+    del saved["param_groups"][0]["eps"]
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["eps"] == 1e-6
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    qhm = qhfast.QHM([{"params": [p], "lr": 0.1, "momentum": 0.9, "nu": 0.7}])
+    saved = qhm.state_dict()
+    del saved["param_groups"][0]["nu"]
+    with pytest.raises(ValueError, match="a param group of the checkpoint has no 'nu'"):
+        qhm.load_state_dict(saved)
+    assert qhm.param_groups[0]["nu"] == 0.7
+
+
+def test_load_hooks_see_and_change_what_is_loaded():
+    """As torch.optim: what a load pre-hook returns is what is loaded (state included), and
+    a post-hook sees the loaded state."""
+    problem = Problem()
+    params = problem.params()
+    optimizer = qhfast.QHAdam(params)
+    problem.set_grads(params, 0)
+    optimizer.step()
+    saved = optimizer.state_dict()
+
+    def zero_the_first_moment(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"].zero_()
+        state_dict["param_groups"][0]["lr"] = 0.5
+        return state_dict
+
+    clones = [p.detach().clone().requires_grad_() for p in params]
+    loaded = qhfast.QHAdam(clones)
+    seen = []
+    loaded.register_load_state_dict_pre_hook(zero_the_first_moment)
+    loaded.register_load_state_dict_post_hook(
+        lambda opt: seen.append(opt.state[clones[0]]["exp_avg"].abs().sum().item()))
+    loaded.load_state_dict(saved)
+    assert loaded.param_groups[0]["lr"] == 0.5
+    assert seen == [0.0] and loaded.state[clones[0]]["exp_avg"].abs().sum() == 0
+    assert optimizer.state[params[0]]["exp_avg"].abs().sum() > 0  # the saved dict unchanged
 
 def test_qhm_takes_its_required_hyperparameters_from_every_param_group():
     """As torch.optim's ``required``: lr, momentum and nu given by each param group instead of

@@ -361,6 +361,99 @@ def test_the_kernel_plan_follows_what_changes_between_steps():
     assert max_relative_error(final(foreach=False), final()) < 1e-12
 
 
+@pytest.mark.parametrize("path", ["kernel", "compiled"])
+def test_lazily_negated_or_conjugated_gradients_are_read_as_their_values(path, monkeypatch):
+    """A gradient with torch's neg bit (``torch._neg_view``) or conj bit (autograd's, where the
+    forward used ``z.conj()``) holds in memory the values before the negation or
+    conjugation: the kernel, reusing the plan of the first step, read those (0.59 off), and
+    the compiled group step got neg views wrong too. Each such step must take the path that
+    resolves them; float64, against materialized gradients on the per-tensor path."""
+    monkeypatch.setattr(qhfast._fused, "CPU_KERNEL", path == "kernel")
+    torch.manual_seed(0)
+    real = torch.randn(6, 64, dtype=torch.float64)
+    complex_ = torch.randn(6, 32, dtype=torch.complex128)
+    cases = [(lambda: OPTIMIZERS["QHM"], real, torch._neg_view, lambda g: -g),
+             (lambda: OPTIMIZERS["QHAdam"], complex_, torch.conj, lambda g: g.conj().resolve_conj())]
+    for make, grads, lazy, materialized in cases:
+        finals = []
+        for options, transform in (({"foreach": False}, materialized),
+                                   ({"fused": True} if path == "compiled" else {}, lazy)):
+            p = torch.zeros_like(grads[0]).requires_grad_()
+            optimizer = make()([p], **options)
+            for t, g in enumerate(grads):
+                # the kernel's plan is made at a plain first step (the compiled step would
+                # compile there: every step is lazy on that path)
+                p.grad = g.clone() if t == 0 and path == "kernel" else transform(g)
+                assert t == 0 and path == "kernel" or p.grad.is_neg() or p.grad.is_conj() \
+                    or options == {"foreach": False}
+                optimizer.step()
+            finals.append(p.detach().clone())
+        assert max_relative_error([finals[0]], [finals[1]]) < 1e-12
+
+
+def test_a_param_whose_strides_change_under_the_same_pointer_gets_a_new_plan():
+    """``p.data = p.data.t()`` keeps the storage pointer and changes the strides: the kernel's
+    plan of the first step would pair the elements of param, gradient and state wrongly
+    (0.32 off). float64, against the per-tensor path with the same events."""
+    def final(**options):
+        torch.manual_seed(0)
+        p = torch.randn(4, 4, dtype=torch.float64).requires_grad_()
+        optimizer = OPTIMIZERS["QHAdam"]([p], **options)
+        for t in range(4):
+            if t == 1:
+                p.data = p.data.t()
+            p.grad = torch.randn(p.shape, dtype=torch.float64)
+            optimizer.step()
+        return [p.detach().clone()]
+
+    assert max_relative_error(final(foreach=False), final()) < 1e-12
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without grad_dtype")
+def test_a_gradient_in_another_dtype_than_its_param_is_read_as_it_is():
+    """torch's ``grad_dtype`` lets a gradient's dtype differ from its param's: after a plan was
+    made for float64 gradients, float32 ones were read as float64 (garbage, and past the end
+    of the gradient). Such a step takes the eager path; against the per-tensor path with the
+    same events."""
+    def final(**options):
+        torch.manual_seed(0)
+        p = torch.randn(64, dtype=torch.float64).requires_grad_()
+        optimizer = OPTIMIZERS["QHAdam"]([p], **options)
+        for t in range(4):
+            if t == 1:
+                p.grad = None
+                p.grad_dtype = torch.float32
+            p.grad = torch.randn(64, dtype=torch.float64 if t == 0 else torch.float32)
+            optimizer.step()
+        return [p.detach().clone()]
+
+    assert max_relative_error(final(foreach=False), final()) < 1e-12
+
+
+def test_a_loaded_checkpoint_keeps_the_kernel_serving():
+    """State of another layout or scale dtype in a checkpoint (a model whose weight was a
+    transposed view; scales saved in fp16) is loaded as the kernel reads it: moments
+    contiguous like the param, 8-bit scales fp32. Before, the kernel served no step after such
+    a load (the group went eager, several times slower), and fp16 scales were written in
+    fp16 at every step."""
+    p = torch.randn(64, 64).t().requires_grad_()
+    optimizer = OPTIMIZERS["QHAdam"]([p], state_dtype="8bit")
+    p.grad = torch.randn(64, 64).t()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for key in ("exp_avg_scale", "exp_avg_sq_scale"):
+        saved["state"][0][key] = saved["state"][0][key].half()
+    for state_dtype in ("8bit", None):  # scales, and moments kept in fp32
+        q = torch.randn(64, 64, requires_grad=True)
+        loaded = OPTIMIZERS["QHAdam"]([q], state_dtype=state_dtype)
+        loaded.load_state_dict(saved)
+        state = loaded.state[q]
+        assert all(v.is_contiguous() for v in state.values())
+        assert all(state[k].dtype == torch.float32 for k in state if k.endswith("_scale"))
+        q.grad = torch.randn(64, 64)
+        loaded.step()
+        assert 0 in qhfast._fused._PLANS[loaded]  # the kernel served it
+
 def test_without_a_compiler_the_kernel_warns_once_and_the_steps_take_other_paths(monkeypatch,
                                                                               tmp_path):
     """The first step that wants the kernel says, once per process, that it cannot be built (a

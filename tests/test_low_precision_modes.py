@@ -4,6 +4,8 @@
 import copy
 import io
 
+import re
+
 import pytest
 import torch
 
@@ -561,6 +563,31 @@ def test_bad_precision_options_in_a_group_or_checkpoint_change_nothing():
     assert optimizer.param_groups[1]["low_precision"] == "nearest"
 
 
+@pytest.mark.parametrize("path", [{}, dict(foreach=True)])
+def test_a_group_changed_to_bad_precision_options_steps_nothing(path):
+    """Options changed in ``param_groups`` between steps are checked by the next step before
+    anything changes: a typo in low_precision (the kernel path dropped the fp32 masters and
+    raised; foreach ran as "nearest") or in state_dtype (any string was taken for "8bit")."""
+    problem = Problem()
+    params = problem.params(torch.bfloat16)
+    optimizer = qhfast.QHAdam(params, **path)
+    problem.set_grads(params, 0)
+    optimizer.step()
+    problem.set_grads(params, 1)
+    before = snapshot(optimizer, params)
+    for key, value, message in (
+            ("low_precision", "Master", "Invalid low_precision value: 'Master'"),
+            ("state_dtype", "bogus", "Invalid state_dtype value: 'bogus'"),
+            ("state_dtype", torch.float16, "Invalid state_dtype value: torch.float16")):
+        group = optimizer.param_groups[0]
+        saved = group[key]
+        group[key] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            optimizer.step()
+        group[key] = saved
+        assert_same(snapshot(optimizer, params), before)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_mode_tracks_the_fp32_run(name):
     """300 steps of the test problem in bf16. master and kahan stay within 2 bf16 eps (relative
@@ -589,6 +616,24 @@ def test_each_mode_tracks_the_fp32_run(name):
     for state_dtype in (None, torch.bfloat16):
         actual = final(torch.bfloat16, low_precision="stochastic", state_dtype=state_dtype)
         assert max_relative_error(expected, actual) < 8 * eps
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_float64_params_with_bf16_moments_step_on_the_eager_paths(path):
+    """fp64 params with bf16 moments, as the C kernel rounds them (to fp32, then at random to
+    bf16): the eager rounding viewed the fp64 bits as int32 and raised. After one step the
+    first moment is the gradient rounded to one of its two bf16 neighbours (within a bf16
+    spacing, at most 2^-7 of the value, of it)."""
+    torch.manual_seed(0)
+    p = torch.zeros(64, 64, dtype=torch.float64, requires_grad=True)
+    optimizer = qhfast.QHAdam([p], state_dtype=torch.bfloat16, **path)
+    g = torch.randn(64, 64, dtype=torch.float64)
+    p.grad = g.clone()
+    optimizer.step()
+    first = optimizer.state[p]["exp_avg"]
+    assert first.dtype == torch.bfloat16
+    assert ((first.double() - g).abs() <= g.abs() * 2**-7).all()
+    assert (first.double() != g).any()  # rounded, not kept in fp64
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)
