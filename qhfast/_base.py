@@ -335,6 +335,9 @@ class QHOptimizer(Optimizer):
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
         #: index (not id(group): dynamo before torch 2.13 cannot trace id() of a dict)
         self._precision_made: dict[int, tuple[str, torch.dtype | None]] = {}
+        #: by id, each param with a master: where and at which version its last step left it
+        #: (qhfast._precision.sync_masters; the param groups hold the params, so ids stay)
+        self._stepped_params: dict[int, tuple[int, int]] = {}
         super().__init__(params, defaults)
 
     # ---- what a subclass provides ------------------------------------------------------------
@@ -489,6 +492,7 @@ class QHOptimizer(Optimizer):
             group.setdefault("low_precision", "master")
             group.setdefault("state_dtype", None)
         self._precision_made = {}
+        self._stepped_params = {}
 
     @property
     def _opt_called(self) -> bool:
@@ -558,6 +562,12 @@ class QHOptimizer(Optimizer):
                 self._init_state(p, group)
         if group["differentiable"]:  # what earlier steps saved for backward stays unchanged
             differentiable.fresh_buffers(states, self._buffer_keys)
+        # masters follow writes to their params from outside (not seen by a traced or
+        # captured step, which runs no Python)
+        masters = group["low_precision"] == "master" and not (
+            torch.compiler.is_compiling() or _capturing())
+        if masters:
+            precision.sync_masters(params, states, self._stepped_params)
         if _fused.kernel_step(self, index, group, params, states, amp):
             return
         if (group["fused"] and not torch.compiler.is_compiling()
@@ -565,6 +575,8 @@ class QHOptimizer(Optimizer):
             _fused.compiled_group_step(self, group, params, amp)
         else:
             self._step_group(group, params, amp)
+        if masters:
+            precision.mark_stepped(params, states, self._stepped_params)
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
@@ -690,7 +702,8 @@ class QHOptimizer(Optimizer):
         ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
         steps); see
         :func:`qhfast._precision.reconcile_state`."""
-        self._check_group_sharding(group)  # (step() checks every group first; not every caller)
+        self._check_options(group)  # (step() checks every group first; not every caller:
+        self._check_group_sharding(group)  # step_in_backward steps a param at a time)
         self._state_changed()
         for p in group["params"]:
             state = self.state.get(p)
@@ -866,6 +879,11 @@ class QHOptimizer(Optimizer):
             return value
         like = torch.view_as_real(p) if value.dtype == torch.uint8 and p.is_complex() else p
         return value.contiguous() if value.shape == like.shape and like.is_contiguous() else value
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:

@@ -97,8 +97,8 @@ def traceable_grads(params: list[Tensor]) -> bool:
     (dynamo refuses another) and neither a lazy conjugate nor a lazy negation (the graph would
     read their memory as it is). Where not, the group steps eagerly."""
     for p in params:
-        grad = _tensors.local(p.grad)
-        if grad.dtype != p.dtype or grad.is_conj() or grad.is_neg():
+        grad = p.grad
+        if grad.dtype is not p.dtype or grad.is_neg() or grad.is_conj():
             return False
     return True
 
@@ -129,16 +129,23 @@ class _BucketPlan:
     def __init__(self, kernel: Any, params: list[Tensor], local: bool) -> None:
         self.kernel, self.params, self.local = kernel, params, local
         self.numels = [_elements(_tensors.local(p) if local else p) for p in params]
+        self.dtype = params[0].dtype  # a bucket's params share their dtype and device
+        self.complex = self.dtype.is_complex
 
     def point_to_grads(self) -> bool:
         """Point the plan at the params' current gradients, or return False if one is not what
-        the kernel reads (:func:`plain_grad`). (The plan was made with the params checked; a
-        param given new storage or strides makes a new plan.)"""
+        the kernel reads (:func:`plain_grad`; their device is their params', as torch's
+        ``grad`` setter and autograd see to). The plan was made with the params checked; a
+        param given new storage, or made non-contiguous, makes a new plan. (Written out: this
+        runs for every gradient at every step.)"""
         grads = [p.grad for p in self.params]
         if self.local:
             grads = [_tensors.local(g) for g in grads]
-        if not all(plain_grad(g, p, n) for g, p, n in zip(grads, self.params, self.numels)):
-            return False
+        dtype = self.dtype
+        for g, n in zip(grads, self.numels):
+            if (g.dtype is not dtype or not g.is_contiguous() or g.is_neg()
+                    or (self.complex and g.is_conj()) or _elements(g) != n):
+                return False
         self.kernel.point_to_grads(grads)
         return True
 
@@ -184,12 +191,12 @@ def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
     return [[s.get(key) for s in states] for key in keys]
 
 
-def _param_pointers(params: list[Tensor], local: bool) -> list[tuple]:
-    """Where each param's elements are and how they lie (``p.data = p.data.t()`` keeps the
-    pointer and changes the strides)."""
+def _param_pointers(params: list[Tensor], local: bool) -> list[tuple[int, bool]]:
+    """Where each param's elements are, and whether they still lie contiguously (a plan is
+    made for contiguous params only; ``p.data = p.data.t()`` keeps the pointer)."""
     if local:
         params = [_tensors.local(p) for p in params]
-    return [(p.data_ptr(), p.stride(), p.dtype) for p in params]
+    return [(p.data_ptr(), p.is_contiguous()) for p in params]
 
 
 def drop_kernel_plans(optimizer: Any) -> None:

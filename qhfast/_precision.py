@@ -45,6 +45,7 @@ from torch import Tensor
 
 from . import _quantize as quantize
 from ._tensors import DTensor, shard_like
+from ._tensors import local as _local
 
 __all__ = [
     "LOW_PRECISION_DTYPES",
@@ -61,6 +62,8 @@ __all__ = [
     "stochastic_round_",
     "init_precision_state",
     "working_params",
+    "sync_masters",
+    "mark_stepped",
     "store_params",
     "working_buffers",
     "store_buffers",
@@ -235,6 +238,39 @@ def working_params(params: list[Tensor], states: list[dict[str, Any]], mode: str
     if mode == "kahan":  # θ + c is exact in fp32: |c| <= half an ulp of θ, 8 bits of its own
         torch._foreach_add_(work, [s[COMPENSATION_KEY] for s in states])
     return work
+
+
+def sync_masters(params: list[Tensor], states: list[dict[str, Any]],
+                 seen: dict[int, tuple[int, int]]) -> None:
+    """``"master"``: where a parameter was written from outside since qhfast last stepped it
+    (a clamp, a ``load_state_dict`` of the model, weights swapped in; torch counts in-place
+    writes in ``p._version``, and new storage changes ``p.data_ptr()``), its master takes the
+    written value wherever it differs from the master rounded to nearest (what the step
+    left), and keeps its fp32 value elsewhere. Else the next step would go on from the
+    master and undo the write. ``seen``: by ``id(p)``, each parameter's (pointer, version)
+    when it was last stepped or checked (:func:`mark_stepped`); one not in it is checked."""
+    for p, state in zip(params, states):
+        master = state.get(MASTER_KEY)
+        if master is None:
+            continue
+        local = _local(p)
+        where = (local.data_ptr(), local._version)
+        if seen.get(id(p)) == where:
+            continue
+        seen[id(p)] = where  # a kernel's write of the parameter changes neither
+        master = _local(master)
+        written = local != master.to(local.dtype)  # the cast rounds to nearest even
+        torch.where(written, local.to(torch.float32), master, out=master)
+
+
+def mark_stepped(params: list[Tensor], states: list[dict[str, Any]],
+                 seen: dict[int, tuple[int, int]]) -> None:
+    """After an eager step (its in-place writes count in ``p._version``): remember where and
+    at which version each parameter with a master is."""
+    for p, state in zip(params, states):
+        if MASTER_KEY in state:
+            local = _local(p)
+            seen[id(p)] = (local.data_ptr(), local._version)
 
 
 def store_params(

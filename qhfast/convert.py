@@ -101,9 +101,13 @@ def _beta_pair(betas: tuple[float, float]) -> tuple[float, float]:
 
 
 def _qhm(lr: float, momentum: float, nu: float) -> dict[str, float]:
+    """QHM's hyperparameters, or ValueError where the inputs give ones its constructor
+    refuses (so the conversion, not the constructor after it, names the problem)."""
     params = {"lr": lr, "momentum": momentum, "nu": nu}
     _require(all(math.isfinite(v) for v in params.values()), "conversion", params,
              "the QHM hyperparameters must be finite")
+    _require(lr >= 0.0 and 0.0 <= momentum <= 1.0, "conversion", params,
+             "these inputs give no QHM: it needs lr >= 0 and momentum in [0, 1]")
     return params
 
 
@@ -136,16 +140,21 @@ def from_pid(k_p: float, k_i: float, k_d: float) -> dict[str, float]:
     could not be checked against the optimizer Ma and Yarats had in mind (their appendix).
 
     Raises:
-        ValueError: a non-finite gain, ``k_i == 0``, ``k_d == 0`` or ``k_d == k_p``.
+        ValueError: a non-finite gain, ``k_i <= 0``, ``k_d == 0``, ``k_d == k_p``, or gains
+            whose momentum is outside [0, 1] (k_p and k_d of the same sign).
 
     Reference: B. Recht, *The best things in life are model free* (2018),
     http://www.argmin.net/2018/04/19/pid/
     """
     k_p, k_i, k_d = _finite("k_p", k_p), _finite("k_i", k_i), _finite("k_d", k_d)
-    _require(k_i != 0.0, "k_i", k_i, "must be nonzero")
+    _require(k_i > 0.0, "k_i", k_i, "must be > 0 (QHM's lr)")
     _require(k_d != 0.0, "k_d", k_d, "must be nonzero")
     _require(k_d != k_p, "k_d", k_d, f"must differ from k_p = {k_p}")
-    return _qhm(lr=k_i, momentum=k_d / (k_d - k_p), nu=k_p * k_p / (k_i * k_d))
+    momentum = k_d / (k_d - k_p)
+    _require(0.0 <= momentum <= 1.0, "k_d", k_d,
+             f"with k_p = {k_p} gives momentum k_d/(k_d - k_p) = {momentum}, which QHM needs "
+             "in [0, 1]: k_p and k_d of opposite signs (or k_p = 0)")
+    return _qhm(lr=k_i, momentum=momentum, nu=k_p * k_p / (k_i * k_d))
 
 
 def from_synthesized_nesterov(alpha: float, beta1: float, beta2: float) -> dict[str, float]:

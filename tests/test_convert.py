@@ -494,7 +494,19 @@ class TestBadInput(expecttest.TestCase):
     def test_pid(self):
         self.assertExpectedInline(
             error(convert.from_pid, -0.1, 0.0, 3.0),
-            """Invalid k_i: 0.0 (must be nonzero)""",
+            """Invalid k_i: 0.0 (must be > 0 (QHM's lr))""",
+        )
+        self.assertExpectedInline(
+            error(convert.from_pid, 1.0, -1.0, 3.0),
+            """Invalid k_i: -1.0 (must be > 0 (QHM's lr))""",
+        )
+        self.assertExpectedInline(  # qhoptim returns momentum -0.099, which QHM refuses
+            error(convert.from_pid, 10.0, 2.0, 0.9),
+            """Invalid k_d: 0.9 (with k_p = 10.0 gives momentum k_d/(k_d - k_p) = -0.09890109890109891, which QHM needs in [0, 1]: k_p and k_d of opposite signs (or k_p = 0))""",  # noqa: E501
+        )
+        self.assertExpectedInline(
+            error(convert.from_pid, 0.5, 1.0, 1.0),
+            """Invalid k_d: 1.0 (with k_p = 0.5 gives momentum k_d/(k_d - k_p) = 2.0, which QHM needs in [0, 1]: k_p and k_d of opposite signs (or k_p = 0))""",  # noqa: E501
         )
         self.assertExpectedInline(
             error(convert.from_pid, -0.1, 1.0, 0.0),
@@ -509,8 +521,8 @@ class TestBadInput(expecttest.TestCase):
             """Invalid k_p: nan (must be finite)""",
         )
         self.assertExpectedInline(
-            error(convert.from_pid, 1e300, 1e-300, 1.0),
-            """Invalid conversion: {'lr': 1e-300, 'momentum': -1e-300, 'nu': inf} (the QHM hyperparameters must be finite)""",  # noqa: E501
+            error(convert.from_pid, -1e300, 1e-300, 1.0),
+            """Invalid conversion: {'lr': 1e-300, 'momentum': 1e-300, 'nu': inf} (the QHM hyperparameters must be finite)""",  # noqa: E501
         )
 
     def test_synthesized_nesterov(self):
@@ -603,6 +615,14 @@ class TestBadInput(expecttest.TestCase):
         self.assertExpectedInline(
             error(convert.from_two_state_optimizer, 0.9, 0.0, 0.1, -0.09, 1.0, math.nan),
             """Invalid z: nan (must be finite)""",
+        )
+        self.assertExpectedInline(  # qhoptim returns these; the QHM constructor refuses them
+            error(convert.from_two_state_optimizer, 0.5, 0.0, 1.0, 0.0, 1.0, 1.0),
+            """Invalid conversion: {'lr': -1.0, 'momentum': 0.5, 'nu': 0.0} (these inputs give no QHM: it needs lr >= 0 and momentum in [0, 1])""",  # noqa: E501
+        )
+        self.assertExpectedInline(
+            error(convert.from_two_state_optimizer, -0.5, 0.0, 1.0, 1.0, 1.0, -1.0),
+            """Invalid conversion: {'lr': 0.3333333333333333, 'momentum': -0.5, 'nu': 4.0} (these inputs give no QHM: it needs lr >= 0 and momentum in [0, 1])""",  # noqa: E501
         )
 
     def test_adam_and_nadam(self):

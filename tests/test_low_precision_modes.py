@@ -619,6 +619,39 @@ def test_each_mode_tracks_the_fp32_run(name):
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)
+def test_a_master_takes_what_is_written_to_its_param_from_outside(path):
+    """``"master"``: a bf16 parameter written between steps (clamped in place, given new
+    storage) keeps the write: its master takes the written value where the parameter differs
+    from the master rounded to nearest, and keeps its fp32 bits elsewhere. Before, the next
+    step went on from the master and undid the write (a clamp of WGAN's kind, a model's
+    load_state_dict). lr = 0, so a step changes nothing else."""
+    torch.manual_seed(0)
+    p = torch.randn(64, 64).bfloat16().requires_grad_()
+    optimizer = qhfast.QHAdam([p], lr=1e-2, **path)
+    p.grad = torch.randn(64, 64).bfloat16()
+    optimizer.step()
+    optimizer.param_groups[0]["lr"] = 0.0
+    master = optimizer.state[p]["master_param"]
+    assert (master != p.float()).any()  # the master holds more than the bf16 value
+    before = master.clone()
+    optimizer.step()  # nothing written: the master keeps its fp32 bits
+    assert torch.equal(master, before)
+    with torch.no_grad():
+        p.clamp_(-0.5, 0.5)
+    written = p.float() != before.bfloat16().float()
+    assert 0 < written.sum() < p.numel()
+    optimizer.step()
+    master = optimizer.state[p]["master_param"]
+    assert torch.equal(master, torch.where(written, p.float(), before))
+    before = master.clone()
+    p.data = torch.full_like(p, 0.25)  # new storage (elements whose master rounds to 0.25
+    written = before.bfloat16().float() != 0.25  # keep it: the write cannot be told apart)
+    assert written.sum() > p.numel() // 2
+    optimizer.step()
+    assert torch.equal(optimizer.state[p]["master_param"], torch.where(written, 0.25, before))
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
 def test_float64_params_with_bf16_moments_step_on_the_eager_paths(path):
     """fp64 params with bf16 moments, as the C kernel rounds them (to fp32, then at random to
     bf16): the eager rounding viewed the fp64 bits as int32 and raised. After one step the

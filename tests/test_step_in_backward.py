@@ -176,6 +176,25 @@ def test_step_while_active_raises_and_changes_nothing():
     assert not torch.equal(before[0][0], next(model.parameters()))
 
 
+def test_a_bad_precision_option_set_while_active_raises_before_anything_changes():
+    """A typo in a group's low_precision, set between steps, is refused inside backward as
+    step() refuses it (it dropped the fp32 masters and raised KeyError), and a bogus
+    state_dtype is not taken for "8bit"."""
+    model = _model().bfloat16()
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters())
+    handle = qhfast.step_in_backward(optimizer)
+    _loss(model, 0).backward()
+    for key, value, message in (("low_precision", "Master", "Invalid low_precision value"),
+                                ("state_dtype", "bogus", "Invalid state_dtype value")):
+        before = copy.deepcopy((list(model.parameters()), optimizer.state_dict()))
+        optimizer.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=message):
+            _loss(model, 1).backward()
+        optimizer.param_groups[0][key] = before[1]["param_groups"][0][key]
+        assert_same(before, (list(model.parameters()), optimizer.state_dict()))
+    handle.remove()
+
+
 def test_grad_scaler_step_raises_through_step():
     """GradScaler cannot combine with it (documented): the parameters step inside backward,
     before the scaler checks for infs; its step() then raises instead of stepping twice."""
