@@ -554,7 +554,8 @@ class QHOptimizer(Optimizer):
         ``_params_with_grads``): make what state is missing, then update them, with the fused
         kernel or the group's compiled step where they serve. ``step()`` calls it once per
         group; :func:`qhfast.step_in_backward` once per parameter."""
-        if self._precision_made.get(index) != _precision_options(group):
+        if (self._precision_made.get(index) != _precision_options(group)
+                or not self._state_fits(params, group)):
             self._reconcile_precision(index, group)
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
@@ -577,6 +578,20 @@ class QHOptimizer(Optimizer):
             self._step_group(group, params, amp)
         if masters:
             precision.mark_stepped(params, states, self._stepped_params)
+
+    def _state_fits(self, params: list[Tensor], group: dict[str, Any]) -> bool:
+        """Whether the made state of ``params`` is in the form their dtypes need (a model
+        converted to another dtype after a step is not), checked on the first param of each
+        dtype (a model converts all its params of a kind together)."""
+        kinds = set()
+        for p in params:
+            if p.dtype in kinds:
+                continue
+            kinds.add(p.dtype)
+            state = self.state.get(p)
+            if state and not precision.state_fits(state, p, group, self._buffer_keys):
+                return False
+        return True
 
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
@@ -711,16 +726,18 @@ class QHOptimizer(Optimizer):
                 precision.reconcile_state(state, p, group["low_precision"],
                                           precision.buffer_dtype(p, group), self._buffer_keys,
                                           self._nonnegative_buffer_keys)
+                dtype, device = _counter_kind(p, group)  # (a param converted to fp64)
+                for key in self._counter_keys:
+                    if isinstance(state.get(key), Tensor):
+                        state[key] = state[key].to(dtype=dtype, device=device)
         self._precision_made[index] = _precision_options(group)
 
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
         device sync), or in the compute dtype on ``p``'s device when capturable or
         differentiable, or fused on an accelerator (its kernel reads the counters there)."""
-        if (group["capturable"] or group["differentiable"]
-                or (group["fused"] and p.device.type != "cpu")):
-            return torch.tensor(value, dtype=compute_dtype(p), device=p.device)
-        return torch.tensor(value, dtype=torch.float64)
+        dtype, device = _counter_kind(p, group)
+        return torch.tensor(value, dtype=dtype, device=device)
 
     # ---- state_dict --------------------------------------------------------------------------
 
@@ -879,6 +896,15 @@ class QHOptimizer(Optimizer):
             return value
         like = torch.view_as_real(p) if value.dtype == torch.uint8 and p.is_complex() else p
         return value.contiguous() if value.shape == like.shape and like.is_contiguous() else value
+
+
+def _counter_kind(p: Tensor, group: dict[str, Any]) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of ``p``'s step counters under ``group``
+    (:meth:`QHOptimizer._new_counter`)."""
+    if (group["capturable"] or group["differentiable"]
+            or (group["fused"] and p.device.type != "cpu")):
+        return compute_dtype(p), p.device
+    return torch.float64, torch.device("cpu")
 
 
 def _capturing() -> bool:

@@ -55,6 +55,7 @@ __all__ = [
     "COMPENSATION_KEY",
     "compute_dtype",
     "buffer_dtype",
+    "state_fits",
     "resolve_low_precision",
     "check_precision_options",
     "upgrade_group",
@@ -106,6 +107,21 @@ def buffer_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
     if isinstance(state, str):
         return compute_dtype(p)
     return state or compute_dtype(p)
+
+
+def state_fits(state: dict[str, Any], p: Tensor, group: dict[str, Any],
+               keys: Sequence[str]) -> bool:
+    """Whether ``p``'s (made) state is in the form ``p``'s dtype and the group's options need:
+    its moments (``keys``) in :func:`buffer_dtype`, and the master or compensation the mode
+    keeps for a bf16/fp16 ``p``. A model converted to another dtype between steps leaves
+    the state of the old one (:func:`reconcile_state` converts it)."""
+    first = state.get(keys[0])
+    if first is not None and first.dtype != buffer_dtype(p, group):
+        return False
+    if p.dtype in LOW_PRECISION_DTYPES:
+        kept = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
+        return kept is None or kept in state
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -651,6 +651,35 @@ def test_a_master_takes_what_is_written_to_its_param_from_outside(path):
     assert torch.equal(optimizer.state[p]["master_param"], torch.where(written, 0.25, before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_a_model_converted_to_another_dtype_between_steps_steps_on(path, dtype):
+    """fp32 params converted after a step (``model.double()``, ``.bfloat16()``): their state
+    is converted before anything changes, as a checkpoint's is on load (moments to the new
+    compute dtype, a master made for bf16). Before, the step raised KeyError midway with the
+    params already updated. The step equals that of an optimizer that loaded the state into
+    the converted params."""
+    torch.manual_seed(0)
+    params = [torch.randn(8, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    optimizer = qhfast.QHAdam(params, **path)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for p in params:
+        p.data = p.data.to(dtype)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    twin = qhfast.QHAdam(twins, **path)
+    twin.load_state_dict(saved)
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(p.shape).to(dtype)
+        q.grad = p.grad.clone()
+    optimizer.step()
+    twin.step()
+    for p, q in zip(params, twins):
+        assert p.dtype == dtype and torch.equal(p, q)
+
+
 @pytest.mark.parametrize("path", EAGER_PATHS)
 def test_float64_params_with_bf16_moments_step_on_the_eager_paths(path):
     """fp64 params with bf16 moments, as the C kernel rounds them (to fp32, then at random to
