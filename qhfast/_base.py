@@ -581,13 +581,9 @@ class QHOptimizer(Optimizer):
 
     def _state_fits(self, params: list[Tensor], group: dict[str, Any]) -> bool:
         """Whether the made state of ``params`` is in the form their dtypes need (a model
-        converted to another dtype after a step is not), checked on the first param of each
-        dtype (a model converts all its params of a kind together)."""
-        kinds = set()
-        for p in params:
-            if p.dtype in kinds:
-                continue
-            kinds.add(p.dtype)
+        converted to another dtype after a step is not), checked on the first and the last
+        param only: a model converts its params together, and this runs at every step."""
+        for p in (params[0], params[-1]):
             state = self.state.get(p)
             if state and not precision.state_fits(state, p, group, self._buffer_keys):
                 return False
