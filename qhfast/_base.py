@@ -773,6 +773,9 @@ class QHOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__}.load_state_dict: a param group "
                                      f"of the checkpoint has no {key!r}, which has no default")
             self._check_group({**self.defaults, **loaded})
+            in_backward = getattr(self, "_stepping_in_backward", None)
+            if in_backward is not None:  # (as add_param_group checks a group added then)
+                in_backward.check({**self.defaults, **loaded})
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):

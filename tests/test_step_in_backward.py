@@ -225,6 +225,12 @@ def test_bad_uses_raise_clear_errors():
     assert len(optimizer.param_groups) == 1
     q.sum().backward()  # not hooked: its gradient stays
     assert q.grad is not None and not optimizer.state
+    saved = optimizer.state_dict()
+    for flag in ("fused", "differentiable"):  # a checkpoint's group as it would be loaded
+        with pytest.raises(ValueError, match=f"{flag}=True"):
+            optimizer.load_state_dict({**saved, "param_groups": [
+                dict(saved["param_groups"][0], **{flag: True})]})
+        assert not optimizer.param_groups[0][flag]
     handle.remove()
     assert not handle.active
     qhfast.step_in_backward(optimizer).remove()  # a new handle once the first is gone
