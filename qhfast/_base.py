@@ -554,8 +554,7 @@ class QHOptimizer(Optimizer):
         ``_params_with_grads``): make what state is missing, then update them, with the fused
         kernel or the group's compiled step where they serve. ``step()`` calls it once per
         group; :func:`qhfast.step_in_backward` once per parameter."""
-        if (self._precision_made.get(index) != _precision_options(group)
-                or not self._state_fits(params, group)):
+        if self._precision_made.get(index) != _precision_options(group):
             self._reconcile_precision(index, group)
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
@@ -579,16 +578,6 @@ class QHOptimizer(Optimizer):
         if masters:
             precision.mark_stepped(params, states, self._stepped_params)
 
-    def _state_fits(self, params: list[Tensor], group: dict[str, Any]) -> bool:
-        """Whether the made state of ``params`` is in the form their dtypes need (a model
-        converted to another dtype after a step is not), checked on the first and the last
-        param only: a model converts its params together, and this runs at every step."""
-        for p in (params[0], params[-1]):
-            state = self.state.get(p)
-            if state and not precision.state_fits(state, p, group, self._buffer_keys):
-                return False
-        return True
-
     def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
         params = []
         checked = set()  # what _check_param says depends on the dtype and device (and the group)
@@ -605,6 +594,11 @@ class QHOptimizer(Optimizer):
             if kind not in checked:
                 self._check_param(p, group)  # options may have changed since add_param_group
                 checked.add(kind)
+                state = self.state.get(p)
+                if state and not precision.state_fits(state, p, group, self._buffer_keys):
+                    # params converted to another dtype since their state was made: every
+                    # group's state is converted at its next step, before it updates
+                    self._precision_made.clear()
             if differentiable and p.is_leaf and p.requires_grad:
                 raise RuntimeError(
                     f"{type(self).__name__} with differentiable=True updates its parameters in "

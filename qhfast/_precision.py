@@ -113,15 +113,15 @@ def state_fits(state: dict[str, Any], p: Tensor, group: dict[str, Any],
                keys: Sequence[str]) -> bool:
     """Whether ``p``'s (made) state is in the form ``p``'s dtype and the group's options need:
     its moments (``keys``) in :func:`buffer_dtype`, and the master or compensation the mode
-    keeps for a bf16/fp16 ``p``. A model converted to another dtype between steps leaves
+    keeps for a bf16/fp16 ``p`` (and no other). A model converted to another dtype between steps leaves
     the state of the old one (:func:`reconcile_state` converts it)."""
     first = state.get(keys[0])
     if first is not None and first.dtype != buffer_dtype(p, group):
         return False
-    if p.dtype in LOW_PRECISION_DTYPES:
-        kept = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
-        return kept is None or kept in state
-    return True
+    kept = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
+    if p.dtype not in LOW_PRECISION_DTYPES:
+        kept = None
+    return all((key in state) == (key == kept) for key in (MASTER_KEY, COMPENSATION_KEY))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,36 +257,41 @@ def working_params(params: list[Tensor], states: list[dict[str, Any]], mode: str
 
 
 def sync_masters(params: list[Tensor], states: list[dict[str, Any]],
-                 seen: dict[int, tuple[int, int]]) -> None:
+                 seen: dict[int, tuple]) -> None:
     """``"master"``: where a parameter was written from outside since qhfast last stepped it
     (a clamp, a ``load_state_dict`` of the model, weights swapped in; torch counts in-place
     writes in ``p._version``, and new storage changes ``p.data_ptr()``), its master takes the
     written value wherever it differs from the master rounded to nearest (what the step
     left), and keeps its fp32 value elsewhere. Else the next step would go on from the
-    master and undo the write. ``seen``: by ``id(p)``, each parameter's (pointer, version)
-    when it was last stepped or checked (:func:`mark_stepped`); one not in it is checked."""
+    master and undo the write. A model converted between bf16 and fp16 keeps its masters
+    where the conversion alone made the values. ``seen``: by ``id(p)``, each parameter's
+    (pointer, version, dtype) when it was last stepped or checked (:func:`mark_stepped`);
+    one not in it is checked."""
     for p, state in zip(params, states):
         master = state.get(MASTER_KEY)
         if master is None:
             continue
         local = _local(p)
-        where = (local.data_ptr(), local._version)
-        if seen.get(id(p)) == where:
+        where = (local.data_ptr(), local._version, local.dtype)
+        last = seen.get(id(p))
+        if last == where:
             continue
-        seen[id(p)] = where  # a kernel's write of the parameter changes neither
+        seen[id(p)] = where  # a kernel's write of the parameter changes none of them
         master = _local(master)
-        written = local != master.to(local.dtype)  # the cast rounds to nearest even
-        torch.where(written, local.to(torch.float32), master, out=master)
+        # what the last step left, rounded to nearest (the cast), and converted as a model's
+        # .half() or .bfloat16() converts it where the dtype changed since
+        left = master.to(local.dtype if last is None else last[2]).to(local.dtype)
+        torch.where(local != left, local.to(torch.float32), master, out=master)
 
 
 def mark_stepped(params: list[Tensor], states: list[dict[str, Any]],
-                 seen: dict[int, tuple[int, int]]) -> None:
+                 seen: dict[int, tuple]) -> None:
     """After an eager step (its in-place writes count in ``p._version``): remember where and
     at which version each parameter with a master is."""
     for p, state in zip(params, states):
         if MASTER_KEY in state:
             local = _local(p)
-            seen[id(p)] = (local.data_ptr(), local._version)
+            seen[id(p)] = (local.data_ptr(), local._version, local.dtype)
 
 
 def store_params(

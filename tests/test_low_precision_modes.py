@@ -681,6 +681,46 @@ def test_a_model_converted_to_another_dtype_between_steps_steps_on(path, dtype):
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)
+def test_one_param_converted_to_a_new_dtype_between_steps_steps_on(path):
+    """A middle param of a group converted to bf16 after a step (one layer of a model): its
+    state gets a master before anything updates. Before, the step raised KeyError midway,
+    with the other params already updated on the eager paths."""
+    torch.manual_seed(0)
+    params = [torch.randn(8, 4, requires_grad=True) for _ in range(3)]
+    optimizer = qhfast.QHAdamW(params, lr=1e-2, **path)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    params[1].data = params[1].data.bfloat16()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert optimizer.state[params[1]]["master_param"].dtype == torch.float32
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_a_bf16_model_converted_to_fp16_keeps_its_masters(path):
+    """``model.half()`` on a bf16 model gives its params new storage, which the master check
+    takes for an outside write: it must compare with the master as the conversion leaves it
+    (rounded to bf16, then to fp16), not rounded to fp16 at once, or nearly every master is
+    replaced by its bf16 value (4087 of 4096 elements were). lr = 0: nothing else moves."""
+    torch.manual_seed(0)
+    p = torch.randn(64, 64).bfloat16().requires_grad_()
+    optimizer = qhfast.QHAdamW([p], lr=1e-2, **path)
+    for t in range(3):
+        p.grad = torch.randn(64, 64).bfloat16()
+        optimizer.step()
+    before = optimizer.state[p]["master_param"].clone()
+    p.data = p.data.half()
+    p.grad = torch.randn(64, 64).half()
+    optimizer.param_groups[0]["lr"] = 0.0
+    optimizer.step()
+    assert torch.equal(optimizer.state[p]["master_param"], before)
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
 def test_float64_params_with_bf16_moments_step_on_the_eager_paths(path):
     """fp64 params with bf16 moments, as the C kernel rounds them (to fp32, then at random to
     bf16): the eager rounding viewed the fp64 bits as int32 and raised. After one step the
