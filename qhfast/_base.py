@@ -335,9 +335,10 @@ class QHOptimizer(Optimizer):
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
         #: index (not id(group): dynamo before torch 2.13 cannot trace id() of a dict)
         self._precision_made: dict[int, tuple[str, torch.dtype | None]] = {}
-        #: by id, each param with a master: where and at which version its last step left it
+        #: by id, each param with a master: where, at which version and in which dtype its
+        #: last step left it
         #: (qhfast._precision.sync_masters; the param groups hold the params, so ids stay)
-        self._stepped_params: dict[int, tuple[int, int]] = {}
+        self._stepped_params: dict[int, tuple[int, int, torch.dtype]] = {}
         super().__init__(params, defaults)
 
     # ---- what a subclass provides ------------------------------------------------------------

@@ -96,11 +96,7 @@ def traceable_grads(params: list[Tensor]) -> bool:
     """Whether the compiled group step takes the params' gradients: each in its param's dtype
     (dynamo refuses another) and neither a lazy conjugate nor a lazy negation (the graph would
     read their memory as it is). Where not, the group steps eagerly."""
-    for p in params:
-        grad = p.grad
-        if grad.dtype is not p.dtype or grad.is_neg() or grad.is_conj():
-            return False
-    return True
+    return not any(p.grad.dtype is not p.dtype or _lazy(p.grad) for p in params)
 
 
 def _backend(group: dict[str, Any], param: Tensor) -> str | None:
@@ -134,10 +130,11 @@ class _BucketPlan:
 
     def point_to_grads(self) -> bool:
         """Point the plan at the params' current gradients, or return False if one is not what
-        the kernel reads (:func:`plain_grad`; their device is their params', as torch's
-        ``grad`` setter and autograd see to). The plan was made with the params checked; a
-        param given new storage, or made non-contiguous, makes a new plan. (Written out: this
-        runs for every gradient at every step.)"""
+        the kernel reads: in the bucket's dtype (torch's ``grad_dtype`` lets a gradient's
+        differ; its device is its param's, as torch's ``grad`` setter and autograd see to),
+        contiguous, of its param's size, not lazy (:func:`_lazy`). The plan was made with the
+        params checked; a param given new storage, or made non-contiguous, makes a new plan.
+        (Written out: this runs for every gradient at every step.)"""
         grads = [p.grad for p in self.params]
         if self.local:
             grads = [_tensors.local(g) for g in grads]
@@ -172,14 +169,10 @@ class _GroupPlan:
                 and _param_pointers(params, self.local) == self.param_pointers)
 
 
-def plain_grad(grad: Tensor, param: Tensor, elements: int | None = None) -> bool:
-    """Whether the kernels can read ``grad`` as it is: its param's dtype and device (torch's
-    ``grad_dtype`` lets them differ), contiguous, of its param's size, and neither a lazy
-    conjugate nor a lazy negation (their memory holds the values before it: the kernels, and
-    inductor's graph of the group step, would read them unconjugated or unnegated)."""
-    return (grad.dtype == param.dtype and grad.device == param.device and grad.is_contiguous()
-            and not grad.is_conj() and not grad.is_neg()
-            and (elements is None or _elements(grad) == elements))
+def _lazy(grad: Tensor) -> bool:
+    """Whether ``grad`` is a lazy negation or conjugate: its memory holds the values before
+    it, which the kernels would read."""
+    return grad.is_neg() or grad.is_conj()
 
 
 def _elements(t: Tensor) -> int:
@@ -286,7 +279,7 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
-    if not all(plain_grad(view(p.grad), q) for p, q in zip(bucket, params)):
+    if any(_lazy(view(p.grad)) for p in bucket):
         return None
     device, dtype = params[0].device, params[0].dtype
     low = dtype in LOW_PRECISION_DTYPES

@@ -113,8 +113,8 @@ def state_fits(state: dict[str, Any], p: Tensor, group: dict[str, Any],
                keys: Sequence[str]) -> bool:
     """Whether ``p``'s (made) state is in the form ``p``'s dtype and the group's options need:
     its moments (``keys``) in :func:`buffer_dtype`, and the master or compensation the mode
-    keeps for a bf16/fp16 ``p`` (and no other). A model converted to another dtype between steps leaves
-    the state of the old one (:func:`reconcile_state` converts it)."""
+    keeps for a bf16/fp16 ``p`` (and no other). A model converted to another dtype between
+    steps leaves the state of the old one (:func:`reconcile_state` converts it)."""
     first = state.get(keys[0])
     if first is not None and first.dtype != buffer_dtype(p, group):
         return False
@@ -203,9 +203,10 @@ def nearest_value(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def stochastic_round_(dsts: Sequence[Tensor], srcs: Sequence[Tensor]) -> None:
-    """``dst ← sr(src)`` for each pair: ``src`` (fp32, or fp64 rounded to fp32 first) rounded to ``dst``'s dtype (bf16 or fp16),
-    up or down at random with the probability that makes the result unbiased (the share of the
-    gap between the two neighbours that ``src`` has covered). A value that ``dst``'s dtype
+    """``dst ← sr(src)`` for each pair: ``src`` (fp32; fp64 is rounded to fp32 first) rounded to
+    ``dst``'s dtype (bf16 or fp16), up or down at random with the probability that makes the
+    result unbiased (the share of the gap between the two neighbours that ``src`` has
+    covered). A value that ``dst``'s dtype
     holds exactly is written unchanged. Draws from the default generator of the tensors'
     device."""
     for dst, src in zip(dsts, srcs):
