@@ -467,12 +467,14 @@ class QHOptimizer(Optimizer):
             )
 
     def _check_changed_options(self) -> None:
-        """Raise before anything changes where a group's precision options changed since its
-        state was made (or it has not stepped): where they, or the flags with them, are not
-        valid (a typo would otherwise drop the fp32 masters), or do not suit one of its
+        """Raise before anything changes where a group's flags are not booleans (set in
+        ``param_groups`` after construction: ``maximize="False"`` would ascend), or where its
+        precision options changed since its state was made (or it has not stepped) and are not
+        valid (a typo would otherwise drop the fp32 masters) or do not suit one of its
         parameters (each is checked per dtype and device when it steps; whether 8-bit moments
         shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
+            _check_flags(group)
             if self._precision_made.get(index) != _precision_options(group):
                 self._check_options(group)
                 self._check_group_sharding(group)

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._base import AmpArgs, QHOptimizer
+from ._base import AmpArgs, QHOptimizer, _check_flags
 
 __all__ = ["StepInBackward", "step_in_backward"]
 
@@ -169,6 +169,7 @@ class StepInBackward:
     def _step_param(self, p: Tensor) -> None:
         optimizer = self.optimizer
         group = self._group_of(p)
+        _check_flags(group)
         # the checks step() makes (sparse, DTensor layout, dtype, options), for this one
         params = optimizer._params_with_grads({**group, "params": [p]})
         if params:

@@ -266,6 +266,28 @@ def test_flags_are_checked_in_every_group_a_load_or_add_makes(name):
     assert len(optimizer.param_groups) == 1
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_flags_set_in_param_groups_after_steps_are_checked_at_the_next(name):
+    """A flag set in ``param_groups`` between steps (as an LR schedule sets lr) is checked
+    before the step changes anything: ``maximize="False"`` would make it ascend."""
+    problem = Problem()
+    params = problem.params()
+    optimizer = OPTIMIZERS[name](params)
+    problem.set_grads(params, 0)
+    optimizer.step()
+    problem.set_grads(params, 1)
+    for flag, value, error, message in [
+            ("maximize", "False", TypeError, "Invalid maximize value: 'False'"),
+            ("capturable", 1, TypeError, "Invalid capturable value: 1"),
+            ("foreach", "yes", TypeError, "Invalid foreach value: 'yes'")]:
+        optimizer.param_groups[0][flag] = value
+        before = snapshot(optimizer, params)
+        with pytest.raises(error, match=re.escape(message)):
+            optimizer.step()
+        assert_same(snapshot(optimizer, params), before)
+        optimizer.param_groups[0][flag] = {"maximize": False, "capturable": False}.get(flag)
+
+
 def test_a_checkpoint_group_without_a_hyperparameter_takes_the_default():
     """A saved group missing ``eps`` (a hand-made checkpoint) loads with the constructor's
     default, and one missing QHM's required ``nu`` is refused, naming it."""

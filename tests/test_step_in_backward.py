@@ -176,19 +176,22 @@ def test_step_while_active_raises_and_changes_nothing():
     assert not torch.equal(before[0][0], next(model.parameters()))
 
 
-def test_a_bad_precision_option_set_while_active_raises_before_anything_changes():
+def test_a_bad_option_set_while_active_raises_before_anything_changes():
     """A typo in a group's low_precision, set between steps, is refused inside backward as
-    step() refuses it (it dropped the fp32 masters and raised KeyError), and a bogus
-    state_dtype is not taken for "8bit"."""
+    step() refuses it (it dropped the fp32 masters and raised KeyError), a bogus
+    state_dtype is not taken for "8bit", and a flag that is not a boolean
+    (``maximize="False"`` would ascend) is refused too."""
     model = _model().bfloat16()
     optimizer = OPTIMIZERS["QHAdam"](model.parameters())
     handle = qhfast.step_in_backward(optimizer)
     _loss(model, 0).backward()
-    for key, value, message in (("low_precision", "Master", "Invalid low_precision value"),
-                                ("state_dtype", "bogus", "Invalid state_dtype value")):
+    for key, value, error, message in (
+            ("low_precision", "Master", ValueError, "Invalid low_precision value"),
+            ("state_dtype", "bogus", ValueError, "Invalid state_dtype value"),
+            ("maximize", "False", TypeError, "Invalid maximize value")):
         before = copy.deepcopy((list(model.parameters()), optimizer.state_dict()))
         optimizer.param_groups[0][key] = value
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             _loss(model, 1).backward()
         optimizer.param_groups[0][key] = before[1]["param_groups"][0][key]
         assert_same(before, (list(model.parameters()), optimizer.state_dict()))
