@@ -18,6 +18,7 @@ Everything else lives here once:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,7 +48,28 @@ Scalar = float | Tensor
 def _is_number(value: Any) -> bool:
     if isinstance(value, Tensor):
         return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds, a numpy array as a tuple of them, and a
+    tuple or list of numpy scalars as one of Python numbers (qhoptim and torch.optim take
+    ``lr=np.float32(1e-3)`` or ``betas=np.array([0.9, 0.999])``; Python numbers keep float64
+    arithmetic, and a checkpoint loadable with ``weights_only=True``); anything else as is."""
+    if type(value).__module__ == "numpy":
+        value = value.tolist()
+        return tuple(value) if isinstance(value, list) else value
+    if isinstance(value, (tuple, list)) and any(type(v).__module__ == "numpy" for v in value):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _plain_group(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with its options and hyperparameters made :func:`_plain` (in place)."""
+    for key, value in group.items():
+        if key != "params":
+            group[key] = _plain(value)
+    return group
 
 
 def _as_float(value: Scalar) -> float:
@@ -318,18 +340,15 @@ class QHOptimizer(Optimizer):
         state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
-        _check_flags(dict(foreach=foreach, fused=fused, maximize=maximize,
-                          capturable=capturable, differentiable=differentiable))
-        defaults = dict(
+        flags = _plain_group(dict(foreach=foreach, fused=fused, maximize=maximize,
+                                  capturable=capturable, differentiable=differentiable))
+        _check_flags(flags)
+        defaults = _plain_group(dict(
             defaults,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
+            **flags,
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
-        )
+        ))
         if not any(isinstance(value, type(required)) for value in defaults.values()):
             self._check_group(defaults)  # else each group is checked with what it gives
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
@@ -406,20 +425,25 @@ class QHOptimizer(Optimizer):
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = precision.upgrade_group({k: v for k, v in param_group.items() if k != "params"})
+        merged = precision.upgrade_group(
+            _plain_group({k: v for k, v in param_group.items() if k != "params"}))
         for key, value in self.defaults.items():
             merged.setdefault(key, value)
             if isinstance(merged[key], type(required)):  # neither constructor nor group gave it
                 # (by type: a pickled or deep-copied optimizer holds a copy of the sentinel)
-                raise TypeError(f"{type(self).__name__}() missing required argument: '{key}'")
+                raise ValueError("parameter group didn't specify a value of required "
+                                 f"optimization parameter {key} ({type(self).__name__} takes "
+                                 "it in the constructor or in every param group)")
         self._check_group(merged)
-        precision.upgrade_group(param_group)
+        precision.upgrade_group(_plain_group(param_group))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         in_backward = getattr(self, "_stepping_in_backward", None)
         try:
             for p in group["params"]:
-                self._check_param(p, group)
+                if p.requires_grad or p.is_floating_point() or p.is_complex():
+                    self._check_param(p, group)  # (an integer one, frozen, never steps: as
+                    # torch.optim, it is let be; one given a gradient raises at the step)
             if in_backward is not None:
                 in_backward.check(group)
         except (TypeError, ValueError, RuntimeError):
@@ -758,7 +782,8 @@ class QHOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups = state_dict["param_groups"]
+        saved_groups = [_plain_group(dict(group)) for group in state_dict["param_groups"]]
+        state_dict["param_groups"] = saved_groups
         for group, saved_group in zip(self.param_groups, saved_groups):
             saved_group = precision.upgrade_group(dict(saved_group))
             # the saved options must be valid ones, though the group keeps its own
@@ -942,7 +967,7 @@ def _as_scalar(value: Any, device: torch.device, dtype: torch.dtype, device_path
     if isinstance(value, (tuple, list)):
         return tuple(_as_scalar(v, device, dtype, device_path) for v in value)
     if not isinstance(value, Tensor):
-        return value
+        return value if isinstance(value, float) else float(value)  # (an int, a numpy number)
     if device_path:
         return value.reshape(()).to(device=device, dtype=dtype)
     return float(value.item())

@@ -106,8 +106,8 @@ def _qhm(lr: float, momentum: float, nu: float) -> dict[str, float]:
     params = {"lr": lr, "momentum": momentum, "nu": nu}
     _require(all(math.isfinite(v) for v in params.values()), "conversion", params,
              "the QHM hyperparameters must be finite")
-    _require(lr >= 0.0 and 0.0 <= momentum <= 1.0, "conversion", params,
-             "these inputs give no QHM: it needs lr >= 0 and momentum in [0, 1]")
+    _require(lr >= 0.0 and momentum >= 0.0, "conversion", params,
+             "these inputs give no QHM: it needs lr >= 0 and momentum >= 0")
     return params
 
 
@@ -141,7 +141,9 @@ def from_pid(k_p: float, k_i: float, k_d: float) -> dict[str, float]:
 
     Raises:
         ValueError: a non-finite gain, ``k_i <= 0``, ``k_d == 0``, ``k_d == k_p``, or gains
-            whose momentum is outside [0, 1] (k_p and k_d of the same sign).
+            whose momentum is negative (k_p beyond k_d, on its side of 0). Momentum 1 and
+            above (k_p and k_d of the same sign, |k_p| < |k_d|) are returned, as qhoptim
+            returns them, and QHM takes them.
 
     Reference: B. Recht, *The best things in life are model free* (2018),
     http://www.argmin.net/2018/04/19/pid/
@@ -151,9 +153,9 @@ def from_pid(k_p: float, k_i: float, k_d: float) -> dict[str, float]:
     _require(k_d != 0.0, "k_d", k_d, "must be nonzero")
     _require(k_d != k_p, "k_d", k_d, f"must differ from k_p = {k_p}")
     momentum = k_d / (k_d - k_p)
-    _require(0.0 <= momentum <= 1.0, "k_d", k_d,
+    _require(momentum >= 0.0, "k_d", k_d,
              f"with k_p = {k_p} gives momentum k_d/(k_d - k_p) = {momentum}, which QHM needs "
-             "in [0, 1]: k_p and k_d of opposite signs (or k_p = 0)")
+             ">= 0: k_p not beyond k_d on its side of 0")
     return _qhm(lr=k_i, momentum=momentum, nu=k_p * k_p / (k_i * k_d))
 
 

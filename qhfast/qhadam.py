@@ -14,7 +14,6 @@ from ._base import (
     QHOptimizer,
     Scalar,
     check_finite,
-    check_flag,
     check_nonnegative,
     check_number,
     check_pair,
@@ -292,7 +291,11 @@ class QHAdam(QHOptimizer):
         for i, nu in enumerate(group["nus"]):
             check_finite(nu, f"nu parameter at index {i}", f"nus[{i}]")
         check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
-        check_flag(group["decouple_weight_decay"], "decouple_weight_decay")
+        decouple = group["decouple_weight_decay"]
+        if not (isinstance(decouple, bool) or (isinstance(decouple, int) and decouple in (0, 1))):
+            raise TypeError(  # (0 and 1 as qhoptim, which took any truthy value, may have saved)
+                f"Invalid decouple_weight_decay value: {decouple!r} (decouple_weight_decay must "
+                "be True or False, or 1 or 0)")
 
     def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
         state["exp_avg"] = like

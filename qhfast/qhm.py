@@ -15,7 +15,6 @@ from ._base import (
     Scalar,
     check_finite,
     check_nonnegative,
-    check_number,
     foreach_add_scaled_,
     foreach_lerp_,
     maybe_nonzero,
@@ -87,7 +86,8 @@ class QHM(QHOptimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate :math:`\alpha`, a finite number >= 0 (float or 1-element tensor).
-        momentum: :math:`\beta`, in [0, 1] (1 is allowed: some conversions produce it).
+        momentum: :math:`\beta`, a finite number >= 0, as in qhoptim (conversions produce 1
+            and above; above 1 the buffer grows with each step).
         nu: :math:`\nu`, any finite number (conversions produce values outside [0, 1]).
         weight_decay: :math:`\lambda` >= 0 (default 0).
         weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient, as
@@ -154,8 +154,7 @@ class QHM(QHOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_nonnegative(group["lr"], "learning rate", "lr")
-        check_number(group["momentum"], "momentum value", "momentum", "in [0, 1]",
-                     lambda x: 0.0 <= x <= 1.0)
+        check_nonnegative(group["momentum"], "momentum value", "momentum")
         check_finite(group["nu"], "nu value", "nu")
         check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
         if group["weight_decay_type"] not in WEIGHT_DECAY_TYPES:

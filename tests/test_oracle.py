@@ -5,6 +5,7 @@ differently (e.g. one lerp where qhoptim does mul_ then add_), so each step diff
 ulps (~1e-16) and, on this contracting problem, 500 steps keep the gap far below 1e-12.
 """
 
+import numpy as np
 import pytest
 import qhoptim.pyt as oracle
 
@@ -21,6 +22,8 @@ QHM_CASES = {
     "grad_decay": dict(lr=0.5, momentum=0.95, nu=0.6, weight_decay=0.05),
     "direct_decay": dict(lr=0.5, momentum=0.9, nu=0.7, weight_decay=0.05, weight_decay_type="direct"),
     "nu_above_one": dict(lr=0.2, momentum=0.5, nu=1.3),
+    # qhoptim takes any momentum >= 0 (its from_pid returns some above 1)
+    "momentum_above_one": dict(lr=0.1, momentum=1.001, nu=0.7),
 }
 QHM_SECOND_GROUP = dict(lr=0.3, momentum=0.5, nu=0.4)
 
@@ -33,6 +36,10 @@ QHADAM_CASES = {
     "coupled_decay": dict(lr=0.01, nus=(0.7, 1.0), weight_decay=0.1),
     "decoupled_decay": dict(lr=0.01, nus=(0.7, 1.0), weight_decay=0.1, decouple_weight_decay=True),
     "beta1_zero": dict(lr=0.01, betas=(0.0, 0.99), nus=(0.5, 1.0)),
+    # numpy numbers and arrays, and a decouple_weight_decay of 1: qhoptim takes them
+    "numpy_values": dict(lr=np.float64(0.01), betas=np.array([0.9, 0.99]),
+                         nus=(np.float64(0.7), np.int64(1)), weight_decay=np.float64(0.1),
+                         decouple_weight_decay=1),
 }
 QHADAM_SECOND_GROUP = dict(lr=0.005, betas=(0.8, 0.95), nus=(0.9, 0.95))
 
