@@ -357,16 +357,17 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
     assert type(optimizer.param_groups[0]["lr"]) is float
     torch.save(optimizer.state_dict(), tmp_path / "saved.pt")
     torch.load(tmp_path / "saved.pt", weights_only=True)
-    finals = []
-    for lr in (np.float32(0.01), float(np.float32(0.01))):
-        p = _param()
-        stepped = qhfast.QHAdam([p], foreach=True)
-        for t in range(3):
-            stepped.param_groups[0]["lr"] = lr  # as a hand-written schedule sets it
-            p.grad = torch.full_like(p, float(t + 1))
-            stepped.step()
-        finals.append(p.detach().clone())
-    assert torch.equal(*finals)
+    for name in OPTIMIZERS:
+        finals = []
+        for lr in (np.float32(0.01), float(np.float32(0.01))):
+            p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+            stepped = OPTIMIZERS[name]([p], foreach=True)
+            for t in range(3):
+                stepped.param_groups[0]["lr"] = lr  # as a hand-written schedule sets it
+                p.grad = torch.full_like(p, float(t + 1))
+                stepped.step()
+            finals.append(p.detach().clone())
+        assert torch.equal(*finals), name
 
 
 def test_a_frozen_integer_parameter_is_let_be():
