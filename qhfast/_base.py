@@ -30,7 +30,7 @@ from . import _differentiable as differentiable
 from . import _fused
 from . import _precision as precision
 from . import _quantize as quantize
-from ._tensors import AmpArgs, DTensor, Partial
+from ._tensors import AmpArgs, DTensor, Partial, capturing
 from ._tensors import buckets as _buckets
 from ._tensors import local as _local
 from ._precision import compute_dtype
@@ -236,7 +236,8 @@ def prepare_grads(
 
 
 #: the devices ``fused=True`` has a step for: the C kernel (or the compiled group step) on the
-#: CPU, the group's step compiled by inductor elsewhere (Triton on CUDA and XPU, Metal on MPS)
+#: CPU, qhfast's Triton kernel on CUDA (where triton is installed), the group's step compiled
+#: by inductor elsewhere (Triton on XPU, Metal on MPS)
 FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
@@ -592,7 +593,7 @@ class QHOptimizer(Optimizer):
         # masters follow writes to their params from outside (not seen by a traced or
         # captured step, which runs no Python)
         masters = group["low_precision"] == "master" and not (
-            torch.compiler.is_compiling() or _capturing())
+            torch.compiler.is_compiling() or capturing())
         if masters:
             precision.sync_masters(params, states, self._stepped_params)
         if _fused.kernel_step(self, index, group, params, states, amp):
@@ -752,9 +753,10 @@ class QHOptimizer(Optimizer):
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
         device sync), or in the compute dtype on ``p``'s device when capturable or
-        differentiable, or fused on an accelerator (its kernel reads the counters there)."""
+        differentiable, or fused on an accelerator (its kernel reads the counters there). Filled
+        where it is made (``torch.tensor(value, device=...)`` copies from host memory, a sync)."""
         dtype, device = _counter_kind(p, group)
-        return torch.tensor(value, dtype=dtype, device=device)
+        return torch.full((), value, dtype=dtype, device=device)
 
     # ---- state_dict --------------------------------------------------------------------------
 
@@ -926,11 +928,6 @@ def _counter_kind(p: Tensor, group: dict[str, Any]) -> tuple[torch.dtype, torch.
             or (group["fused"] and p.device.type != "cpu")):
         return compute_dtype(p), p.device
     return torch.float64, torch.device("cpu")
-
-
-def _capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _precision_options(group: dict[str, Any]) -> tuple[str, torch.dtype | None]:

@@ -399,7 +399,7 @@ class _CompiledGroupStep:
             return value
         cached = self.scalars.get(key)
         if cached is None or cached[1].device != device:
-            cached = (value, torch.tensor(value, dtype=torch.float64, device=device))
+            cached = (value, torch.full((), value, dtype=torch.float64, device=device))
         elif cached[0] != value:
             cached = (value, cached[1].fill_(value))
         self.scalars[key] = cached

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AmpArgs", "DTensor", "Partial", "local", "shard_like", "buckets"]
+__all__ = ["AmpArgs", "DTensor", "Partial", "local", "shard_like", "buckets", "capturing"]
 
 
 class AmpArgs(NamedTuple):
@@ -56,3 +56,8 @@ def buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], 
     for p in params:
         by_kind.setdefault((p.device, p.dtype), []).append(p)
     return by_kind
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -9,6 +9,8 @@ dtypes, which this build refuses before dispatch: ``_DtypeCopies`` steps in ther
 optimizer step runs and says what it read on the host.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -112,12 +114,23 @@ _SYNC_FREE = ("capturable", "fused", "fused_capturable")
 
 class _TritonLaunches:
     """Stands in for the Triton kernel module under fake tensors (which have no data to point
-    to): each launch checks that every tensor it gets is on CUDA and records its name."""
+    to): each launch checks that every tensor it gets is on CUDA, on the device made current
+    (Triton launches on the current device; this CPU build has no device to make current, so
+    ``current`` stands in for it), and records its name."""
 
     ROWS = 11  # triton_kernel.ROWS: a row per role (kernels.triton.ROLES), sizes and offsets
 
     def __init__(self) -> None:
         self.launches: list[str] = []
+        self.current: torch.device | None = None
+
+    @contextlib.contextmanager
+    def device_guard(self, device: torch.device):
+        before, self.current = self.current, device
+        try:
+            yield
+        finally:
+            self.current = before
 
     def __getattr__(self, name):
         return _Launcher(self, name)
@@ -133,6 +146,7 @@ class _Launcher:
             # on CUDA, and on one device: the table's (the first argument), the bucket's
             assert tensors and tensors[0].device.type == "cuda", self.name
             assert all(t.device == tensors[0].device for t in tensors), self.name
+            assert self.module.current == tensors[0].device, self.name
             self.module.launches.append(self.name)
         return launch
 
@@ -146,6 +160,7 @@ def triton_launches(monkeypatch):
     monkeypatch.setattr(plans, "_kernel_module", lambda: launches)
     monkeypatch.setattr(plans, "_addresses", lambda tensors: [id(t) for t in tensors])
     monkeypatch.setattr(plans, "available", lambda: True)
+    monkeypatch.setattr(plans, "_device_guard", launches.device_guard)
     return launches
 MODES = {
     "fp32": (torch.float32, {}),
@@ -254,3 +269,50 @@ def test_a_fused_step_on_a_second_gpu_gets_its_tensors_there(name, triton_launch
             assert stepping.reads == []
         assert triton_launches.launches and all(
             value.device == p.device for value in optimizer.state[p].values())
+
+
+class _HostCopies(_HostReads):
+    """:class:`_HostReads` that also records each copy from host memory to a GPU:
+    (non_blocking, whether its source was made with pin_memory=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: list[torch.Tensor] = []  # (kept alive: their ids stay theirs)
+        self.copies: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        source, target = ((args[0], kwargs.get("device")) if name == "_to_copy"
+                          else (args[1], args[0].device) if name == "copy_" else (None, None))
+        if (source is not None and target is not None and source.device.type == "cpu"
+                and torch.device(target).type == "cuda"):
+            non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
+            self.copies.append((bool(non_blocking), any(source is t for t in self.pinned)))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if kwargs.get("pin_memory") or (name == "detach" and any(args[0] is t for t in
+                                                                 self.pinned)):
+            self.pinned.append(out)  # (torch detaches what it pinned)
+        return out
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["", "capturable"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_fused_step_copies_its_tables_to_the_gpu_without_a_sync(name, capturable,
+                                                                  triton_launches):
+    """The Triton plan copies its tables to the GPU when it is made and when the gradients
+    move (``zero_grad()`` drops them, backward makes new ones where the allocator says):
+    asynchronously, from pinned memory. From pageable memory torch's copy makes the host wait
+    for the device, every step whose gradients moved, and CUDA graph capture refuses it."""
+    cls, options = OPTIMIZERS[name]
+    with FakeTensorMode(), _DtypeCopies(), _HostReads():
+        p = torch.empty(10, device="cuda").requires_grad_()
+        optimizer = cls([p], **options, fused=True, capturable=capturable)
+        grads = []  # kept: the fake addresses are ids, which a freed tensor's successor reuses
+        with _HostCopies() as copying:
+            for _ in range(3):
+                p.grad = torch.empty(10, device="cuda")
+                grads.append(p.grad)
+                optimizer.step()
+        assert len(copying.copies) == 4  # the plan's two tables, then the moved gradients'
+        assert all(copy == (True, True) for copy in copying.copies), copying.copies

@@ -15,6 +15,7 @@ suite checks them on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -23,6 +24,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from .._tensors import capturing
 
 __all__ = ["Plan", "available", "interpreting", "CHUNK", "BLOCK", "ROLES"]
 
@@ -58,6 +61,13 @@ def _addresses(tensors: list[Tensor | None]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 
 
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current device: Triton launches on the current device, so a bucket
+    on another GPU than the current one would run on the wrong one (torch's fused optimizers
+    take the same guard from their tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class Plan:
     """One bucket's kernel launches.
 
@@ -85,7 +95,10 @@ class Plan:
         rows = [_addresses(tensors.get(role) or [None] * self.n) for role in ROLES]
         self.host_table = torch.tensor([*rows, sizes, offsets], dtype=torch.int64)
         assert self.host_table.shape[0] == kernels.ROWS
-        self.table = self.host_table.to(self.device)
+        #: the pinned host copies behind the device tables copied during a CUDA graph's
+        #: capture: its replays copy from them again, so they are kept as long as the plan
+        self._captured_sources: list[Tensor] = []
+        self.table = self._to_device(self.host_table)
         self.grad_addresses = rows[ROLES.index("grads")]
         #: whether every element tensor's address is 16-byte aligned (the kernel then uses
         #: vector accesses): torch's allocators align their blocks, views need not be
@@ -93,8 +106,8 @@ class Plan:
                            if not role.startswith("weights") for a in row)
         starts = [(t, s) for t, size in enumerate(sizes) for s in range(0, size, CHUNK)]
         self.n_chunks = len(starts)
-        self.chunks = torch.tensor([[t for t, _ in starts], [s for _, s in starts]],
-                                   dtype=torch.int64).reshape(2, -1).to(self.device)
+        self.chunks = self._to_device(torch.tensor(
+            [[t for t, _ in starts], [s for _, s in starts]], dtype=torch.int64).reshape(2, -1))
         param_dtype = params[0].dtype
         moments = tensors["firsts"][0]
         weights = tensors["weights1"]
@@ -131,15 +144,29 @@ class Plan:
             cached[0] = value
         return cached[1]
 
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A copy of CPU tensor ``host`` on the plan's device, made without a host-device sync:
+        on a GPU, through pinned memory and asynchronously (from pageable memory torch's copy
+        makes the host wait for the device, and CUDA graph capture refuses it). The pinned
+        source is not reused before the copy has run (torch's pinned-memory allocator waits
+        for the copy); one copied during a capture is kept (:attr:`_captured_sources`)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        pinned = torch.empty_like(host, pin_memory=True).copy_(host)
+        if capturing():
+            self._captured_sources.append(pinned)
+        return pinned.to(self.device, non_blocking=True)
+
     def point_to_grads(self, grads: list[Tensor]) -> None:
         """Point the table at the step's gradients (same sizes and dtypes as the plan's, checked
         by the caller): the table copied to the device again only when one moved (not in a
-        CUDA graph's replays, whose gradients stay where capture found them)."""
+        CUDA graph's replays, whose gradients stay where capture found them), without a
+        host-device sync (:meth:`_to_device`)."""
         addresses = _addresses(grads)
         if addresses != self.grad_addresses:
             self.host_table[ROLES.index("grads")] = torch.tensor(addresses, dtype=torch.int64)
             self.aligned = self.aligned and all(a % 16 == 0 for a in addresses)
-            self.table = self.host_table.to(self.device)
+            self.table = self._to_device(self.host_table)
             self.grad_addresses = addresses
 
     def run(self, hyper: dict[str, float | Tensor], *, decay: int, maximize: bool,
@@ -164,21 +191,23 @@ class Plan:
         seeds = (torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64,
                                device=self.device) if self.needs_random else dummy)
         options = dict(num_warps=4, enable_fp_fusion=False)
-        if self.kind == "qhadam":
-            kernels.advance_normalizers[(triton_cdiv(self.n, BLOCK),)](
-                self.table, self.n, hyper["beta1"], hyper["beta2"], found,
-                COUNTER64=self.counter64, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
-                **options)
-            if self.n_chunks:
-                kernels.qhadam[(self.n_chunks,)](
-                    self.table, self.chunks, self.n_chunks, self.n, hyper["lr"], hyper["nu1"],
-                    hyper["nu2"], hyper["eps"], hyper["weight_decay"], grad_scale, found, seeds,
-                    *self.maps, COUNTER64=self.counter64, **flags, **options)
-        elif self.n_chunks:
-            kernels.qhm[(self.n_chunks,)](
-                self.table, self.chunks, self.n_chunks, self.n, hyper["lr"], hyper["momentum"],
-                hyper["nu"], hyper["weight_decay"], grad_scale, found, seeds, *self.maps,
-                **flags, **options)
+        with _device_guard(self.device):
+            if self.kind == "qhadam":
+                kernels.advance_normalizers[(triton_cdiv(self.n, BLOCK),)](
+                    self.table, self.n, hyper["beta1"], hyper["beta2"], found,
+                    COUNTER64=self.counter64, HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK,
+                    **options)
+                if self.n_chunks:
+                    kernels.qhadam[(self.n_chunks,)](
+                        self.table, self.chunks, self.n_chunks, self.n, hyper["lr"],
+                        hyper["nu1"], hyper["nu2"], hyper["eps"], hyper["weight_decay"],
+                        grad_scale, found, seeds, *self.maps, COUNTER64=self.counter64, **flags,
+                        **options)
+            elif self.n_chunks:
+                kernels.qhm[(self.n_chunks,)](
+                    self.table, self.chunks, self.n_chunks, self.n, hyper["lr"],
+                    hyper["momentum"], hyper["nu"], hyper["weight_decay"], grad_scale, found,
+                    seeds, *self.maps, **flags, **options)
 
 
 def triton_cdiv(a: int, b: int) -> int:
