@@ -64,11 +64,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: hyperparameters the update takes as Python floats (the tensor ones: ``_tensor_hyperparameters``)
+_FLOAT_HYPERPARAMETERS = ("eps", "weight_decay")
+
+
 def _plain_group(group: dict[str, Any]) -> dict[str, Any]:
-    """``group`` with its options and hyperparameters made :func:`_plain` (in place)."""
+    """``group`` with its options and hyperparameters made :func:`_plain` (in place), and a
+    1-element tensor given for a float hyperparameter read once, here: the step would read it
+    on the host each time (a sync, and an error inside CUDA graph capture). One that requires
+    grad (``differentiable=True``) stays a tensor."""
     for key, value in group.items():
-        if key != "params":
-            group[key] = _plain(value)
+        if key == "params":
+            continue
+        if (key in _FLOAT_HYPERPARAMETERS and isinstance(value, Tensor) and value.numel() == 1
+                and not value.requires_grad and not value.is_complex()):
+            value = value.item()
+        group[key] = _plain(value)
     return group
 
 
@@ -359,6 +370,8 @@ class QHOptimizer(Optimizer):
         #: last step left it
         #: (qhfast._precision.sync_masters; the param groups hold the params, so ids stay)
         self._stepped_params: dict[int, tuple[int, int, torch.dtype]] = {}
+        #: by group index, the dtypes of the group's params when it last stepped
+        self._param_dtypes: dict[int, list[torch.dtype]] = {}
         super().__init__(params, defaults)
 
     # ---- what a subclass provides ------------------------------------------------------------
@@ -521,6 +534,7 @@ class QHOptimizer(Optimizer):
             group.setdefault("state_dtype", None)
         self._precision_made = {}
         self._stepped_params = {}
+        self._param_dtypes = {}
 
     @property
     def _opt_called(self) -> bool:
@@ -553,12 +567,13 @@ class QHOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every group before touching any tensor: a step that raises changes nothing.
-        with_grads = [self._params_with_grads(group) for group in self.param_groups]
+        with_grads, sparse_grads = zip(*[self._params_with_grads(group, index)
+                                         for index, group in enumerate(self.param_groups)])
         self._check_changed_options()
         # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
         grad_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
         found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
-        sync_free = all(
+        sync_free = not any(sparse_grads) and all(
             self._device_path(group) for group, params in zip(self.param_groups, with_grads) if params
         )
         if found_inf is not None and not sync_free:
@@ -566,7 +581,10 @@ class QHOptimizer(Optimizer):
             if found_inf.item() != 0.0:
                 return loss
             found_inf = None
-        for index, (group, params) in enumerate(zip(self.param_groups, with_grads)):
+        for index, (group, params, sparse) in enumerate(
+                zip(self.param_groups, with_grads, sparse_grads)):
+            if sparse:
+                self._step_sparse(index, group, sparse, AmpArgs(grad_scale, found_inf))
             if not params:
                 continue
             if group["differentiable"]:  # autograd records the step, see qhfast._differentiable
@@ -606,26 +624,37 @@ class QHOptimizer(Optimizer):
         if masters:
             precision.mark_stepped(params, states, self._stepped_params)
 
-    def _params_with_grads(self, group: dict[str, Any]) -> list[Tensor]:
-        params = []
+    def _params_with_grads(self, group: dict[str, Any], index: int | None = None
+                           ) -> tuple[list[Tensor], list[Tensor]]:
+        """The params of ``group`` that have a gradient, dense and sparse, checked (and the
+        group's options with them) before anything changes. Where a param's dtype changed
+        since the group's last step (``index``: its place in ``param_groups``; None: not
+        known), a model or a layer converted, every param's state is checked against its
+        dtype: what does not fit is converted at the next step, before any group updates."""
+        params, sparse = [], []
         checked = set()  # what _check_param says depends on the dtype and device (and the group)
         differentiable = group["differentiable"]
+        dtypes = [p.dtype for p in group["params"]]
+        converted = index is None or self._param_dtypes.get(index) != dtypes
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                self._check_sparse(p, group)
+                sparse.append(p)
+                continue
             if not (type(grad) is Tensor and type(p) in _PLAIN_PARAM_TYPES):
                 _check_distributed_grad(p, type(self).__name__)
             kind = (p.dtype, p.device.type)
             if kind not in checked:
                 self._check_param(p, group)  # options may have changed since add_param_group
                 checked.add(kind)
+            if converted:
                 state = self.state.get(p)
                 if state and not precision.state_fits(state, p, group, self._buffer_keys):
-                    # params converted to another dtype since their state was made: every
-                    # group's state is converted at its next step, before it updates
+                    # converted since its state was made: every group's state is converted
+                    # at its next step, before it updates
                     self._precision_made.clear()
             if differentiable and p.is_leaf and p.requires_grad:
                 raise RuntimeError(
@@ -644,7 +673,43 @@ class QHOptimizer(Optimizer):
                             f"hyperparameters on the parameters' device: {name} is on "
                             f"{value.device}, the parameters on {', '.join(map(str, devices))}"
                         )
-        return params
+        if index is not None:
+            self._param_dtypes[index] = dtypes
+        return params, sparse
+
+    def _check_sparse(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Raise RuntimeError unless ``group`` can step ``p`` from a sparse gradient (see
+        :meth:`_sparse_update`): an fp32/fp64 parameter, its moments in fp32/fp64, on the
+        per-tensor path."""
+        name = type(self).__name__
+        if self._sparse_update is None:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        problems = [f"{flag}=True" for flag in ("capturable", "differentiable", "fused")
+                    if group[flag]]
+        if group["state_dtype"] is not None:
+            problems.append(f"state_dtype={group['state_dtype']!r}")
+        if p.dtype not in (torch.float32, torch.float64) or isinstance(p, DTensor):
+            problems.append(f"a {type(p).__name__} parameter of dtype {p.dtype}")
+        if problems:
+            raise RuntimeError(
+                f"{name} takes sparse gradients (as torch.optim.SGD) for float32/float64 "
+                "parameters with state_dtype=None, without capturable, differentiable or "
+                f"fused=True; got {', '.join(problems)}")
+
+    #: the update of params whose gradients are sparse (``group, params, states, amp``), one
+    #: tensor at a time; None: sparse gradients are refused
+    _sparse_update: Callable[..., None] | None = None
+
+    def _step_sparse(self, index: int, group: dict[str, Any], params: list[Tensor],
+                     amp: AmpArgs) -> None:
+        """Step ``params`` of ``group``, whose gradients are sparse (checked by
+        :meth:`_check_sparse`)."""
+        if self._precision_made.get(index) != _precision_options(group):
+            self._reconcile_precision(index, group)
+        for p in params:
+            if not self.state[p]:
+                self._init_state(p, group)
+        self._sparse_update(group, params, [self.state[p] for p in params], amp)
 
     def _step_group(
         self,
@@ -738,6 +803,15 @@ class QHOptimizer(Optimizer):
         self._check_options(group)  # (step() checks every group first; not every caller:
         self._check_group_sharding(group)  # step_in_backward steps a param at a time)
         self._state_changed()
+        if not (torch.compiler.is_compiling() or capturing()):
+            # a master first takes what was written to its param from outside since the last
+            # step, as a "master" step would: its value is what the conversion keeps (a switch
+            # to "kahan" would otherwise undo the write through the compensation)
+            with_masters = [p for p in group["params"]
+                            if precision.MASTER_KEY in self.state.get(p, ())]
+            with torch.no_grad():  # (load_state_dict converts too)
+                precision.sync_masters(with_masters, [self.state[p] for p in with_masters],
+                                       self._stepped_params)
         for p in group["params"]:
             state = self.state.get(p)
             if state:
@@ -753,9 +827,13 @@ class QHOptimizer(Optimizer):
     def _new_counter(self, p: Tensor, group: dict[str, Any], value: float = 0.0) -> Tensor:
         """A 0-d counter: float64 on the CPU (the arithmetic of Python floats, read without a
         device sync), or in the compute dtype on ``p``'s device when capturable or
-        differentiable, or fused on an accelerator (its kernel reads the counters there). Filled
-        where it is made (``torch.tensor(value, device=...)`` copies from host memory, a sync)."""
+        differentiable, or fused on an accelerator (its kernel reads the counters there). On a
+        device it is filled there (``torch.tensor(value, device=...)`` copies from host memory,
+        a sync); on the CPU made by ``torch.tensor``, whose value a FakeTensorMode knows (a
+        memory estimate's step reads CPU counters, as every CPU step does)."""
         dtype, device = _counter_kind(p, group)
+        if device.type == "cpu":
+            return torch.tensor(value, dtype=dtype)
         return torch.full((), value, dtype=dtype, device=device)
 
     # ---- state_dict --------------------------------------------------------------------------

@@ -171,10 +171,13 @@ class StepInBackward:
         group = self._group_of(p)
         _check_flags(group)
         # the checks step() makes (sparse, DTensor layout, dtype, options), for this one
-        params = optimizer._params_with_grads({**group, "params": [p]})
-        if params:
+        params, sparse = optimizer._params_with_grads({**group, "params": [p]})
+        if params or sparse:
             index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
-            optimizer._step_params(index, group, params, AmpArgs())
+            if sparse:
+                optimizer._step_sparse(index, group, sparse, AmpArgs())
+            else:
+                optimizer._step_params(index, group, params, AmpArgs())
         p.grad = None
         # what torch's LR schedulers look for to know that the optimizer has stepped
         optimizer._opt_called = True  # type: ignore[attr-defined]

@@ -121,7 +121,10 @@ def state_fits(state: dict[str, Any], p: Tensor, group: dict[str, Any],
     kept = {"master": MASTER_KEY, "kahan": COMPENSATION_KEY}.get(group["low_precision"])
     if p.dtype not in LOW_PRECISION_DTYPES:
         kept = None
-    return all((key in state) == (key == kept) for key in (MASTER_KEY, COMPENSATION_KEY))
+    if not all((key in state) == (key == kept) for key in (MASTER_KEY, COMPENSATION_KEY)):
+        return False
+    compensation = state.get(COMPENSATION_KEY)  # in the param's dtype (fp16 and bf16 differ)
+    return compensation is None or compensation.dtype == p.dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +200,9 @@ def nearest_value(x: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.bfloat16:  # bf16 is fp32's upper half: round the lower half away
         bits = x.view(torch.int32)
         odd = bits.bitwise_right_shift(16).bitwise_and_(1)
-        return (bits + odd + 0x7FFF).bitwise_and_(-(1 << 16)).view(torch.float32)
+        rounded = (bits + odd + 0x7FFF).bitwise_and_(-(1 << 16)).view(torch.float32)
+        # a NaN stays a NaN (the addition could carry its payload into the sign or exponent)
+        return torch.where(x.isnan(), x, rounded)
     spacing = _spacing(x, dtype)
     return _overflow_to_inf(torch.round(x / spacing) * spacing, dtype)  # x / spacing: exact
 

@@ -13,6 +13,7 @@ from ._base import (
     AmpArgs,
     QHOptimizer,
     Scalar,
+    _as_scalar,
     check_finite,
     check_nonnegative,
     foreach_add_scaled_,
@@ -185,6 +186,31 @@ class QHM(QHOptimizer):
             grad_scale=amp.grad_scale,
             found_inf=amp.found_inf,
         )
+
+    def _sparse_update(self, group, params, states, amp: AmpArgs) -> None:
+        """:func:`qhm` for sparse gradients (an ``nn.Embedding(sparse=True)``'s), one tensor at
+        a time, as qhoptim and torch.optim.SGD take them: the buffer and the parameter stay
+        dense, the gradient's term touches its rows alone (coupled decay makes it dense)."""
+        lr, momentum, nu = (_as_scalar(group[name], params[0].device, params[0].dtype, False)
+                            for name in ("lr", "momentum", "nu"))
+        weight_decay = group["weight_decay"]
+        for p, state in zip(params, states):
+            d = p.grad.to(p.dtype)
+            if amp.grad_scale is not None:
+                d = d / amp.grad_scale.to(p.dtype)
+            if group["maximize"]:
+                d = -d
+            if weight_decay != 0.0:
+                if group["weight_decay_type"] == "grad":
+                    d = p.mul(weight_decay).add_(d)
+                else:
+                    p.mul_(1.0 - lr * weight_decay)
+            buffer = state["momentum_buffer"]
+            buffer.mul_(momentum).add_(d, alpha=1.0 - momentum)
+            if nu != 0.0:
+                p.add_(buffer, alpha=-lr * nu)
+            if nu != 1.0:
+                p.add_(d, alpha=-lr * (1.0 - nu))
 
     # ---- hyperparameter recoveries (qhoptim's classmethods), see qhfast.convert -------------
 

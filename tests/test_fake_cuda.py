@@ -316,3 +316,25 @@ def test_a_fused_step_copies_its_tables_to_the_gpu_without_a_sync(name, capturab
                 optimizer.step()
         assert len(copying.copies) == 4  # the plan's two tables, then the moved gradients'
         assert all(copy == (True, True) for copy in copying.copies), copying.copies
+
+
+@pytest.mark.parametrize("path", ["capturable", "fused", "fused_capturable"])
+def test_tensor_eps_and_weight_decay_are_read_once_not_at_each_step(path, triton_launches):
+    """eps and weight_decay given as 1-element CUDA tensors (the constructor takes them) are
+    read once when the group is made: the update takes them as floats, and read at each step
+    they were a host read on the sync-free paths (an error inside CUDA graph capture)."""
+    with FakeTensorMode(), _DtypeCopies(), _HostReads():
+        p = torch.empty(10, device="cuda").requires_grad_()
+        optimizer = qhfast.QHAdamW([p], eps=torch.full((), 1e-8, device="cuda"),
+                                   weight_decay=torch.full((), 0.1, device="cuda"),
+                                   **PATHS[path])
+        optimizer.add_param_group({"params": [torch.empty(10, device="cuda").requires_grad_()],
+                                   "weight_decay": torch.full((1,), 0.1, device="cuda")})
+        assert all(not isinstance(group[key], torch.Tensor) for group in optimizer.param_groups
+                   for key in ("eps", "weight_decay"))
+        for _ in range(2):
+            for group in optimizer.param_groups:
+                group["params"][0].grad = torch.empty(10, device="cuda")
+            with _HostReads() as stepping:
+                optimizer.step()
+            assert stepping.reads == []

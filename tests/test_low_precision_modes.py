@@ -88,7 +88,11 @@ def test_nearest_value_is_the_cast(dtype):
     representable = x.to(dtype).float()
     ties = (representable + torch.nextafter(x.to(dtype), torch.tensor(float("inf"), dtype=dtype))
             .float()) / 2  # exactly halfway between two values of dtype
-    x = torch.cat([x, ties, -x, -ties])
+    # NaNs whose low mantissa bits are set (an fp32 gradient's): the rounding must not carry
+    # them into the sign or the exponent
+    payloads = torch.tensor([0x7FFFFFFF, 0x7FFF8000, 0x7F800001, -0x7FFFFF],
+                            dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, ties, -x, -ties, payloads])
     expected = x.to(dtype).float()
     actual = precision.nearest_value(x, dtype)
     assert torch.equal(actual.isnan(), expected.isnan())
@@ -698,6 +702,77 @@ def test_one_param_converted_to_a_new_dtype_between_steps_steps_on(path):
     optimizer.step()
     assert optimizer.state[params[1]]["master_param"].dtype == torch.float32
     assert not any(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float64, id="fp64")])
+def test_a_param_converted_to_the_dtype_of_an_earlier_one_steps_on(path, dtype):
+    """[a, b]: fp32 b converted after a step to the dtype of a before it. a's state fits its
+    dtype, which hid b's: every later step raised (KeyError 'master_param' for bf16, a dtype
+    error for fp64), after advancing a's counters. Now b's state is converted before anything
+    updates: the step equals that of an optimizer that loads the state into the converted
+    params, bit for bit (the same draws)."""
+    torch.manual_seed(0)
+    a = torch.randn(8, 4).to(dtype).requires_grad_()
+    b = torch.randn(8, 4, requires_grad=True)
+    optimizer = qhfast.QHAdamW([a, b], lr=1e-2, **path)
+    for p in (a, b):
+        p.grad = torch.randn(8, 4).to(p.dtype)
+    optimizer.step()
+    b.data = b.data.to(dtype)
+    twins = [p.detach().clone().requires_grad_() for p in (a, b)]
+    loaded = qhfast.QHAdamW(twins, lr=1e-2, **path)
+    loaded.load_state_dict(optimizer.state_dict())
+    grads = [torch.randn(8, 4).to(dtype) for _ in range(2)]
+    for params, stepped in (((a, b), optimizer), (twins, loaded)):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        torch.manual_seed(1)
+        stepped.step()
+    assert all(torch.equal(p, twin) for p, twin in zip((a, b), twins))
+    for key, value in loaded.state[twins[1]].items():
+        assert torch.equal(optimizer.state[b][key], value), key
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+def test_a_fp16_model_converted_to_bf16_gets_bf16_compensations(path):
+    """``"kahan"`` keeps its compensation in the param's dtype: converted with the model
+    between fp16 and bf16, it follows (it kept fp16, which bf16 cannot add exactly, and the C
+    kernel then left the bucket to the eager path)."""
+    torch.manual_seed(0)
+    p = torch.randn(64, 64).half().requires_grad_()
+    optimizer = qhfast.QHAdam([p], lr=1e-2, low_precision="kahan", **path)
+    p.grad = torch.randn(64, 64).half()
+    optimizer.step()
+    p.data = p.data.bfloat16()
+    p.grad = torch.randn(64, 64).bfloat16()
+    optimizer.step()
+    assert optimizer.state[p]["kahan_compensation"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("mode", ["kahan", "stochastic", "nearest"])
+def test_a_write_before_a_switch_from_master_is_kept(path, mode):
+    """A bf16 param written from outside (a model's load_state_dict) and its group switched
+    from ``"master"`` to another mode before the next step: the write is kept, as a "master"
+    step keeps it. The conversion took the stale master for the param's value, and "kahan"
+    then moved the param back through its compensation. lr = 0: nothing else moves."""
+    torch.manual_seed(0)
+    p = torch.randn(64, 64).bfloat16().requires_grad_()
+    optimizer = qhfast.QHAdam([p], lr=1e-2, **path)
+    p.grad = torch.randn(64, 64).bfloat16()
+    optimizer.step()
+    # (an element whose master rounds to 0.5 keeps it: the write cannot be told apart there)
+    written = optimizer.state[p]["master_param"].bfloat16() != 0.5
+    assert written.sum() > p.numel() - 10
+    with torch.no_grad():
+        p.fill_(0.5)
+    optimizer.param_groups[0].update(low_precision=mode, lr=0.0)
+    optimizer.step()
+    assert torch.equal(p, torch.full_like(p, 0.5))
+    if mode == "kahan":
+        assert not optimizer.state[p]["kahan_compensation"][written].any()
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)

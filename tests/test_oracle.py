@@ -8,6 +8,7 @@ ulps (~1e-16) and, on this contracting problem, 500 steps keep the gap far below
 import numpy as np
 import pytest
 import qhoptim.pyt as oracle
+import torch
 
 import qhfast
 from helpers import PATHS, INTERMITTENT, Problem, max_relative_error, run, two_groups
@@ -105,3 +106,62 @@ def test_paths_agree_on_mixed_dtypes(foreach):
     assert max_relative_error([reference[1]], [params[1]]) < 1e-5  # float32 param
     others = [0, 2, 3]
     assert max_relative_error([reference[i] for i in others], [params[i] for i in others]) < 1e-12
+
+
+def _embedding_run(make, sparse, steps=6, scaler=None, in_backward=False):
+    """An nn.Embedding (float64) trained on random rows: sparse gradients touch few rows."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(20, 4, sparse=sparse).double()
+    optimizer = make(embedding.parameters())
+    handle = qhfast.step_in_backward(optimizer) if in_backward else None
+    for _ in range(steps):
+        if handle is None:
+            optimizer.zero_grad()
+        loss = (embedding(torch.randint(0, 20, (7,))) ** 2).sum()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if handle is None:
+                optimizer.step()
+    return embedding.weight.detach()
+
+
+SPARSE_CASES = {
+    "qh": dict(lr=0.1, momentum=0.9, nu=0.7),
+    "nu0": dict(lr=0.1, momentum=0.9, nu=0.0),
+    "direct_decay": dict(lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.1,
+                         weight_decay_type="direct"),
+}
+
+
+@pytest.mark.parametrize("foreach", [None, *PATHS])
+@pytest.mark.parametrize("case", SPARSE_CASES)
+def test_qhm_with_sparse_gradients_matches_qhoptim(case, foreach):
+    """An nn.Embedding(sparse=True): qhoptim's QHM takes its sparse gradients (as
+    torch.optim.SGD does), and so does qhfast's, with the same trajectory (the same
+    operations: bit for bit)."""
+    kwargs = SPARSE_CASES[case]
+    expected = _embedding_run(lambda ps: oracle.QHM(ps, **kwargs), sparse=True)
+    actual = _embedding_run(lambda ps: qhfast.QHM(ps, **kwargs, foreach=foreach), sparse=True)
+    assert max_relative_error(_embedding_run(lambda ps: oracle.QHM(ps, lr=0.0, momentum=0.9,
+                                                                   nu=0.7), True), expected) > 1e-2
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("variant", ["coupled_decay", "maximize", "grad_scaler", "in_backward"])
+def test_qhm_with_sparse_gradients_equals_it_with_their_dense_copies(variant):
+    """What qhoptim cannot do with sparse gradients (coupled decay raises there), and what it
+    has not (maximize, GradScaler's scale handed to the step, the step inside backward): each
+    equals the run with the same gradients dense, to float64 rounding."""
+    kwargs = dict(lr=0.1, momentum=0.9, nu=0.7)
+    options = {"coupled_decay": dict(weight_decay=0.1), "maximize": dict(maximize=True)}.get(
+        variant, {})
+    runs = []
+    for sparse in (True, False):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if variant == "grad_scaler" else None
+        runs.append(_embedding_run(lambda ps: qhfast.QHM(ps, **kwargs, **options), sparse,
+                                   scaler=scaler, in_backward=variant == "in_backward"))
+    assert max_relative_error(*runs) < 1e-12
