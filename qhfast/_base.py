@@ -512,10 +512,17 @@ class QHOptimizer(Optimizer):
         parameters (each is checked per dtype and device when it steps; whether 8-bit moments
         shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
-            _check_flags(group)
+            self._check_step_flags(group)
             if self._precision_made.get(index) != _precision_options(group):
                 self._check_options(group)
                 self._check_group_sharding(group)
+
+    def _check_step_flags(self, group: dict[str, Any]) -> None:
+        """Raise TypeError/ValueError where a switch of ``group`` set in ``param_groups``
+        between steps is not one of its values (a string "False" is true): the flags, and a
+        subclass's own (QHAdam's ``decouple_weight_decay``, QHM's ``weight_decay_type``).
+        Checked at every step: a few comparisons a group."""
+        _check_flags(group)
 
     def _check_group_sharding(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -567,8 +574,10 @@ class QHOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every group before touching any tensor: a step that raises changes nothing.
-        with_grads, sparse_grads = zip(*[self._params_with_grads(group, index)
-                                         for index, group in enumerate(self.param_groups)])
+        checked = [self._params_with_grads(group, index)
+                   for index, group in enumerate(self.param_groups)]
+        with_grads = [params for params, _ in checked]
+        sparse_grads = [sparse for _, sparse in checked]
         self._check_changed_options()
         # Set by torch.amp.GradScaler.step (see _step_supports_amp_scaling).
         grad_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
@@ -601,7 +610,7 @@ class QHOptimizer(Optimizer):
         kernel or the group's compiled step where they serve. ``step()`` calls it once per
         group; :func:`qhfast.step_in_backward` once per parameter."""
         if self._precision_made.get(index) != _precision_options(group):
-            self._reconcile_precision(index, group)
+            self._reconcile_precision(index, group, sync_masters=True)
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if len(state) == 0:
@@ -635,7 +644,14 @@ class QHOptimizer(Optimizer):
         checked = set()  # what _check_param says depends on the dtype and device (and the group)
         differentiable = group["differentiable"]
         dtypes = [p.dtype for p in group["params"]]
-        converted = index is None or self._param_dtypes.get(index) != dtypes
+        if index is None or self._param_dtypes.get(index) != dtypes:
+            for p in group["params"]:  # (with a gradient or not: its state is converted)
+                state = self.state.get(p)
+                if state and not precision.state_fits(state, p, group, self._buffer_keys):
+                    # converted since its state was made: every group's state is converted
+                    # at its next step, before it updates
+                    self._precision_made.clear()
+                    break
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -650,12 +666,6 @@ class QHOptimizer(Optimizer):
             if kind not in checked:
                 self._check_param(p, group)  # options may have changed since add_param_group
                 checked.add(kind)
-            if converted:
-                state = self.state.get(p)
-                if state and not precision.state_fits(state, p, group, self._buffer_keys):
-                    # converted since its state was made: every group's state is converted
-                    # at its next step, before it updates
-                    self._precision_made.clear()
             if differentiable and p.is_leaf and p.requires_grad:
                 raise RuntimeError(
                     f"{type(self).__name__} with differentiable=True updates its parameters in "
@@ -795,7 +805,8 @@ class QHOptimizer(Optimizer):
             if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales
                 state[key + quantize.SCALE_SUFFIX] = quantize.new_scales(state[key])
 
-    def _reconcile_precision(self, index: int, group: dict[str, Any]) -> None:
+    def _reconcile_precision(self, index: int, group: dict[str, Any],
+                             sync_masters: bool = False) -> None:
         """Convert the state of ``group``'s (``param_groups[index]``) params to its
         ``low_precision`` and ``state_dtype`` (a loaded checkpoint, or options changed between
         steps); see
@@ -803,12 +814,13 @@ class QHOptimizer(Optimizer):
         self._check_options(group)  # (step() checks every group first; not every caller:
         self._check_group_sharding(group)  # step_in_backward steps a param at a time)
         self._state_changed()
-        if not (torch.compiler.is_compiling() or capturing()):
-            # a master first takes what was written to its param from outside since the last
-            # step, as a "master" step would: its value is what the conversion keeps (a switch
-            # to "kahan" would otherwise undo the write through the compensation)
-            with_masters = [p for p in group["params"]
-                            if precision.MASTER_KEY in self.state.get(p, ())]
+        if sync_masters and not (torch.compiler.is_compiling() or capturing()):
+            # at a step (not a load: a loaded master is the checkpoint's), a master of a param
+            # this optimizer stepped first takes what was written to the param from outside
+            # since, as a "master" step would: its value is what the conversion keeps (a
+            # switch to "kahan" would otherwise undo the write through the compensation)
+            with_masters = [p for p in group["params"] if id(p) in self._stepped_params
+                            and precision.MASTER_KEY in self.state.get(p, ())]
             with torch.no_grad():  # (load_state_dict converts too)
                 precision.sync_masters(with_masters, [self.state[p] for p in with_masters],
                                        self._stepped_params)

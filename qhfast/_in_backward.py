@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._base import AmpArgs, QHOptimizer, _check_flags
+from ._base import AmpArgs, QHOptimizer
 
 __all__ = ["StepInBackward", "step_in_backward"]
 
@@ -112,8 +112,11 @@ class StepInBackward:
 
     def hook(self, params: list[Tensor]) -> None:
         """Step ``params`` (of one of the optimizer's groups) inside backward from now on;
-        ``QHOptimizer.add_param_group`` calls it for a group added while the handle is active."""
-        self._hooks.extend(p.register_post_accumulate_grad_hook(self._step_param) for p in params)
+        ``QHOptimizer.add_param_group`` calls it for a group added while the handle is active.
+        A frozen param (``requires_grad`` False: no gradient, as ``step()`` skips it) gets no
+        hook."""
+        self._hooks.extend(p.register_post_accumulate_grad_hook(self._step_param)
+                           for p in params if p.requires_grad)
 
     @property
     def active(self) -> bool:
@@ -169,7 +172,7 @@ class StepInBackward:
     def _step_param(self, p: Tensor) -> None:
         optimizer = self.optimizer
         group = self._group_of(p)
-        _check_flags(group)
+        optimizer._check_step_flags(group)
         # the checks step() makes (sparse, DTensor layout, dtype, options), for this one
         params, sparse = optimizer._params_with_grads({**group, "params": [p]})
         if params or sparse:

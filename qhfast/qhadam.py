@@ -291,6 +291,10 @@ class QHAdam(QHOptimizer):
         for i, nu in enumerate(group["nus"]):
             check_finite(nu, f"nu parameter at index {i}", f"nus[{i}]")
         check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
+        self._check_step_flags(group)
+
+    def _check_step_flags(self, group: dict[str, Any]) -> None:
+        super()._check_step_flags(group)
         decouple = group["decouple_weight_decay"]
         if not (isinstance(decouple, bool) or (isinstance(decouple, int) and decouple in (0, 1))):
             raise TypeError(  # (0 and 1 as qhoptim, which took any truthy value, may have saved)
@@ -368,3 +372,10 @@ class QHAdamW(QHAdam):
                 "(QHAdamW always decouples weight decay; use QHAdam for coupled decay)"
             )
         super().__init__(params, lr, betas, nus, weight_decay, True, eps, **kwargs)
+
+    def _check_step_flags(self, group: dict[str, Any]) -> None:
+        super()._check_step_flags(group)
+        if not group["decouple_weight_decay"]:  # (a group added or loaded, or set since)
+            raise ValueError(
+                f"Invalid decouple_weight_decay value: {group['decouple_weight_decay']!r} "
+                "(QHAdamW always decouples weight decay; use QHAdam for coupled decay)")

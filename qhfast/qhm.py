@@ -158,6 +158,10 @@ class QHM(QHOptimizer):
         check_nonnegative(group["momentum"], "momentum value", "momentum")
         check_finite(group["nu"], "nu value", "nu")
         check_nonnegative(group["weight_decay"], "weight_decay value", "weight_decay")
+        self._check_step_flags(group)
+
+    def _check_step_flags(self, group: dict[str, Any]) -> None:
+        super()._check_step_flags(group)
         if group["weight_decay_type"] not in WEIGHT_DECAY_TYPES:
             raise ValueError(
                 f"Invalid weight_decay_type value: {group['weight_decay_type']!r} "

@@ -276,23 +276,32 @@ def test_flags_are_checked_in_every_group_a_load_or_add_makes(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_flags_set_in_param_groups_after_steps_are_checked_at_the_next(name):
     """A flag set in ``param_groups`` between steps (as an LR schedule sets lr) is checked
-    before the step changes anything: ``maximize="False"`` would make it ascend."""
+    before the step changes anything: ``maximize="False"`` would make it ascend, QHAdam's
+    ``decouple_weight_decay="False"`` decouple, QHM's ``weight_decay_type="Direct"`` take the
+    "grad" decay; QHAdamW's decay cannot be coupled."""
     problem = Problem()
     params = problem.params()
     optimizer = OPTIMIZERS[name](params)
     problem.set_grads(params, 0)
     optimizer.step()
     problem.set_grads(params, 1)
+    own = {"QHM": ("weight_decay_type", "Direct", ValueError,
+                   "Invalid weight_decay_type value: 'Direct'"),
+           "QHAdam": ("decouple_weight_decay", "False", TypeError,
+                      "Invalid decouple_weight_decay value: 'False'"),
+           "QHAdamW": ("decouple_weight_decay", False, ValueError,
+                       "QHAdamW always decouples weight decay")}[name]
     for flag, value, error, message in [
             ("maximize", "False", TypeError, "Invalid maximize value: 'False'"),
             ("capturable", 1, TypeError, "Invalid capturable value: 1"),
-            ("foreach", "yes", TypeError, "Invalid foreach value: 'yes'")]:
+            ("foreach", "yes", TypeError, "Invalid foreach value: 'yes'"), own]:
+        kept = optimizer.param_groups[0][flag]
         optimizer.param_groups[0][flag] = value
         before = snapshot(optimizer, params)
         with pytest.raises(error, match=re.escape(message)):
             optimizer.step()
         assert_same(snapshot(optimizer, params), before)
-        optimizer.param_groups[0][flag] = {"maximize": False, "capturable": False}.get(flag)
+        optimizer.param_groups[0][flag] = kept
 
 
 def test_a_checkpoint_group_without_a_hyperparameter_takes_the_default():
@@ -434,3 +443,23 @@ def test_fused_on_a_device_without_a_fused_step_is_refused_before_anything_is_ma
     with pytest.raises(RuntimeError, match="fused=True needs parameters on a device"):
         fused.add_param_group({"params": [p]})
     assert len(fused.param_groups) == 1
+
+
+def test_a_step_with_no_param_groups_does_nothing():
+    """As torch.optim (a wrapper may empty ``param_groups``): a step is a no-op."""
+    optimizer = qhfast.QHAdam([_param()])
+    optimizer.param_groups.clear()
+    assert optimizer.step() is None
+
+
+def test_qhadamw_refuses_coupled_decay_in_an_added_or_loaded_group():
+    """QHAdamW always decouples: a group added, or a checkpoint's, with
+    ``decouple_weight_decay`` False (or 0) is refused as the constructor refuses it."""
+    optimizer = qhfast.QHAdamW([_param()], weight_decay=0.1)
+    with pytest.raises(ValueError, match="QHAdamW always decouples weight decay"):
+        optimizer.add_param_group({"params": [_param()], "decouple_weight_decay": False})
+    saved = optimizer.state_dict()
+    saved["param_groups"][0]["decouple_weight_decay"] = 0
+    with pytest.raises(ValueError, match="QHAdamW always decouples weight decay"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["decouple_weight_decay"] is True

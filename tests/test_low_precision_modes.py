@@ -776,6 +776,57 @@ def test_a_write_before_a_switch_from_master_is_kept(path, mode):
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("order", ["model_first", "optimizer_first"])
+def test_a_resume_loads_the_model_and_the_optimizer_in_either_order(path, order):
+    """A fresh model and optimizer (bf16, "master") resumed from their checkpoints go on as
+    the run that never stopped, bit for bit, whichever loads first (a loaded master is the
+    checkpoint's, not the fresh model's weights)."""
+    def train(model, optimizer, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            optimizer.step()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).bfloat16()
+    optimizer = qhfast.QHAdam(model.parameters(), lr=1e-4, **path)
+    train(model, optimizer, 1)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    train(model, optimizer, 2)
+    torch.manual_seed(1)
+    resumed = torch.nn.Linear(64, 64).bfloat16()
+    resumed_optimizer = qhfast.QHAdam(resumed.parameters(), lr=1e-4, **path)
+    loads = [lambda: resumed.load_state_dict(saved[0]),
+             lambda: resumed_optimizer.load_state_dict(saved[1])]
+    for load in loads if order == "model_first" else loads[::-1]:
+        load()
+    train(resumed, resumed_optimizer, 2)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["master_param"],
+                           resumed_optimizer.state[q]["master_param"])
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("mode", ["master", "kahan"])
+def test_a_param_converted_while_it_has_no_gradient_gets_its_state_converted(path, mode):
+    """bf16 b converted to fp32 at a step where it has no gradient (a frozen layer, a skipped
+    branch): its master or compensation goes (an fp32 param keeps none), as when it is
+    converted with a gradient, and it steps on as an optimizer that loads the state."""
+    torch.manual_seed(0)
+    a, b = (torch.randn(8, 4).bfloat16().requires_grad_() for _ in range(2))
+    optimizer = qhfast.QHAdam([a, b], lr=1e-2, low_precision=mode, **path)
+    for p in (a, b):
+        p.grad = torch.randn(8, 4).bfloat16()
+    optimizer.step()
+    b.data = b.data.float()
+    a.grad, b.grad = torch.randn(8, 4).bfloat16(), None
+    optimizer.step()
+    assert set(optimizer.state[b]) == {"beta1_weight", "beta2_weight", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
 def test_a_bf16_model_converted_to_fp16_keeps_its_masters(path):
     """``model.half()`` on a bf16 model gives its params new storage, which the master check
     takes for an outside write: it must compare with the master as the conversion leaves it

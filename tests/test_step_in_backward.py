@@ -237,3 +237,22 @@ def test_bad_uses_raise_clear_errors():
     handle.remove()
     assert not handle.active
     qhfast.step_in_backward(optimizer).remove()  # a new handle once the first is gone
+
+
+def test_frozen_params_are_not_hooked():
+    """A frozen param (``requires_grad`` False: a float one of a frozen layer, or an integer
+    one) gets no gradient, as step() skips it: the handle leaves it alone, where it raised
+    (no hook can be registered on it), also for a group added while active."""
+    model = _model()
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    counter = torch.nn.Parameter(torch.tensor([1, 2]), requires_grad=False)
+    optimizer = OPTIMIZERS["QHAdam"]([*model.parameters(), frozen, counter])
+    handle = qhfast.step_in_backward(optimizer)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2),
+                                                             requires_grad=False)]})
+    body = list(model["body"].parameters())  # (the branch is used on some steps only)
+    before = [p.detach().clone() for p in body]
+    _loss(model, 0).backward()
+    assert all(not torch.equal(p, b) for p, b in zip(body, before))
+    assert torch.equal(frozen, torch.ones(3)) and torch.equal(counter, torch.tensor([1, 2]))
+    handle.remove()
