@@ -369,7 +369,7 @@ class QHOptimizer(Optimizer):
         #: by id, each param with a master: where, at which version and in which dtype its
         #: last step left it
         #: (qhfast._precision.sync_masters; the param groups hold the params, so ids stay)
-        self._stepped_params: dict[int, tuple[int, int, torch.dtype]] = {}
+        self._stepped_params: dict[int, tuple] = {}
         #: by group index, the dtypes of the group's params when it last stepped
         self._param_dtypes: dict[int, list[torch.dtype]] = {}
         super().__init__(params, defaults)
@@ -892,9 +892,10 @@ class QHOptimizer(Optimizer):
                 in_backward.check({**self.defaults, **loaded})
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        coded = {i for g in saved_groups if g.get("state_dtype") == "8bit" for i in g["params"]}
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
-            self._check_saved_state(saved_id, p, saved)
+            self._check_saved_state(saved_id, p, saved, saved_id in coded)
             if isinstance(p, DTensor) and any(
                 isinstance(v, Tensor) and v.dim() > 0 and not isinstance(v, DTensor)
                 for v in saved.values()
@@ -943,12 +944,16 @@ class QHOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             self._reconcile_precision(index, group)
 
-    def _check_saved_state(self, saved_id: Any, p: Tensor, saved: dict[str, Any]) -> None:
+    def _check_saved_state(self, saved_id: Any, p: Tensor, saved: dict[str, Any],
+                           coded: bool = False) -> None:
         """Raise ValueError unless ``saved`` (a parameter's entry of a checkpoint) is state this
         optimizer can step from: empty, or every counter a number and every moment a tensor,
         complex where ``p`` is (8-bit codes: uint8), shaped like ``p`` (codes: like its real
         view if complex) and codes with a scale per block. A checkpoint of another model or
-        optimizer would otherwise broadcast or fail deep inside a step."""
+        optimizer would otherwise broadcast or fail deep inside a step. ``coded``: the
+        checkpoint's group keeps 8-bit moments, so ``p``'s moments (if it has 8-bit ones)
+        must be codes with scales: torch.distributed.checkpoint loads into the tensors this
+        optimizer has, and into fp32 or bf16 moments it casts the codes to their numbers."""
         def refuse(key: str, problem: str) -> None:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: {key!r} of parameter {saved_id} "
@@ -973,6 +978,13 @@ class QHOptimizer(Optimizer):
         for key in self._buffer_keys:
             value = saved[key]
             codes = value.dtype == torch.uint8
+            if coded and not codes and quantize.quantizes(p) and (
+                    key + quantize.SCALE_SUFFIX not in saved):
+                refuse(key, f"is {value.dtype} without scales where the checkpoint's group keeps "
+                            "8-bit codes (state_dtype='8bit'): torch.distributed.checkpoint "
+                            "loads into this optimizer's moments and casts codes to numbers "
+                            "there. Load it with state_dtype=\"8bit\", then set the group's "
+                            "state_dtype (the next step converts)")
             shape = quantize.codes_shape(p) if codes else tuple(p.shape)
             scales = saved.get(key + quantize.SCALE_SUFFIX)
             if not codes and value.is_complex() != p.is_complex():

@@ -41,10 +41,12 @@ The rules:
   would compile once per parameter shape) nor ``differentiable=True`` (a step inside the
   backward pass cannot itself be differentiated): both raise ValueError, also for a group
   added later with ``add_param_group`` (whose parameters are hooked too).
-* Not with DDP or FSDP2: a gradient is ready for the step only once it is reduced across
-  ranks, and the hooks fire at its local accumulation (DDP) or not at all (FSDP2 assigns the
-  sharded gradients after its reduce-scatter). Single-process models and tensor-parallel
-  DTensor parameters (whose gradients autograd accumulates already reduced) work.
+* Not with DDP: a gradient is ready for the step only once it is reduced across ranks,
+  and the hooks fire at its local accumulation (the ranks then drift apart, silently). Nor,
+  untested, with FSDP2 (a review saw torch 2.13 call the hooks on the sharded parameters
+  after its reduce-scatter, and the steps equal a single process's; not checked on other
+  versions). Single-process models and tensor-parallel DTensor parameters (whose gradients
+  autograd accumulates already reduced) work.
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ class StepInBackward:
         return (
             f"{type(optimizer).__name__}.step() called while qhfast.step_in_backward is active: "
             "every parameter already stepped inside backward() (a GradScaler, gradient clipping "
-            "or gradient accumulation need the ordinary step); call handle.remove() to step "
-            "with optimizer.step() again"
+            "or gradient accumulation need the ordinary step; torch.distributed.checkpoint's "
+            "get/set_optimizer_state_dict call step() on an optimizer without state: load "
+            "before making the handle); call handle.remove() to step with optimizer.step() "
+            "again"
         )
 
     # ---- the hook ----------------------------------------------------------------------------

@@ -271,23 +271,32 @@ def sync_masters(params: list[Tensor], states: list[dict[str, Any]],
     left), and keeps its fp32 value elsewhere. Else the next step would go on from the
     master and undo the write. A model converted between bf16 and fp16 keeps its masters
     where the conversion alone made the values. ``seen``: by ``id(p)``, each parameter's
-    (pointer, version, dtype) when it was last stepped or checked (:func:`mark_stepped`);
-    one not in it is checked."""
+    :func:`_fingerprint` when it was last stepped or checked (:func:`mark_stepped`); one not
+    in it is checked."""
     for p, state in zip(params, states):
         master = state.get(MASTER_KEY)
         if master is None:
             continue
-        local = _local(p)
-        where = (local.data_ptr(), local._version, local.dtype)
+        where = _fingerprint(p)
         last = seen.get(id(p))
         if last == where:
             continue
         seen[id(p)] = where  # a kernel's write of the parameter changes none of them
-        master = _local(master)
+        local, master = _local(p), _local(master)
         # what the last step left, rounded to nearest (the cast), and converted as a model's
         # .half() or .bfloat16() converts it where the dtype changed since
-        left = master.to(local.dtype if last is None else last[2]).to(local.dtype)
+        left = master.to(local.dtype if last is None else last[-1]).to(local.dtype)
         torch.where(local != left, local.to(torch.float32), master, out=master)
+
+
+def _fingerprint(p: Tensor) -> tuple:
+    """Where and at which version ``p`` is, and its dtype: its local tensor's pointer and
+    in-place writes, and for a DTensor its own (a write through the DTensor, as
+    ``set_model_state_dict`` or a clamp makes, counts there and not on the local shard, which
+    qhfast's steps write)."""
+    local = _local(p)
+    wrapper = p._version if local is not p else 0
+    return local.data_ptr(), local._version, wrapper, local.dtype
 
 
 def mark_stepped(params: list[Tensor], states: list[dict[str, Any]],
@@ -296,8 +305,7 @@ def mark_stepped(params: list[Tensor], states: list[dict[str, Any]],
     at which version each parameter with a master is."""
     for p, state in zip(params, states):
         if MASTER_KEY in state:
-            local = _local(p)
-            seen[id(p)] = (local.data_ptr(), local._version, local.dtype)
+            seen[id(p)] = _fingerprint(p)
 
 
 def store_params(

@@ -159,8 +159,9 @@ def spawn(fn, out_dir: Path, *args, world: int = WORLD, timeout: float = 120.0) 
 
 
 def train_many(rank: int, world: int, out_dir: str) -> dict:
-    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters, with kahan
-    and stochastic rounding and bf16 moments, one fused run), ZeRO."""
+    """DDP, FSDP2 (fp32 both paths, bf16 mixed precision, bf16 params with masters (also
+    written between steps), with kahan and stochastic rounding and bf16 moments, one fused
+    run), ZeRO."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -208,6 +209,18 @@ def train_many(rank: int, world: int, out_dir: str) -> dict:
                 for p in model.parameters() for key, value in optimizer.state[p].items()
                 if value.dim() > 0
             ]
+
+    # bf16 params with masters, halved through the DTensor between steps (a write that counts
+    # on the DTensor, not on its local shard): the masters take the write
+    model = make_model(torch.bfloat16)
+    fully_shard(model)
+    optimizer = qhfast.QHAdamW(model.parameters(), **OPTIMIZERS["QHAdamW"][1])
+    train_rank(model, optimizer, range(STEPS), rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    train_rank(model, optimizer, range(STEPS, 2 * STEPS), rank)
+    results[("fsdp_bf16_written", "QHAdamW")] = full_params(model)
 
     def fused_fsdp_run() -> tuple[list[torch.Tensor], str]:
         """QHAdamW fused=True on FSDP2 shards: the final params and the kernel that ran."""

@@ -260,6 +260,36 @@ def test_checkpoints_round_trip_exactly_and_convert_on_load():
         assert torch.allclose(again, exact, rtol=0.07, atol=0)  # half a code at the most
 
 
+@pytest.mark.parametrize("target", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_dcp_checkpoint_of_8bit_moments_into_other_moments_is_refused(tmp_path, target):
+    """torch.distributed.checkpoint loads into the tensors the target optimizer has: 8-bit
+    codes land in its fp32/bf16 moments as numbers (254 for a moment of 0.025) and their
+    scales are dropped. That load raises, naming the way that works, instead of stepping on
+    the codes. (dcp.load itself writes into the tensors get_optimizer_state_dict returned,
+    which are the optimizer's own: only a load that works leaves a state to step from.)"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    def trained(state_dtype):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(512, 33)
+        optimizer = qhfast.QHAdamW(model.parameters(), lr=0.01, state_dtype=state_dtype)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(16, 512)).pow(2).mean().backward()
+            optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained("8bit")
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_path)
+    model, optimizer = trained(target)
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    with pytest.raises(ValueError, match="keeps 8-bit codes .* Load it with state_dtype=.8bit."):
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
 def test_scales_are_shaped_by_rows_of_whole_blocks_and_flat_ones_still_load():
     """A tensor whose rows are whole blocks has its scales shaped (rows, blocks per row), the
     same numbers in the same order as flat ones (what FSDP2 splits along dim 0 with the

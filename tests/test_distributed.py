@@ -136,6 +136,20 @@ def test_fsdp2_bf16_params_with_masters_equal_the_single_process_run(trained, na
         assert placements == (torch.distributed.tensor.Shard(0),)
 
 
+def test_fsdp2_masters_take_a_write_through_the_dtensor(trained):
+    """bf16 params with fp32 masters, halved between steps through the DTensor (as a model's
+    ``set_model_state_dict`` or a clamp writes): the masters take the write, as in one
+    process. Such a write counts on the DTensor's version, not its local shard's: the masters
+    missed it, and the next step went on from the old weights."""
+    model, optimizer = _reference("QHAdamW", torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    D.train_reference(model, optimizer, range(D.STEPS, 2 * D.STEPS))
+    for rank_results in trained:
+        _assert_identical(D.full_params(model), rank_results[("fsdp_bf16_written", "QHAdamW")])
+
+
 @pytest.mark.parametrize("mode", ["kahan", "stochastic"])
 @pytest.mark.parametrize("name", D.OPTIMIZERS)
 def test_fsdp2_lean_precision_shards_its_buffers_and_tracks_the_fp32_run(trained, name, mode):
