@@ -821,9 +821,8 @@ class QHOptimizer(Optimizer):
             # switch to "kahan" would otherwise undo the write through the compensation)
             with_masters = [p for p in group["params"] if id(p) in self._stepped_params
                             and precision.MASTER_KEY in self.state.get(p, ())]
-            with torch.no_grad():  # (load_state_dict converts too)
-                precision.sync_masters(with_masters, [self.state[p] for p in with_masters],
-                                       self._stepped_params)
+            precision.sync_masters(with_masters, [self.state[p] for p in with_masters],
+                                   self._stepped_params)
         for p in group["params"]:
             state = self.state.get(p)
             if state:
