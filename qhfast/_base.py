@@ -120,8 +120,14 @@ def check_pair(value: Any, name: str, valid: str) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} ({name} must be a pair of {valid})")
 
 
+def _is_bool(value: Any) -> bool:
+    """A bool, or numpy's (the constructor makes it one; one set between steps stays)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy"
+                                       and type(value).__name__ in ("bool", "bool_"))
+
+
 def check_flag(value: Any, name: str, allow_none: bool = False) -> None:
-    if not (isinstance(value, bool) or (allow_none and value is None)):
+    if not (_is_bool(value) or (allow_none and value is None)):
         choices = "True, False or None" if allow_none else "True or False"
         raise TypeError(f"Invalid {name} value: {value!r} ({name} must be {choices})")
 

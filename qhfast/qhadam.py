@@ -13,6 +13,7 @@ from ._base import (
     AmpArgs,
     QHOptimizer,
     Scalar,
+    _is_bool,
     check_finite,
     check_nonnegative,
     check_number,
@@ -296,7 +297,7 @@ class QHAdam(QHOptimizer):
     def _check_step_flags(self, group: dict[str, Any]) -> None:
         super()._check_step_flags(group)
         decouple = group["decouple_weight_decay"]
-        if not (isinstance(decouple, bool) or (isinstance(decouple, int) and decouple in (0, 1))):
+        if not (_is_bool(decouple) or (isinstance(decouple, int) and decouple in (0, 1))):
             raise TypeError(  # (0 and 1 as qhoptim, which took any truthy value, may have saved)
                 f"Invalid decouple_weight_decay value: {decouple!r} (decouple_weight_decay must "
                 "be True or False, or 1 or 0)")

@@ -360,10 +360,15 @@ def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
                               nus=[np.float32(0.7), 1.0], decouple_weight_decay=np.True_,
                               weight_decay=np.int64(0), maximize=np.False_)
     optimizer.add_param_group({"params": params[1:], "eps": np.float64(1e-6)})
+    optimizer.param_groups[1]["maximize"] = np.False_  # set between steps: kept, and taken
+    optimizer.param_groups[1]["decouple_weight_decay"] = np.True_
     group = optimizer.param_groups[0]
     assert (type(group["lr"]), group["betas"], type(group["nus"][0])) == (float, (0.9, 0.99), float)
     assert group["decouple_weight_decay"] is True and group["maximize"] is False
     assert type(optimizer.param_groups[1]["eps"]) is float
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
     saved = optimizer.state_dict()
     saved["param_groups"][0]["lr"] = np.float32(0.5)
     optimizer.load_state_dict(saved)
