@@ -358,15 +358,19 @@ class QHOptimizer(Optimizer):
         state_dtype: torch.dtype | str | None = None,
         master_weights: bool | None = None,
     ) -> None:
-        flags = _plain_group(dict(foreach=foreach, fused=fused, maximize=maximize,
-                                  capturable=capturable, differentiable=differentiable))
-        _check_flags(flags)
         defaults = _plain_group(dict(
             defaults,
-            **flags,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        ))
+        _check_flags(defaults)
+        defaults.update(
             low_precision=precision.resolve_low_precision(low_precision, master_weights),
             state_dtype=state_dtype,
-        ))
+        )
         if not any(isinstance(value, type(required)) for value in defaults.values()):
             self._check_group(defaults)  # else each group is checked with what it gives
         #: the (low_precision, state_dtype) each group's state was last made for, by the group's
@@ -615,12 +619,7 @@ class QHOptimizer(Optimizer):
         ``_params_with_grads``): make what state is missing, then update them, with the fused
         kernel or the group's compiled step where they serve. ``step()`` calls it once per
         group; :func:`qhfast.step_in_backward` once per parameter."""
-        if self._precision_made.get(index) != _precision_options(group):
-            self._reconcile_precision(index, group, sync_masters=True)
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if len(state) == 0:
-                self._init_state(p, group)
+        states = self._states_for_step(index, group, params)
         if group["differentiable"]:  # what earlier steps saved for backward stays unchanged
             differentiable.fresh_buffers(states, self._buffer_keys)
         # masters follow writes to their params from outside (not seen by a traced or
@@ -720,12 +719,21 @@ class QHOptimizer(Optimizer):
                      amp: AmpArgs) -> None:
         """Step ``params`` of ``group``, whose gradients are sparse (checked by
         :meth:`_check_sparse`)."""
+        self._sparse_update(group, params, self._states_for_step(index, group, params), amp)
+
+    def _states_for_step(self, index: int, group: dict[str, Any],
+                         params: list[Tensor]) -> list[dict[str, Any]]:
+        """The states of ``params`` (of ``group``, ``param_groups[index]``) as a step needs
+        them: the group's state converted first where its options changed or a param was
+        converted (a step's conversion: masters take outside writes first), and what is
+        missing made."""
         if self._precision_made.get(index) != _precision_options(group):
-            self._reconcile_precision(index, group)
-        for p in params:
-            if not self.state[p]:
+            self._reconcile_precision(index, group, sync_masters=True)
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if len(state) == 0:
                 self._init_state(p, group)
-        self._sparse_update(group, params, [self.state[p] for p in params], amp)
+        return states
 
     def _step_group(
         self,

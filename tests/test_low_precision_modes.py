@@ -775,6 +775,27 @@ def test_a_write_before_a_switch_from_master_is_kept(path, mode):
         assert not optimizer.state[p]["kahan_compensation"][written].any()
 
 
+def test_a_write_before_a_switch_from_master_is_kept_beside_sparse_gradients():
+    """QHM with an fp32 embedding's sparse gradient and a bf16 layer in one group: the sparse
+    update runs first, and the group's conversion to "kahan" it starts must take the write to
+    the bf16 param too, as the dense step's does."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    weight = torch.randn(4, 4).bfloat16().requires_grad_()
+    optimizer = qhfast.QHM([embedding.weight, weight], lr=0.1, momentum=0.9, nu=0.7)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (embedding(torch.tensor([1, 3])).float() @ weight.float()).sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        weight.fill_(0.5)
+    optimizer.param_groups[0].update(low_precision="kahan", lr=0.0)
+    optimizer.zero_grad()
+    (embedding(torch.tensor([1, 3])).float() @ weight.float()).sum().backward()
+    optimizer.step()
+    assert torch.equal(weight, torch.full_like(weight, 0.5))
+
+
 @pytest.mark.parametrize("path", EAGER_PATHS)
 @pytest.mark.parametrize("order", ["model_first", "optimizer_first"])
 def test_a_resume_loads_the_model_and_the_optimizer_in_either_order(path, order):
