@@ -83,6 +83,13 @@ def _plain_group(group: dict[str, Any]) -> dict[str, Any]:
     return group
 
 
+def _unread(value: Any) -> Any:
+    """A 1-element real tensor (alone or in a pair) as 0.0; anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_unread(v) for v in value)
+    return 0.0 if isinstance(value, Tensor) and _is_number(value) else value
+
+
 def _as_float(value: Scalar) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
@@ -92,6 +99,8 @@ def check_number(value: Any, label: str, name: str, valid: str, ok: Callable[[fl
 
     ``label`` is torch's wording ("learning rate"), ``name`` the argument, ``valid`` its range.
     """
+    if type(value) is float and math.isfinite(value) and ok(value):
+        return  # (the usual case, checked at every step: quickly)
     if isinstance(value, Tensor) and value.numel() != 1:
         raise ValueError(
             f"Invalid {label}: a tensor {name} must have exactly one element, "
@@ -215,8 +224,9 @@ def prepare_grads(
     ``params``' dtype.
 
     ``grad_scale`` (GradScaler's scale, a 0-d tensor) is divided out here, so fp16 gradients
-    are unscaled in the compute dtype. With ``found_inf`` given, non-finite entries become 0:
-    the caller multiplies every update by ``1 - found_inf``, and 0·inf would be NaN.
+    are unscaled in the compute dtype. With ``found_inf`` given (the caller multiplies every
+    update by ``1 - found_inf``), a skipped step's gradients become 0 entirely: 0·inf is NaN,
+    and so is 0 times the square of a finite gradient above about 1.8e19 (it overflows).
     The caller's gradients are never modified: a new list is made whenever anything changes.
     """
     dtype = params[0].dtype
@@ -228,6 +238,8 @@ def prepare_grads(
         factor: Scalar = grad_scale.to(device=params[0].device, dtype=dtype).reciprocal() * sign
     else:
         factor = sign
+    if found_inf is not None:  # times 0 on a skipped step (its infs become NaNs, zeroed below)
+        factor = (1.0 - found_inf.to(device=params[0].device, dtype=dtype)) * factor
     if isinstance(factor, Tensor) or factor != 1.0:
         if owned:
             torch._foreach_mul_(grads, factor)
@@ -522,10 +534,27 @@ class QHOptimizer(Optimizer):
         parameters (each is checked per dtype and device when it steps; whether 8-bit moments
         shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
-            self._check_step_flags(group)
+            self._validate_group(self._as_checked_at_a_step(group))
             if self._precision_made.get(index) != _precision_options(group):
                 self._check_options(group)
                 self._check_group_sharding(group)
+
+    def _as_checked_at_a_step(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group`` as a step checks it, at every step (hyperparameters set in
+        ``param_groups`` between steps, ``lr="0.1"`` or ``betas=(1.5, 0.999)``, would otherwise
+        raise half-way through the step or be used): its hyperparameters :func:`_plain`, and
+        each 1-element real tensor (alone or in a pair) as 0.0, a value in every one's range.
+        A tensor's value is checked when it is given (constructor, ``add_param_group``,
+        ``load_state_dict``), not at a step: that would be a host read (a sync, and an error
+        inside CUDA graph capture); its type and shape are."""
+        checked = dict(group)
+        for key in (*self._tensor_hyperparameters, *_FLOAT_HYPERPARAMETERS):
+            value = group.get(key)
+            if not (type(value) is float or (type(value) is tuple
+                                             and all(type(v) is float for v in value))):
+                if key in group:
+                    checked[key] = _unread(_plain(value))
+        return checked
 
     def _check_step_flags(self, group: dict[str, Any]) -> None:
         """Raise TypeError/ValueError where a switch of ``group`` set in ``param_groups``
@@ -1076,6 +1105,7 @@ def _as_scalar(value: Any, device: torch.device, dtype: torch.dtype, device_path
     """A hyperparameter as the update takes it: floats stay floats; a tensor becomes a float on
     the float path (a host read, free for a CPU tensor) or a 0-d tensor on the params' device in
     their compute dtype on the device path. Pairs are converted element-wise."""
+    value = _plain(value)  # (a numpy array set in param_groups between steps)
     if isinstance(value, (tuple, list)):
         return tuple(_as_scalar(v, device, dtype, device_path) for v in value)
     if not isinstance(value, Tensor):

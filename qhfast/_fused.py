@@ -198,7 +198,8 @@ def drop_kernel_plans(optimizer: Any) -> None:
     _PLANS.pop(optimizer, None)
 
 
-#: per optimizer, each group's last plan, by group index
+#: per optimizer, each group's last plan, by group index (a param of a larger group stepped
+#: alone: by (group index, id of the param), which the plan keeps alive)
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -208,15 +209,19 @@ def _bucket_plans(optimizer: Any, index: int, group: dict[str, Any], params: lis
     gradients, or None if the kernel does not serve this group: from the group's plan when it
     still serves, else made afresh with every tensor checked."""
     plans = _PLANS.setdefault(optimizer, {})
-    plan = plans.get(index)
+    # a param of a larger group stepped alone (inside backward, qhfast._in_backward) keeps a
+    # plan of its own: one per group would be made again for each param at every backward
+    alone = len(params) == 1 and len(group["params"]) > 1
+    plan_key = (index, id(params[0])) if alone else index
+    plan = plans.get(plan_key)
     if plan is None or not plan.serves(backend, params, states):
         buckets = _new_bucket_plans(optimizer, group, params, states, backend)
         if buckets is None:
-            plans.pop(index, None)
+            plans.pop(plan_key, None)
             return None
         keys = (*optimizer._buffer_keys, *optimizer._counter_keys, MASTER_KEY, COMPENSATION_KEY,
                 *(key + quantize.SCALE_SUFFIX for key in optimizer._buffer_keys))
-        plan = plans[index] = _GroupPlan(backend, params, states, keys, buckets)
+        plan = plans[plan_key] = _GroupPlan(backend, params, states, keys, buckets)
     for bucket in plan.buckets:
         if not bucket.point_to_grads():
             return None

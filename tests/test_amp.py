@@ -47,6 +47,29 @@ def test_inf_gradient_skips_the_step_and_halves_the_scale(name, dtype, foreach, 
     assert not torch.equal(params[0], before["params"][0])
 
 
+@pytest.mark.parametrize("capturable", CAPTURABLE)
+@pytest.mark.parametrize("foreach", PATHS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_skipped_step_with_a_finite_gradient_whose_square_overflows_changes_nothing(
+        name, foreach, capturable):
+    """The sync-free paths skip a step arithmetically (every update times 1 - found_inf): one
+    param's inf must not let another's finite 1e20 gradient in, whose square overflows fp32 and
+    times 0 would be NaN (it was, in the moments and the params, on the device path)."""
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))]
+    optimizer = OPTIMIZERS[name](params, foreach=foreach, capturable=capturable)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))  # (makes the scale tensor)
+    for p in params:
+        p.grad = torch.ones(4)
+    scaler.step(optimizer)
+    scaler.update()
+    params[0].grad = torch.tensor([float("inf"), 1.0, 1.0, 1.0])
+    params[1].grad = torch.full((4,), 1e20)
+    before = snapshot(optimizer, params)
+    scaler.step(optimizer)
+    assert_same(snapshot(optimizer, params), before)
+
+
 def _fp32_values(optimizer, params):
     """The fp32 values the update produced: masters for bf16/fp16 params, else the params."""
     return [optimizer.state[p].get("master_param", p).detach().clone() for p in params]

@@ -350,6 +350,64 @@ def test_load_hooks_see_and_change_what_is_loaded():
     assert seen == [0.0] and loaded.state[clones[0]]["exp_avg"].abs().sum() == 0
     assert optimizer.state[params[0]]["exp_avg"].abs().sum() > 0  # the saved dict unchanged
 
+@pytest.mark.parametrize("path", [{}, {"foreach": False}, {"foreach": True}],
+                         ids=["default", "per_tensor", "foreach"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_hyperparameters_set_in_param_groups_after_steps_are_checked_at_the_next(name, path):
+    """A hyperparameter set in ``param_groups`` between steps is checked, in every group,
+    before the step changes anything: a wrong type raised half-way through the step (the first
+    group stepped, the second's counters advanced) and an out-of-range value was used (lr=-1,
+    betas[0]=1.5: NaN params)."""
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    optimizer = OPTIMIZERS[name]([{"params": params[:1]}, {"params": params[1:]}], **path)
+    for p in params:
+        p.grad = torch.ones(3)
+    optimizer.step()
+    bad = [("lr", -1.0, ValueError, "Invalid learning rate: -1.0"),
+           ("lr", "0.1", TypeError, "Invalid learning rate: lr must be a float"),
+           ("lr", torch.tensor([0.1, 0.2]), ValueError, "a tensor lr must have exactly one"),
+           ("weight_decay", None, TypeError, "Invalid weight_decay value"),
+           ("weight_decay", -0.1, ValueError, "Invalid weight_decay value: -0.1")]
+    if name == "QHM":
+        bad += [("momentum", (0.9,), TypeError, "Invalid momentum value"),
+                ("nu", math.inf, ValueError, "Invalid nu value: inf")]
+    else:
+        bad += [("betas", (1.5, 0.999), ValueError, "Invalid beta parameter at index 0: 1.5"),
+                ("betas", 0.9, ValueError, "Invalid betas value: 0.9"),
+                ("nus", (math.inf, 1.0), ValueError, "Invalid nu parameter at index 0: inf"),
+                ("eps", None, TypeError, "Invalid epsilon value"),
+                ("eps", -1.0, ValueError, "Invalid epsilon value: -1.0")]
+    for key, value, error, message in bad:
+        kept = optimizer.param_groups[1][key]
+        optimizer.param_groups[1][key] = value
+        before = snapshot(optimizer, params)
+        with pytest.raises(error, match=re.escape(message)):
+            optimizer.step()
+        assert_same(snapshot(optimizer, params), before)
+        optimizer.param_groups[1][key] = kept
+    optimizer.param_groups[1]["lr"] = torch.tensor(0.5)  # a valid tensor is still taken
+    optimizer.step()
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}, {"foreach": True},
+                                  {"capturable": True}],
+                         ids=["default", "per_tensor", "foreach", "capturable"])
+def test_numpy_pairs_set_in_param_groups_after_steps_step_as_tuples(path):
+    """``betas`` and ``nus`` set to numpy arrays between steps (as torch.optim.Adam takes
+    them) step as the tuples of floats the constructor makes of them; the per-tensor, foreach
+    and capturable paths raised."""
+    finals = []
+    for betas, nus in (((0.8, 0.99), (0.7, 1.0)), (np.array([0.8, 0.99]), np.array([0.7, 1.0]))):
+        p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        optimizer = qhfast.QHAdam([p], **path)
+        for t in range(3):
+            optimizer.param_groups[0].update(betas=betas, nus=nus)
+            p.grad = torch.full_like(p, float(t + 1))
+            optimizer.step()
+        finals.append(p.detach().clone())
+    assert torch.equal(*finals)
+
+
 def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold(tmp_path):
     """As qhoptim and torch.optim take them: numpy scalars and arrays in the constructor, a
     param group or a checkpoint are kept as Python numbers (float64 arithmetic; a checkpoint

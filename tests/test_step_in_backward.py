@@ -180,7 +180,7 @@ def test_a_bad_option_set_while_active_raises_before_anything_changes():
     """A typo in a group's low_precision, set between steps, is refused inside backward as
     step() refuses it (it dropped the fp32 masters and raised KeyError), a bogus
     state_dtype is not taken for "8bit", and a flag that is not a boolean
-    (``maximize="False"`` would ascend) is refused too."""
+    (``maximize="False"`` would ascend) or a bad hyperparameter is refused too."""
     model = _model().bfloat16()
     optimizer = OPTIMIZERS["QHAdam"](model.parameters())
     handle = qhfast.step_in_backward(optimizer)
@@ -188,13 +188,38 @@ def test_a_bad_option_set_while_active_raises_before_anything_changes():
     for key, value, error, message in (
             ("low_precision", "Master", ValueError, "Invalid low_precision value"),
             ("state_dtype", "bogus", ValueError, "Invalid state_dtype value"),
-            ("maximize", "False", TypeError, "Invalid maximize value")):
+            ("maximize", "False", TypeError, "Invalid maximize value"),
+            ("lr", "0.1", TypeError, "Invalid learning rate"),
+            ("betas", (1.5, 0.999), ValueError, "Invalid beta parameter at index 0: 1.5")):
         before = copy.deepcopy((list(model.parameters()), optimizer.state_dict()))
         optimizer.param_groups[0][key] = value
         with pytest.raises(error, match=message):
             _loss(model, 1).backward()
         optimizer.param_groups[0][key] = before[1]["param_groups"][0][key]
         assert_same(before, (list(model.parameters()), optimizer.state_dict()))
+    handle.remove()
+
+
+def test_each_param_keeps_its_kernel_plan_from_one_backward_to_the_next(monkeypatch):
+    """Each param steps alone inside backward; the C kernel's plans are kept per param, as
+    step() keeps one per group. With one per group, each param's step made its group's plan
+    again, checking every tensor: at every backward, for every param."""
+    import qhfast._fused as fused
+
+    made = []
+    new_plans = fused._new_bucket_plans
+    monkeypatch.setattr(fused, "_new_bucket_plans",
+                        lambda *args: made.append(1) or new_plans(*args))
+    model = _model()
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters())
+    handle = qhfast.step_in_backward(optimizer)
+    _loss(model, 1).backward()  # (steps 1, 4, 7 and 10 use every param)
+    _loss(model, 4).backward()  # (the first made state, which drops the plans made before)
+    assert made  # the kernel serves them
+    made.clear()
+    _loss(model, 7).backward()
+    _loss(model, 10).backward()
+    assert not made
     handle.remove()
 
 
