@@ -115,6 +115,12 @@ fp64, compilers["used_without_openmp"] = step(torch.float64, 5)
 compilers["builds"] = cpu.builds - builds
 compilers["error_without_openmp"] = error(expected, fp64)
 compilers["warnings_without_openmp"] = qhfast_warnings()
+use(os.path.join(tmp, "compilers"), compiler)
+cpu._without_openmp.clear()  # as in a new process
+compilers["used_again_without_openmp"] = step(torch.float64)[1]
+
+use(os.path.join(tmp, "full"), compiler.replace("cc-without-openmp", "cc-on-a-full-disk"))
+result["full"] = {{"used": step(torch.float32)[1], "warnings": qhfast_warnings()}}
 print(json.dumps(result))
 """
 
@@ -152,16 +158,26 @@ def child(entries, tmp_path_factory) -> tuple[dict, Path]:
     (tmp / "file").write_text("")  # a cache dir under it cannot be made, not even by root
     directories = [str(tmp / ("file/cache" if d == "unmakeable" else d)) for d in DIRECTORIES]
 
-    # a compiler that rejects -fopenmp, as macOS's clang does, and logs its calls
+    # a compiler that cannot build with -fopenmp, as Linux's clang without libomp (macOS's
+    # clang rejects the option), and logs its calls
     compiler = tmp / "cc-without-openmp"
     compiler.write_text(f"""#!/bin/sh
 echo "$@" >> "{tmp / "compiler.log"}"
 for arg in "$@"; do
-    if [ "$arg" = -fopenmp ]; then echo "clang: unsupported option '-fopenmp'" >&2; exit 1; fi
+    if [ "$arg" = -fopenmp ]; then echo "/usr/bin/ld: cannot find -lomp" >&2; exit 1; fi
 done
 exec cc "$@"
 """)
     compiler.chmod(0o755)
+    # a compiler that fails in one cache directory, as on a full disk
+    full = tmp / "cc-on-a-full-disk"
+    full.write_text(f"""#!/bin/sh
+case "$*" in *{tmp / "full"}/*)
+    echo "/usr/bin/ld: final link failed: No space left on device" >&2; exit 1;;
+esac
+exec cc "$@"
+""")
+    full.chmod(0o755)
 
     code = SCENARIOS.format(tmp=str(tmp), directories=directories, compiler=str(compiler))
     environment = {key: value for key, value in os.environ.items()
@@ -236,6 +252,22 @@ def test_without_a_compiler_it_warns_once_and_without_openmp_it_builds_single_th
     assert len(calls) == 2 and "-fopenmp" in calls[0].split() and "-fopenmp" not in calls[1].split()
     (entry,) = os.listdir(tmp / "compilers")
     assert cpu._verified(tmp / "compilers" / entry)
+    # a new process finds that entry first: no build tried with -fopenmp again
+    assert result["used_again_without_openmp"]
+    assert len((tmp / "compiler.log").read_text().splitlines()) == 2
+
+
+def test_a_cache_where_the_kernel_cannot_be_built_falls_back_to_a_private_one(child):
+    """A cache directory where the build fails (a full disk; a file system that runs no code
+    fails at loading) is left, with a warning naming it and the cause, for the private
+    directory, where the kernel is built and used: not a warning to install a compiler, and
+    the eager path."""
+    result, tmp = child
+    (warning,) = result["full"]["warnings"]
+    assert warning.startswith(f"qhfast does not use the kernel cache {tmp / 'full'}: a kernel "
+                              "could not be built or loaded in it (")
+    assert "No space left on device" in warning and "private temporary directory" in warning
+    assert result["full"]["used"]
 
 
 def test_processes_building_at_once_all_load_and_leave_one_entry(tmp_path):
@@ -290,3 +322,59 @@ def test_the_default_cache_made_open_by_0_1_0_is_closed_and_a_chosen_one_is_not(
         private = cpu._cache_dir()
     assert private != chosen and (chosen.stat().st_mode & 0o777) == 0o775
     assert (private.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_cache_under_a_folder_others_can_write_is_not_used(tmp_path, monkeypatch):
+    """Another user can replace a directory of ours (with one holding their code) through a
+    folder above it that they can write, unless it is sticky (as /tmp); a link to it is taken
+    by its real path. Such a cache is refused with a warning naming the folder, as one they
+    could write into is."""
+    monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setattr(cpu, "_private", None)
+    for mode in (0o777, 0o1777):
+        shared = tmp_path / f"shared-{mode:o}"
+        (shared / "mine").mkdir(parents=True, mode=0o700)
+        shared.chmod(mode)
+        monkeypatch.setenv("QHFAST_CACHE_DIR", str(shared / "mine"))
+        if mode & 0o1000:  # sticky: only the owner of "mine" can rename or remove it
+            assert cpu._cache_dir() == shared / "mine"
+            continue
+        link = tmp_path / "link"
+        link.symlink_to(shared / "mine")
+        for configured in (shared / "mine", link):
+            monkeypatch.setenv("QHFAST_CACHE_DIR", str(configured))
+            with pytest.warns(RuntimeWarning, match=(
+                    f"does not use the kernel cache {shared / 'mine'}: other users can write "
+                    f"to the folder {shared} above it \\(mode 777\\)")):
+                private = cpu._cache_dir()
+            assert private == cpu._private != shared / "mine"
+            cpu._warned.clear()
+
+
+def test_a_cc_that_is_no_command_line_warns_and_a_blank_one_is_cc(entries, monkeypatch):
+    """``CC`` with an unclosed quote raised ValueError from every step; it is a build that
+    cannot be made: one warning naming it, and the eager path. A blank ``CC`` is no compiler
+    named: ``cc``, as an unset one (it ran "-O3" as the compiler)."""
+    directory, _ = entries
+    monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setenv("QHFAST_CACHE_DIR", str(directory))
+    variant = ("float", 0, 0, 0, "double")  # fp32, built by the entries fixture
+    monkeypatch.setenv("CC", "/home/o'brien/bin/gcc")
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernel \\(CC=.* is not a "
+                                            "command line: No closing quotation\\)"):
+        assert cpu._load(variant) is None
+    monkeypatch.setenv("CC", "  ")
+    builds = cpu.builds
+    assert cpu._load(variant) is not None and cpu.builds == builds + 1
+
+
+def test_scratch_directories_of_killed_builds_are_removed_an_hour_later(tmp_path):
+    """A build killed mid-way leaves its scratch directory in the cache; the next build removes
+    those an hour old (never one that may be another process's build in progress)."""
+    old, recent = tmp_path / ".build-old", tmp_path / ".build-recent"
+    for scratch in (old, recent):
+        scratch.mkdir()
+        (scratch / "partial.so").write_bytes(b"\x7fELF")
+    os.utime(old, (os.path.getatime(old), os.path.getmtime(old) - 7200))
+    cpu._remove_stale_scratch(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".build-recent"]

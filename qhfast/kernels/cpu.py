@@ -15,16 +15,21 @@ named by a hash of the source, the compiler and its flags and the CPU:
   ``os.replace``, so processes building it at once (``torchrun``'s first step) each leave a
   whole entry. Before loading, the whole entry is read and checked: a truncated, empty or
   otherwise damaged one (a full disk, an interrupted copy) is rebuilt, never loaded;
-* the cache is only read from a directory that no other user can write into: made with mode
-  0o700, refused if owned by another user or group- or world-writable, and so are entries.
-  A refused directory, or one that cannot be made or written, gives a ``RuntimeWarning`` (once
-  per process and directory) and the process builds its kernels in a private temporary
-  directory, removed at exit. The default directory, if ours and open to others (qhfast 0.1.0
-  made it under the umask), is set to mode 0o700 instead;
-* a compiler without OpenMP (macOS's clang) fails on ``-fopenmp``: the kernel is then built
-  without it, single-threaded (the pragmas are ignored), under its own key;
-* where no kernel can be built or loaded (no C compiler), :func:`load` returns None and a
-  ``RuntimeWarning``, once per process, says why and what to do.
+* the cache is only read from a directory that no other user can write into or replace: made
+  with mode 0o700, taken by its real path, refused if owned by another user or group- or
+  world-writable, or if a folder above it is (unless sticky, as /tmp); entries too. A refused
+  directory, one that cannot be made, or one where a kernel cannot be built or loaded (not
+  writable, a full disk, a file system that runs no code) gives a ``RuntimeWarning`` (once per
+  process and directory) and the process builds its kernels in a private temporary directory,
+  removed at exit. The default directory, if ours and open to others (qhfast 0.1.0 made it
+  under the umask), is set to mode 0o700 instead. A build killed mid-way leaves a scratch
+  directory, removed an hour later by the next build;
+* where the build with ``-fopenmp`` fails (macOS's clang rejects it, Linux's clang without
+  libomp cannot link it), the kernel is built without it, single-threaded (the pragmas are
+  ignored), under its own key;
+* where no kernel can be built or loaded (no C compiler, a ``CC`` that is no command line),
+  :func:`load` returns None and a ``RuntimeWarning``, once per process, says why and what to
+  do.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -84,36 +90,68 @@ def _load(variant: tuple) -> ctypes.CDLL | None:
     real, param, mode, state, counter = variant
     defines = [f"-DREAL={real}", f"-DPARAM={param}", f"-DMODE={mode}", f"-DSTATE={state}",
                f"-DCOUNTER={counter}"]
-    compiler = tuple(shlex.split(os.environ.get("CC") or "cc"))
     try:
-        directory = _cache_dir()
-        # with OpenMP; else (a compiler without it) without, single-threaded, under its own key
-        for openmp in (["-fopenmp"], []):
-            options = [*FLAGS, *openmp, *defines]
-            path = directory / f"qhfast_cpu_kernel_{_key(compiler, options)}.so"
-            if _verified(path):
-                break
-            if openmp and compiler in _without_openmp:
-                continue
-            try:
-                path = _build(compiler, options, path)
-                break
-            except subprocess.CalledProcessError as error:
-                said = (error.stderr or "").lower()
-                if not openmp or not any(word in said for word in ("openmp", "gomp", "omp.h")):
-                    raise  # a failure of its own, not a compiler without OpenMP
-                _without_openmp.add(compiler)  # e.g. macOS's clang: not tried again
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
-        _warn("build", f"qhfast could not build its CPU kernel ({_cause(error)}), so CPU steps "
-                       "run several times slower: on the eager path by default, through "
-                       "torch.compile with fused=True. Install a C compiler or set CC to one; "
-                       "QHFAST_CPU_KERNEL=0 turns the kernel off, and this warning with it.")
+        compiler = tuple(shlex.split(os.environ.get("CC") or "")) or ("cc",)
+    except ValueError as error:  # e.g. an unclosed quote
+        _warn_unbuilt(f"CC={os.environ.get('CC')!r} is not a command line: {error}")
         return None
-    _declare(library)
+    cache = _cache_dir()
+    try:
+        library = _load_from(cache, compiler, defines)
+    except _FAILURES as error:
+        # the cache may be what failed (a full disk, a file system that runs no code): a
+        # private directory next; where the kernel fails there too, the cache was not the cause
+        try:
+            library = _load_from(_private_dir(), compiler, defines) if cache != _private else None
+        except _FAILURES as again:
+            error = again
+            library = None
+        if library is None:
+            _warn_unbuilt(_cause(error))
+            return None
+        _warn_private(cache, f"a kernel could not be built or loaded in it ({_cause(error)})")
     global builds
     builds += 1
     return library
+
+
+#: what building or loading a kernel raises where it fails (AttributeError: a library without
+#: the kernel's functions)
+_FAILURES = (OSError, subprocess.CalledProcessError, AttributeError)
+
+
+def _load_from(directory: Path, compiler: tuple[str, ...], defines: list[str]) -> ctypes.CDLL:
+    """The kernel from its entry in ``directory``, built there if it has none. With OpenMP;
+    else (a compiler without it: macOS's clang rejects ``-fopenmp``, Linux's clang without
+    libomp cannot link it) without, single-threaded, under its own key, which later processes
+    then find first."""
+    with_openmp, without_openmp = (
+        directory / f"qhfast_cpu_kernel_{_key(compiler, [*FLAGS, *openmp, *defines])}.so"
+        for openmp in (["-fopenmp"], []))
+    if _verified(with_openmp):
+        path = with_openmp
+    elif _verified(without_openmp) or compiler in _without_openmp:
+        path = without_openmp if _verified(without_openmp) else _build(
+            compiler, [*FLAGS, *defines], without_openmp)
+    else:
+        try:
+            path = _build(compiler, [*FLAGS, "-fopenmp", *defines], with_openmp)
+        except subprocess.CalledProcessError as error:
+            try:  # whatever else failed fails again
+                path = _build(compiler, [*FLAGS, *defines], without_openmp)
+            except subprocess.CalledProcessError:
+                raise error from None
+            _without_openmp.add(compiler)
+    library = ctypes.CDLL(str(path))
+    _declare(library)
+    return library
+
+
+def _warn_unbuilt(cause: str) -> None:
+    _warn("build", f"qhfast could not build its CPU kernel ({cause}), so CPU steps run several "
+                   "times slower: on the eager path by default, through torch.compile with "
+                   "fused=True. Install a C compiler or set CC to one; QHFAST_CPU_KERNEL=0 "
+                   "turns the kernel off, and this warning with it.")
 
 
 def _key(compiler: tuple[str, ...], options: list[str]) -> str:
@@ -123,32 +161,56 @@ def _key(compiler: tuple[str, ...], options: list[str]) -> str:
 
 
 def _cache_dir() -> Path:
-    """The configured cache directory (made if missing), or this process's private one where
-    it cannot be made or another user could write into it."""
+    """The configured cache directory (made if missing, by its real path), or this process's
+    private one where it cannot be made or another user could write into it or replace it."""
     configured = os.environ.get("QHFAST_CACHE_DIR")
     directory = Path(configured or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qhfast"))
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = directory.resolve()  # what is checked is what is used: no link between
         info = directory.stat()
         if not configured and info.st_mode & 0o077 and _unsafe(info, mode=False) is None:
             # the default directory, ours, made by qhfast 0.1.0 under the umask (775 with
             # Ubuntu's 002): closed to others; entries others could have written are rebuilt
             directory.chmod(0o700)
             info = directory.stat()
-        problem = _unsafe(info)
+        problem = _unsafe(info) or _replaceable(directory)
     except OSError as error:
         problem = f"it cannot be made ({error})"
     if problem is None:
         return directory
-    return _refuse(directory, problem)
+    _warn_private(directory, problem)
+    return _private_dir()
 
 
-def _refuse(directory: Path, problem: str) -> Path:
+def _replaceable(directory: Path) -> str | None:
+    """Why another user could replace ``directory`` (a real path) through a folder above it
+    (and so put code in it), or None: each must be owned by root or this user and writable by
+    no one else, unless sticky, as /tmp (there only an entry's owner renames or removes it)."""
+    if not hasattr(os, "getuid"):
+        return None
+    for folder in directory.parents:
+        info = folder.stat()
+        if info.st_uid not in (0, os.getuid()):
+            return (f"the folder {folder} above it is owned by another user (uid "
+                    f"{info.st_uid}), who could replace it")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            return (f"other users can write to the folder {folder} above it (mode "
+                    f"{stat.S_IMODE(info.st_mode):o}), and replace it")
+    return None
+
+
+def _warn_private(directory: Path, problem: str) -> None:
     _warn(("cache", str(directory)),
           f"qhfast does not use the kernel cache {directory}: {problem}. This process builds its "
           "CPU kernels in a private temporary directory instead (about a second each). Set "
-          "QHFAST_CACHE_DIR to a directory that only you can write (mode 700).")
+          "QHFAST_CACHE_DIR to a directory that only you can write (mode 700), on a file "
+          "system with room that can run code.")
+
+
+def _private_dir() -> Path:
+    """This process's private cache (made on the first call), removed at exit."""
     global _private
     if _private is None:
         _private = Path(tempfile.mkdtemp(prefix="qhfast-"))
@@ -187,15 +249,9 @@ def _verified(path: Path) -> bool:
 
 def _build(compiler: tuple[str, ...], options: list[str], path: Path) -> Path:
     """Compile the entry ``path`` in a scratch directory beside it and move it there
-    atomically; where that directory cannot be written, into the private one. Returns the
-    entry's path."""
-    try:
-        scratch = tempfile.mkdtemp(prefix=".build-", dir=path.parent)
-    except OSError as error:
-        if path.parent == _private:
-            raise
-        path = _refuse(path.parent, f"it cannot be written ({error})") / path.name
-        scratch = tempfile.mkdtemp(prefix=".build-", dir=path.parent)
+    atomically. Returns the entry's path."""
+    _remove_stale_scratch(path.parent)
+    scratch = tempfile.mkdtemp(prefix=_SCRATCH, dir=path.parent)
     try:
         built = Path(scratch) / path.name
         subprocess.run([*compiler, *options, str(SOURCE), "-o", str(built), "-lm"], check=True,
@@ -207,6 +263,22 @@ def _build(compiler: tuple[str, ...], options: list[str], path: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+#: the prefix of a build's scratch directory
+_SCRATCH = ".build-"
+
+
+def _remove_stale_scratch(directory: Path) -> None:
+    """Remove the scratch directories of builds killed mid-way: those an hour old (a build
+    takes seconds)."""
+    now = time.time()
+    for scratch in directory.glob(_SCRATCH + "*"):
+        try:
+            if now - scratch.lstat().st_mtime > 3600:
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _cause(error: Exception) -> str:
