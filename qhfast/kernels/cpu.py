@@ -95,7 +95,11 @@ def _load(variant: tuple) -> ctypes.CDLL | None:
     except ValueError as error:  # e.g. an unclosed quote
         _warn_unbuilt(f"CC={os.environ.get('CC')!r} is not a command line: {error}")
         return None
-    cache = _cache_dir()
+    try:
+        cache = _cache_dir()
+    except OSError as error:  # no private directory either (no writable temporary folder)
+        _warn_unbuilt(_cause(error))
+        return None
     try:
         library = _load_from(cache, compiler, defines)
     except _FAILURES as error:
@@ -130,9 +134,10 @@ def _load_from(directory: Path, compiler: tuple[str, ...], defines: list[str]) -
         for openmp in (["-fopenmp"], []))
     if _verified(with_openmp):
         path = with_openmp
-    elif _verified(without_openmp) or compiler in _without_openmp:
-        path = without_openmp if _verified(without_openmp) else _build(
-            compiler, [*FLAGS, *defines], without_openmp)
+    elif _verified(without_openmp):  # built by a process that found no OpenMP
+        path = without_openmp
+    elif compiler in _without_openmp:
+        path = _build(compiler, [*FLAGS, *defines], without_openmp)
     else:
         try:
             path = _build(compiler, [*FLAGS, "-fopenmp", *defines], with_openmp)
