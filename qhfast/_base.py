@@ -230,9 +230,9 @@ def prepare_grads(
     The caller's gradients are never modified: a new list is made whenever anything changes.
     """
     dtype = params[0].dtype
-    owned = grads[0].dtype != dtype
-    if owned:
-        grads = [g.to(dtype) for g in grads]
+    owned = any(g.dtype != dtype for g in grads)
+    if owned:  # (all copies: the ops below then work in place on the whole list)
+        grads = [g.to(dtype) if g.dtype != dtype else g.clone() for g in grads]
     sign = -1.0 if maximize else 1.0
     if grad_scale is not None:
         factor: Scalar = grad_scale.to(device=params[0].device, dtype=dtype).reciprocal() * sign

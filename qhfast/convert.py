@@ -250,8 +250,9 @@ def from_accsgd(delta: float, kappa: float, xi: float, eps: float = 0.7) -> dict
 
     Raises:
         ValueError: ``delta < 0``, ``kappa <= 0``, ``eps`` outside (0, 1), ``xi`` outside
-            (0, kappa/eps²] (momentum would leave [0, 1)), or a non-finite argument. The paper
-            uses κ >= 1 and ξ <= √κ.
+            [0, kappa/eps²] (momentum would leave [0, 1]), or a non-finite argument. The paper
+            uses κ >= 1 and ξ <= √κ; ξ = 0 (as qhoptim takes it) gives momentum 1, a buffer
+            that stays zero: SGD with step δ, as AccSGD is then.
 
     Reference: Kidambi, Netrapalli, Jain and Kakade, *On the insufficiency of existing momentum
     schemes for stochastic optimization*, ICLR 2018, https://arxiv.org/abs/1803.05591
@@ -261,7 +262,7 @@ def from_accsgd(delta: float, kappa: float, xi: float, eps: float = 0.7) -> dict
     _require(kappa > 0.0, "kappa", kappa, "must be > 0")
     _require(0.0 < eps < 1.0, "eps", eps, "must be in (0, 1)")
     xi_max = kappa / eps**2
-    _require(0.0 < xi <= xi_max, "xi", xi, f"must be in (0, kappa / eps**2] = (0, {xi_max})")
+    _require(0.0 <= xi <= xi_max, "xi", xi, f"must be in [0, kappa / eps**2] = [0, {xi_max}]")
     return _qhm(
         lr=delta * eps * (1.0 + xi) / (1.0 + eps),
         momentum=(kappa - eps * eps * xi) / (kappa + eps * xi),
@@ -418,6 +419,10 @@ def to_sgd(lr: float, momentum: float, nu: float) -> dict[str, object]:
     ``{"lr", "momentum", "nesterov", "dampening"}`` (dampening always 0); inverse of
     :func:`from_sgd`.
 
+    ``nu`` is taken for 1 or ``momentum`` within :data:`_SAME_NU` of it (relative): a
+    conversion's rounding (``from_two_state_optimizer`` of a heavy ball gives
+    ν = 1 + 2.2e-16).
+
     Raises:
         ValueError: ``lr < 0``, ``momentum`` outside [0, 1), a non-finite argument, or any other
             ``nu`` (a QH average of the gradient and the momentum buffer has no SGD form).
@@ -426,8 +431,14 @@ def to_sgd(lr: float, momentum: float, nu: float) -> dict[str, object]:
     _require(0.0 <= momentum < 1.0, "momentum", momentum, "must be in [0, 1)")
     if momentum == 0.0 or nu == 0.0:
         return {"lr": lr, "momentum": 0.0, "nesterov": False, "dampening": 0.0}
-    _require(nu in (1.0, momentum), "nu", nu,
+    heavy_ball = math.isclose(nu, 1.0, rel_tol=_SAME_NU)
+    _require(heavy_ball or math.isclose(nu, momentum, rel_tol=_SAME_NU), "nu", nu,
              f"must be 0, 1 or momentum = {momentum} for torch.optim.SGD to reproduce QHM")
     return {
-        "lr": lr * (1.0 - momentum), "momentum": momentum, "nesterov": nu != 1.0, "dampening": 0.0,
+        "lr": lr * (1.0 - momentum), "momentum": momentum, "nesterov": not heavy_ball,
+        "dampening": 0.0,
     }
+
+
+#: how close (relative, ten ulps) :func:`to_sgd` takes a ``nu`` to be 1 or ``momentum``
+_SAME_NU = 10 * 2.0**-52

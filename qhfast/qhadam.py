@@ -121,6 +121,8 @@ def qhadam(
     ``grad_scale`` divides the gradients; a nonzero ``found_inf`` (a 0-d tensor where the
     normalizers live) makes the call change nothing, without a host read.
     """
+    if not params:
+        return
     fractions = qhadam_step_fractions(beta1_weights, beta2_weights, betas=betas,
                                       capturable=capturable, found_inf=found_inf)
     qhadam_apply(params, grads, exp_avgs, exp_avg_sqs, *fractions, lr=lr, nus=nus, eps=eps,

@@ -27,6 +27,12 @@ __all__ = ["QHM", "qhm"]
 WEIGHT_DECAY_TYPES = ("grad", "direct")
 
 
+def check_weight_decay_type(value: Any) -> None:
+    if value not in WEIGHT_DECAY_TYPES:
+        raise ValueError(f"Invalid weight_decay_type value: {value!r} (weight_decay_type must "
+                         "be 'grad' or 'direct')")
+
+
 def qhm(
     params: list[Tensor],
     grads: list[Tensor],
@@ -54,6 +60,9 @@ def qhm(
     ``momentum`` and ``nu`` are floats or 0-d tensors on the params' device. ``grad_scale``
     divides the gradients; a nonzero ``found_inf`` makes the call change nothing (no host read).
     """
+    check_weight_decay_type(weight_decay_type)
+    if not params:
+        return
     keep = None if found_inf is None else 1.0 - found_inf.to(params[0].dtype)
     if keep is not None:
         lr = lr * keep
@@ -162,11 +171,7 @@ class QHM(QHOptimizer):
 
     def _check_step_flags(self, group: dict[str, Any]) -> None:
         super()._check_step_flags(group)
-        if group["weight_decay_type"] not in WEIGHT_DECAY_TYPES:
-            raise ValueError(
-                f"Invalid weight_decay_type value: {group['weight_decay_type']!r} "
-                f"(weight_decay_type must be 'grad' or 'direct')"
-            )
+        check_weight_decay_type(group["weight_decay_type"])
 
     def _init_param_state(self, state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> None:
         state["momentum_buffer"] = like

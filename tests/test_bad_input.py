@@ -526,3 +526,19 @@ def test_qhadamw_refuses_coupled_decay_in_an_added_or_loaded_group():
     with pytest.raises(ValueError, match="QHAdamW always decouples weight decay"):
         optimizer.load_state_dict(saved)
     assert optimizer.param_groups[0]["decouple_weight_decay"] is True
+
+
+def test_functional_qhm_refuses_an_unknown_weight_decay_type_and_takes_empty_lists():
+    """The functional QHM took any weight_decay_type other than "grad" and "direct" for no
+    decay at all (a typo turned weight decay off silently); it raises as the optimizer does,
+    before changing anything. Empty lists are a step of nothing, for both functional forms
+    (they raised IndexError and RuntimeError)."""
+    from qhfast.functional import qhadam, qhm
+
+    p, buffer = torch.ones(3), torch.zeros(3)
+    with pytest.raises(ValueError, match="Invalid weight_decay_type value: 'Direct'"):
+        qhm([p], [torch.ones(3)], [buffer], lr=0.1, momentum=0.9, nu=0.7, weight_decay=1.0,
+            weight_decay_type="Direct")
+    assert torch.equal(p, torch.ones(3)) and torch.equal(buffer, torch.zeros(3))
+    qhm([], [], [], lr=0.1, momentum=0.9, nu=0.7)
+    qhadam([], [], [], [], [], [], lr=0.1, betas=(0.9, 0.999), nus=(0.7, 1.0), eps=1e-8)

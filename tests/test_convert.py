@@ -142,7 +142,8 @@ def test_robust_momentum_matches_qhoptim(args):
 
 
 @pytest.mark.parametrize(
-    "args", [(0.1, 1000.0, 10.0, 0.7), (0.5, 10.0, 2.0, 0.3), (1.0, 1e4, 100.0, 0.9)])
+    "args", [(0.1, 1000.0, 10.0, 0.7), (0.5, 10.0, 2.0, 0.3), (1.0, 1e4, 100.0, 0.9),
+             (0.1, 1000.0, 0.0, 0.7)])  # xi = 0, which qhoptim takes: momentum 1
 def test_accsgd_matches_qhoptim(args):
     assert_close_dicts(convert.from_accsgd(*args), qhoptim_dict(param_conv.from_accsgd(*args)))
 
@@ -156,6 +157,19 @@ def test_two_state_matches_qhoptim_when_q_is_one(coefficients):
     expected = qhoptim_dict(param_conv.from_two_state_optimizer(*coefficients))
     actual = convert.from_two_state_optimizer(*coefficients)
     assert_close_dicts(actual, expected, rel=1e-10)
+
+
+def test_a_conversion_rounded_off_sgd_still_converts_to_sgd():
+    """qhoptim's two-state example is a heavy ball; the conversion's rounding gives
+    nu = 1 + 2.2e-16, which to_sgd refused (it compared nu to 1 exactly). It is taken as 1, and
+    a nu off by more than rounding is still refused."""
+    qhm = convert.from_two_state_optimizer(0.9, 0.0, 0.1, -0.09, 1.0, -0.01)
+    sgd = convert.to_sgd(**qhm)
+    assert (sgd["momentum"], sgd["nesterov"]) == (qhm["momentum"], False)
+    assert sgd["lr"] == pytest.approx(0.01, rel=1e-12)
+    assert convert.to_sgd(1.0, 0.9, 0.9 * (1 + 4e-16))["nesterov"]
+    with pytest.raises(ValueError, match="Invalid nu"):
+        convert.to_sgd(1.0, 0.9, 1.0 + 1e-12)
 
 
 def test_nadam_matches_qhoptim():
@@ -577,12 +591,12 @@ class TestBadInput(expecttest.TestCase):
             """Invalid kappa: 0.0 (must be > 0)""",
         )
         self.assertExpectedInline(
-            error(convert.from_accsgd, 0.1, 1000.0, 0.0),
-            """Invalid xi: 0.0 (must be in (0, kappa / eps**2] = (0, 2040.8163265306125))""",
+            error(convert.from_accsgd, 0.1, 1000.0, -1.0),
+            """Invalid xi: -1.0 (must be in [0, kappa / eps**2] = [0, 2040.8163265306125])""",
         )
         self.assertExpectedInline(
             error(convert.from_accsgd, 0.1, 10.0, 100.0),
-            """Invalid xi: 100.0 (must be in (0, kappa / eps**2] = (0, 20.408163265306126))""",
+            """Invalid xi: 100.0 (must be in [0, kappa / eps**2] = [0, 20.408163265306126])""",
         )
         self.assertExpectedInline(
             error(convert.from_accsgd, -0.1, 1000.0, 10.0),

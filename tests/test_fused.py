@@ -434,6 +434,27 @@ def test_a_gradient_in_another_dtype_than_its_param_is_read_as_it_is():
     assert max_relative_error(final(foreach=False), final()) < 1e-12
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without grad_dtype")
+@pytest.mark.parametrize("path", [{}, {"foreach": True}, {"foreach": False}],
+                         ids=["default", "foreach", "per_tensor"])
+def test_a_gradient_in_another_dtype_after_the_first_of_its_bucket_is_upcast(path):
+    """Only the first gradient's dtype was looked at: a float32 gradient (``grad_dtype``)
+    behind a float64 one of the same bucket reached the update as float32 and the step raised
+    (lerp: "expected dtype double"). Against the same values as float64 gradients, 1e-12."""
+    def final(grad_dtype):
+        torch.manual_seed(0)
+        params = [torch.randn(8, dtype=torch.float64).requires_grad_() for _ in range(2)]
+        params[1].grad_dtype = grad_dtype
+        optimizer = OPTIMIZERS["QHAdam"](params, **path)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(8, dtype=torch.float64).float().to(p.grad_dtype or p.dtype)
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    assert max_relative_error(final(torch.float64), final(torch.float32)) < 1e-12
+
+
 def test_a_loaded_checkpoint_keeps_the_kernel_serving():
     """State of another layout or scale dtype in a checkpoint (a model whose weight was a
     transposed view; scales saved in fp16) is loaded as the kernel reads it: moments
