@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,14 @@ def _unread(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_unread(v) for v in value)
     return 0.0 if isinstance(value, Tensor) and _is_number(value) else value
+
+
+def _same_objects(last: list, values: list) -> bool:
+    """Whether ``values`` are the objects in ``last`` (a list's: its elements)."""
+    return len(last) == len(values) and all(
+        a is b or (type(a) is list and type(b) is list and len(a) == len(b)
+                   and all(map(operator.is_, a, b)))
+        for a, b in zip(last, values))
 
 
 def _as_float(value: Scalar) -> float:
@@ -394,6 +403,8 @@ class QHOptimizer(Optimizer):
         self._stepped_params: dict[int, tuple] = {}
         #: by group index, the dtypes of the group's params when it last stepped
         self._param_dtypes: dict[int, list[torch.dtype]] = {}
+        #: by id, each group and its values when a step last checked them
+        self._checked_values: dict[int, tuple[dict[str, Any], list]] = {}
         super().__init__(params, defaults)
 
     # ---- what a subclass provides ------------------------------------------------------------
@@ -534,27 +545,37 @@ class QHOptimizer(Optimizer):
         parameters (each is checked per dtype and device when it steps; whether 8-bit moments
         shard depends on each one's shape and layout)."""
         for index, group in enumerate(self.param_groups):
-            self._validate_group(self._as_checked_at_a_step(group))
+            self._check_group_at_a_step(group)
             if self._precision_made.get(index) != _precision_options(group):
                 self._check_options(group)
                 self._check_group_sharding(group)
 
-    def _as_checked_at_a_step(self, group: dict[str, Any]) -> dict[str, Any]:
-        """``group`` as a step checks it, at every step (hyperparameters set in
-        ``param_groups`` between steps, ``lr="0.1"`` or ``betas=(1.5, 0.999)``, would otherwise
-        raise half-way through the step or be used): its hyperparameters :func:`_plain`, and
-        each 1-element real tensor (alone or in a pair) as 0.0, a value in every one's range.
-        A tensor's value is checked when it is given (constructor, ``add_param_group``,
-        ``load_state_dict``), not at a step: that would be a host read (a sync, and an error
-        inside CUDA graph capture); its type and shape are."""
+    def _check_group_at_a_step(self, group: dict[str, Any]) -> None:
+        """Raise where ``group``'s flags or hyperparameters, as set in ``param_groups`` between
+        steps, are not valid (``lr="0.1"`` raised half-way through the step, after other groups
+        had stepped; ``betas=(1.5, 0.999)`` was used): checked whenever one of its values is not
+        the object last checked (a few identity comparisons otherwise). A 1-element tensor of
+        ``_tensor_hyperparameters`` is checked for its type and shape only, its value where it
+        is given (constructor, ``add_param_group``, ``load_state_dict``): reading it would be a
+        host read (a sync, and an error inside CUDA graph capture). In a step being compiled,
+        the flags only: dynamo traces no ``math.isfinite`` of a float it made symbolic."""
+        if torch.compiler.is_compiling():
+            self._check_step_flags(group)
+            return
+        values = [value for key, value in group.items() if key != "params"]
+        last = self._checked_values.get(id(group))
+        if last is not None and last[0] is group and _same_objects(last[1], values):
+            return
         checked = dict(group)
-        for key in (*self._tensor_hyperparameters, *_FLOAT_HYPERPARAMETERS):
-            value = group.get(key)
-            if not (type(value) is float or (type(value) is tuple
-                                             and all(type(v) is float for v in value))):
-                if key in group:
-                    checked[key] = _unread(_plain(value))
-        return checked
+        for key in self._tensor_hyperparameters:
+            checked[key] = _unread(_plain(group[key]))
+        for key in _FLOAT_HYPERPARAMETERS:
+            if key in group:
+                checked[key] = _plain(group[key])
+        self._validate_group(checked)
+        # a list's elements are compared (it may change in place), not the list
+        self._checked_values[id(group)] = (group, [list(v) if type(v) is list else v
+                                                   for v in values])
 
     def _check_step_flags(self, group: dict[str, Any]) -> None:
         """Raise TypeError/ValueError where a switch of ``group`` set in ``param_groups``
@@ -581,6 +602,7 @@ class QHOptimizer(Optimizer):
         self._precision_made = {}
         self._stepped_params = {}
         self._param_dtypes = {}
+        self._checked_values = {}
 
     @property
     def _opt_called(self) -> bool:

@@ -51,8 +51,6 @@ The rules:
 
 from __future__ import annotations
 
-import operator
-
 from types import TracebackType
 from typing import Any
 
@@ -104,8 +102,6 @@ class StepInBackward:
                                "making another")
         self.optimizer = optimizer
         self._where: dict[int, tuple[int, int]] = {}
-        #: by id, each group with the values it was last checked with (_step_param)
-        self._checked: dict[int, tuple[dict[str, Any], tuple]] = {}
         self._hooks: list[RemovableHandle] = []
         for group in optimizer.param_groups:
             self.hook(group["params"])
@@ -180,15 +176,7 @@ class StepInBackward:
     def _step_param(self, p: Tensor) -> None:
         optimizer = self.optimizer
         group = self._group_of(p)
-        # checked as step() checks it (hyperparameters and flags set in param_groups), once for
-        # each group's values: each param of it steps alone
-        values = tuple(tuple(v) if type(v) is list else v
-                       for key, v in group.items() if key != "params")
-        checked = self._checked.get(id(group))
-        if checked is None or not (checked[0] is group and len(checked[1]) == len(values)
-                                   and all(map(operator.is_, checked[1], values))):
-            optimizer._validate_group(optimizer._as_checked_at_a_step(group))
-            self._checked[id(group)] = (group, values)
+        optimizer._check_group_at_a_step(group)  # (flags, hyperparameters: as step() does)
         # the checks step() makes (sparse, DTensor layout, dtype, options), for this one
         params, sparse = optimizer._params_with_grads({**group, "params": [p]})
         if params or sparse:

@@ -367,7 +367,9 @@ def test_hyperparameters_set_in_param_groups_after_steps_are_checked_at_the_next
            ("lr", "0.1", TypeError, "Invalid learning rate: lr must be a float"),
            ("lr", torch.tensor([0.1, 0.2]), ValueError, "a tensor lr must have exactly one"),
            ("weight_decay", None, TypeError, "Invalid weight_decay value"),
-           ("weight_decay", -0.1, ValueError, "Invalid weight_decay value: -0.1")]
+           ("weight_decay", -0.1, ValueError, "Invalid weight_decay value: -0.1"),
+           # (a float hyperparameter's tensor is read by the step anyway: checked too)
+           ("weight_decay", torch.tensor(-0.1), ValueError, "Invalid weight_decay value: -0.1")]
     if name == "QHM":
         bad += [("momentum", (0.9,), TypeError, "Invalid momentum value"),
                 ("nu", math.inf, ValueError, "Invalid nu value: inf")]
@@ -376,7 +378,8 @@ def test_hyperparameters_set_in_param_groups_after_steps_are_checked_at_the_next
                 ("betas", 0.9, ValueError, "Invalid betas value: 0.9"),
                 ("nus", (math.inf, 1.0), ValueError, "Invalid nu parameter at index 0: inf"),
                 ("eps", None, TypeError, "Invalid epsilon value"),
-                ("eps", -1.0, ValueError, "Invalid epsilon value: -1.0")]
+                ("eps", -1.0, ValueError, "Invalid epsilon value: -1.0"),
+                ("eps", torch.tensor(-1.0), ValueError, "Invalid epsilon value: -1.0")]
     for key, value, error, message in bad:
         kept = optimizer.param_groups[1][key]
         optimizer.param_groups[1][key] = value

@@ -60,7 +60,7 @@ def test_fullgraph_and_no_recompile_when_a_tensor_lr_changes(name, dtype, captur
 
 def test_the_recompile_counter_is_live():
     """A change the graph depends on (a flag) does recompile, so the counts above mean what they
-    say. (A float lr does not: torch.compile does not specialize on Python floats.)"""
+    say."""
     problem = Problem()
     params = problem.params(torch.float32)
     optimizer = TENSOR_LR["QHAdam"](params)
@@ -73,6 +73,23 @@ def test_the_recompile_counter_is_live():
             optimizer.param_groups[0]["maximize"] = True
         step()
     assert backend.frame_count == 3
+
+
+def test_float_hyperparameters_changed_between_compiled_steps_trace():
+    """A float hyperparameter set between steps (a hand-written schedule): dynamo makes a
+    changed float symbolic, and the step's check of hyperparameters set between steps
+    (``math.isfinite``) could not be traced in a fullgraph compile; a compiled step checks the
+    flags only."""
+    problem = Problem()
+    params = problem.params(torch.float32)
+    optimizer = TENSOR_LR["QHAdam"](params)
+    step = torch.compile(optimizer.step, backend=CompileCounter(), fullgraph=True)
+    for t in range(4):
+        for i, p in enumerate(params):
+            p.grad = problem.grad(i, p, t)
+        optimizer.param_groups[0]["eps"] = 1e-8 * (t + 1)
+        optimizer.param_groups[0]["nus"] = (0.7 + 0.01 * t, 1.0)
+        step()
 
 
 def test_compiled_train_step_breaks_only_outside_the_optimizer():

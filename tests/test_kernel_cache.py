@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,12 @@ compilers["used_again_without_openmp"] = step(torch.float64)[1]
 
 use(os.path.join(tmp, "full"), compiler.replace("cc-without-openmp", "cc-on-a-full-disk"))
 result["full"] = {{"used": step(torch.float32)[1], "warnings": qhfast_warnings()}}
+
+result["flaky"] = {{"used": []}}
+for _ in range(2):  # two processes
+    use(os.path.join(tmp, "flaky"), compiler.replace("cc-without-openmp", "cc-killed-once"))
+    result["flaky"]["used"].append(step(torch.float32)[1])
+result["flaky"]["warnings"] = qhfast_warnings()
 print(json.dumps(result))
 """
 
@@ -169,6 +176,19 @@ done
 exec cc "$@"
 """)
     compiler.chmod(0o755)
+    # a compiler whose first build with -fopenmp is killed (out of memory), and logs its calls
+    flaky = tmp / "cc-killed-once"
+    flaky.write_text(f"""#!/bin/sh
+echo "$@" >> "{tmp / "flaky.log"}"
+case "$*" in *-fopenmp*)
+    if [ ! -e "{tmp / "killed"}" ]; then
+        touch "{tmp / "killed"}"
+        echo "cc: fatal error: Killed signal terminated program cc1" >&2; exit 1
+    fi;;
+esac
+exec cc "$@"
+""")
+    flaky.chmod(0o755)
     # a compiler that fails in one cache directory, as on a full disk
     full = tmp / "cc-on-a-full-disk"
     full.write_text(f"""#!/bin/sh
@@ -255,6 +275,19 @@ def test_without_a_compiler_it_warns_once_and_without_openmp_it_builds_single_th
     # a new process finds that entry first: no build tried with -fopenmp again
     assert result["used_again_without_openmp"]
     assert len((tmp / "compiler.log").read_text().splitlines()) == 2
+
+
+def test_a_build_that_fails_once_for_another_reason_than_openmp_keeps_openmp(child):
+    """A build with -fopenmp that fails once for a reason of its own (the compiler killed for
+    memory) is no compiler without OpenMP: no entry without OpenMP is made, which every later
+    process would have found first (single-threaded for good, silently); the next build has
+    OpenMP."""
+    result, tmp = child
+    assert result["flaky"]["used"] == [True, True]
+    calls = (tmp / "flaky.log").read_text().splitlines()
+    assert calls and all("-fopenmp" in call.split() for call in calls)
+    (entry,) = os.listdir(tmp / "flaky")
+    assert cpu._verified(tmp / "flaky" / entry)
 
 
 def test_a_cache_where_the_kernel_cannot_be_built_falls_back_to_a_private_one(child):
@@ -378,3 +411,38 @@ def test_scratch_directories_of_killed_builds_are_removed_an_hour_later(tmp_path
     os.utime(old, (os.path.getatime(old), os.path.getmtime(old) - 7200))
     cpu._remove_stale_scratch(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [".build-recent"]
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_a_group_writable_folder_above_is_taken_where_the_group_is_the_users_own(
+        tmp_path, monkeypatch, private):
+    """With user private groups (each user's primary group of their own: Ubuntu, Fedora),
+    umask 002 makes ~/.cache mode 775, which only the user can write: taken. A folder above
+    the cache writable by a group of others is refused."""
+    monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setattr(cpu, "_private", None)
+    monkeypatch.setattr(cpu, "_private_group", lambda gid: private)
+    (tmp_path / "cache" / "qhfast").mkdir(parents=True, mode=0o700)
+    (tmp_path / "cache").chmod(0o775)
+    monkeypatch.setenv("QHFAST_CACHE_DIR", str(tmp_path / "cache" / "qhfast"))
+    if private:
+        assert cpu._cache_dir() == tmp_path / "cache" / "qhfast"
+    else:
+        with pytest.warns(RuntimeWarning, match="other users can write to the folder"):
+            assert cpu._cache_dir() == cpu._private
+
+
+def test_a_private_group_is_the_users_primary_one_named_as_the_user_and_no_one_elses(
+        monkeypatch):
+    import grp
+    import pwd
+
+    user = types.SimpleNamespace(pw_name="ana", pw_gid=1000)
+    groups = {1000: ("ana", []), 1001: ("staff", []), 1002: ("ana", ["bob"])}
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: user)
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: types.SimpleNamespace(
+        gr_name=groups[gid][0], gr_mem=groups[gid][1]))
+    assert cpu._private_group(1000)
+    assert not cpu._private_group(1001)  # another group
+    user.pw_gid = 1002
+    assert not cpu._private_group(1002)  # a member besides the user

@@ -223,6 +223,26 @@ def test_each_param_keeps_its_kernel_plan_from_one_backward_to_the_next(monkeypa
     handle.remove()
 
 
+def test_hyperparameters_are_checked_again_only_when_they_change(monkeypatch):
+    """Each param steps alone inside backward, and step() checks every group at every step:
+    a group's hyperparameters are checked again only when one of them is another object (a
+    list's elements, since it can change in place: betas given as a list were checked at every
+    param's step)."""
+    model = _model()
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters(), betas=[0.9, 0.999])
+    checks = []
+    validate = optimizer._validate_group
+    monkeypatch.setattr(optimizer, "_validate_group", lambda group: checks.append(1) or validate(group))
+    handle = qhfast.step_in_backward(optimizer)
+    for t in (1, 4):
+        _loss(model, t).backward()
+    assert len(checks) == 1
+    optimizer.param_groups[0]["betas"][0] = 0.8  # in place
+    _loss(model, 7).backward()
+    assert len(checks) == 2
+    handle.remove()
+
+
 def test_grad_scaler_step_raises_through_step():
     """GradScaler cannot combine with it (documented): the parameters step inside backward,
     before the scaler checks for infs; its step() then raises instead of stepping twice."""

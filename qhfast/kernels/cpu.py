@@ -24,9 +24,10 @@ named by a hash of the source, the compiler and its flags and the CPU:
   removed at exit. The default directory, if ours and open to others (qhfast 0.1.0 made it
   under the umask), is set to mode 0o700 instead. A build killed mid-way leaves a scratch
   directory, removed an hour later by the next build;
-* where the build with ``-fopenmp`` fails (macOS's clang rejects it, Linux's clang without
-  libomp cannot link it), the kernel is built without it, single-threaded (the pragmas are
-  ignored), under its own key;
+* where the build with ``-fopenmp`` fails for want of OpenMP (macOS's clang rejects it,
+  Linux's clang without libomp cannot link it), the kernel is built without it,
+  single-threaded (the pragmas are ignored), under its own key, which later processes find
+  first;
 * where no kernel can be built or loaded (no C compiler, a ``CC`` that is no command line),
   :func:`load` returns None and a ``RuntimeWarning``, once per process, says why and what to
   do.
@@ -40,6 +41,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import stat
@@ -119,6 +121,10 @@ def _load(variant: tuple) -> ctypes.CDLL | None:
     return library
 
 
+#: what a compiler says where it has no OpenMP: macOS's clang ("unsupported option
+#: '-fopenmp'"), Linux's clang without libomp ("cannot find -lomp"), a gcc without libgomp
+#: ("cannot find -lgomp", "omp.h: No such file")
+_OPENMP_FAILURE = re.compile(r"openmp|gomp|libomp|-lomp\b|omp\.h", re.IGNORECASE)
 #: what building or loading a kernel raises where it fails (AttributeError: a library without
 #: the kernel's functions)
 _FAILURES = (OSError, subprocess.CalledProcessError, AttributeError)
@@ -126,9 +132,8 @@ _FAILURES = (OSError, subprocess.CalledProcessError, AttributeError)
 
 def _load_from(directory: Path, compiler: tuple[str, ...], defines: list[str]) -> ctypes.CDLL:
     """The kernel from its entry in ``directory``, built there if it has none. With OpenMP;
-    else (a compiler without it: macOS's clang rejects ``-fopenmp``, Linux's clang without
-    libomp cannot link it) without, single-threaded, under its own key, which later processes
-    then find first."""
+    else (a compiler without it: :data:`_OPENMP_FAILURE`) without, single-threaded, under its
+    own key, which later processes then find first."""
     with_openmp, without_openmp = (
         directory / f"qhfast_cpu_kernel_{_key(compiler, [*FLAGS, *openmp, *defines])}.so"
         for openmp in (["-fopenmp"], []))
@@ -142,10 +147,11 @@ def _load_from(directory: Path, compiler: tuple[str, ...], defines: list[str]) -
         try:
             path = _build(compiler, [*FLAGS, "-fopenmp", *defines], with_openmp)
         except subprocess.CalledProcessError as error:
-            try:  # whatever else failed fails again
-                path = _build(compiler, [*FLAGS, *defines], without_openmp)
-            except subprocess.CalledProcessError:
-                raise error from None
+            # only a failure that names OpenMP: another (a compiler killed for memory) would
+            # leave an entry without it that later processes find first, single-threaded
+            if not _OPENMP_FAILURE.search(error.stderr or ""):
+                raise
+            path = _build(compiler, [*FLAGS, *defines], without_openmp)
             _without_openmp.add(compiler)
     library = ctypes.CDLL(str(path))
     _declare(library)
@@ -200,10 +206,26 @@ def _replaceable(directory: Path) -> str | None:
         if info.st_uid not in (0, os.getuid()):
             return (f"the folder {folder} above it is owned by another user (uid "
                     f"{info.st_uid}), who could replace it")
-        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        others = 0o002 | (0 if _private_group(info.st_gid) else 0o020)
+        if info.st_mode & others and not info.st_mode & stat.S_ISVTX:
             return (f"other users can write to the folder {folder} above it (mode "
                     f"{stat.S_IMODE(info.st_mode):o}), and replace it")
     return None
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` is this user's own ("user private groups", which make Ubuntu's
+    umask 002 safe: ``~/.cache`` is then mode 775): the user's primary group, named as the
+    user, with no other members."""
+    try:
+        import grp
+        import pwd
+        user = pwd.getpwuid(os.getuid())
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return (gid == user.pw_gid and group.gr_name == user.pw_name
+            and set(group.gr_mem) <= {user.pw_name})
 
 
 def _warn_private(directory: Path, problem: str) -> None:
