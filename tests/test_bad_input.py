@@ -273,6 +273,18 @@ def test_flags_are_checked_in_every_group_a_load_or_add_makes(name):
     assert len(optimizer.param_groups) == 1
 
 
+def _refused_at_the_next_step(optimizer, params, index, key, value, error, message):
+    """``param_groups[index][key] = value`` makes the next step raise ``error`` matching
+    ``message`` and change nothing; the key's value is then put back."""
+    kept = optimizer.param_groups[index][key]
+    optimizer.param_groups[index][key] = value
+    before = snapshot(optimizer, params)
+    with pytest.raises(error, match=re.escape(message)):
+        optimizer.step()
+    assert_same(snapshot(optimizer, params), before)
+    optimizer.param_groups[index][key] = kept
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_flags_set_in_param_groups_after_steps_are_checked_at_the_next(name):
     """A flag set in ``param_groups`` between steps (as an LR schedule sets lr) is checked
@@ -295,13 +307,7 @@ def test_flags_set_in_param_groups_after_steps_are_checked_at_the_next(name):
             ("maximize", "False", TypeError, "Invalid maximize value: 'False'"),
             ("capturable", 1, TypeError, "Invalid capturable value: 1"),
             ("foreach", "yes", TypeError, "Invalid foreach value: 'yes'"), own]:
-        kept = optimizer.param_groups[0][flag]
-        optimizer.param_groups[0][flag] = value
-        before = snapshot(optimizer, params)
-        with pytest.raises(error, match=re.escape(message)):
-            optimizer.step()
-        assert_same(snapshot(optimizer, params), before)
-        optimizer.param_groups[0][flag] = kept
+        _refused_at_the_next_step(optimizer, params, 0, flag, value, error, message)
 
 
 def test_a_checkpoint_group_without_a_hyperparameter_takes_the_default():
@@ -381,13 +387,7 @@ def test_hyperparameters_set_in_param_groups_after_steps_are_checked_at_the_next
                 ("eps", -1.0, ValueError, "Invalid epsilon value: -1.0"),
                 ("eps", torch.tensor(-1.0), ValueError, "Invalid epsilon value: -1.0")]
     for key, value, error, message in bad:
-        kept = optimizer.param_groups[1][key]
-        optimizer.param_groups[1][key] = value
-        before = snapshot(optimizer, params)
-        with pytest.raises(error, match=re.escape(message)):
-            optimizer.step()
-        assert_same(snapshot(optimizer, params), before)
-        optimizer.param_groups[1][key] = kept
+        _refused_at_the_next_step(optimizer, params, 1, key, value, error, message)
     optimizer.param_groups[1]["lr"] = torch.tensor(0.5)  # a valid tensor is still taken
     optimizer.step()
 
