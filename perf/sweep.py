@@ -2,6 +2,7 @@
 
     python -m perf --sweep           # every shape set, written into perf/RESULTS.md
     python perf/sweep.py --rounds 5  # the same, printed only
+    python perf/sweep.py --only "3000 tiny tensors" --rounds 5   # one set (per-step overhead)
 
 Each shape set gets its own parameter tensors (fp32, random gradients set once) that every
 contender steps in turn, in rounds; a contender's time in a round is the median of its steps
@@ -98,12 +99,15 @@ def race(optimizers: dict[str, torch.optim.Optimizer], rounds: int, steps: int,
 
 
 def run(progress: Callable[[str], None] = lambda line: None, rounds: int = 3,
-        quick: bool = False) -> str:
-    """Race every shape set; return the markdown (a line per set, then the ratio table)."""
+        quick: bool = False, only: str | None = None) -> str:
+    """Race every shape set (or the one named ``only``); return the markdown (a line per set,
+    then the ratio table)."""
     lines = ["| shape set | tensors | params | " + " | ".join(p[0] for p in PAIRS) + " |",
              "|---|---:|---:|" + "---:|" * len(PAIRS)]
     times_lines = []
     for name, make_shapes in SHAPE_SETS.items():
+        if only is not None and name != only:
+            continue
         shapes = make_shapes()
         if quick:
             shapes = [tuple(max(1, d // 64) for d in s) for s in shapes[:40]]
@@ -139,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds, for tests)")
+    parser.add_argument("--only", choices=list(SHAPE_SETS), help="race this shape set alone")
     args = parser.parse_args(argv)
-    print(run(lambda line: print(line, file=sys.stderr, flush=True), args.rounds, args.quick))
+    print(run(lambda line: print(line, file=sys.stderr, flush=True), args.rounds, args.quick,
+              args.only))
     return 0
 
 

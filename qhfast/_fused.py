@@ -124,7 +124,9 @@ class _BucketPlan:
 
     def __init__(self, kernel: Any, params: list[Tensor], local: bool) -> None:
         self.kernel, self.params, self.local = kernel, params, local
-        self.numels = [_elements(_tensors.local(p) if local else p) for p in params]
+        views = [_tensors.local(p) if local else p for p in params]
+        self.numels = [_elements(p) for p in views]
+        self.layouts = [_layout(p) for p in views]
         self.dtype = params[0].dtype  # a bucket's params share their dtype and device
         self.complex = self.dtype.is_complex
 
@@ -132,16 +134,17 @@ class _BucketPlan:
         """Point the plan at the params' current gradients, or return False if one is not what
         the kernel reads: in the bucket's dtype (torch's ``grad_dtype`` lets a gradient's
         differ; its device is its param's, as torch's ``grad`` setter and autograd see to),
-        contiguous, of its param's size, not lazy (:func:`_lazy`). The plan was made with the
-        params checked; a param given new storage, or made non-contiguous, makes a new plan.
-        (Written out: this runs for every gradient at every step.)"""
+        laid out as its param (:func:`_layout`), of its param's size, not lazy (:func:`_lazy`).
+        The plan was made with the params checked; a param given new storage, or another
+        layout, makes a new plan. (Written out: this runs for every gradient at every step.)"""
         grads = [p.grad for p in self.params]
         if self.local:
             grads = [_tensors.local(g) for g in grads]
         dtype = self.dtype
-        for g, n in zip(grads, self.numels):
-            if (g.dtype is not dtype or not g.is_contiguous() or g.is_neg()
-                    or (self.complex and g.is_conj()) or _elements(g) != n):
+        for g, n, layout in zip(grads, self.numels, self.layouts):
+            if (g.dtype is not dtype or g.is_neg() or (self.complex and g.is_conj())
+                    or _elements(g) != n
+                    or not (g.is_contiguous() if layout is None else g.stride() == layout)):
                 return False
         self.kernel.point_to_grads(grads)
         return True
@@ -184,12 +187,33 @@ def _state_tensors(states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[
     return [[s.get(key) for s in states] for key in keys]
 
 
-def _param_pointers(params: list[Tensor], local: bool) -> list[tuple[int, bool]]:
-    """Where each param's elements are, and whether they still lie contiguously (a plan is
-    made for contiguous params only; ``p.data = p.data.t()`` keeps the pointer)."""
+def _param_pointers(params: list[Tensor], local: bool) -> list[tuple[int, Any]]:
+    """Where each param's elements are, and how they lie (:func:`_layout`: a plan is made for
+    one layout; ``p.data = p.data.t()`` keeps the pointer)."""
     if local:
         params = [_tensors.local(p) for p in params]
-    return [(p.data_ptr(), p.is_contiguous()) for p in params]
+    return [(p.data_ptr(), _layout(p)) for p in params]
+
+
+def _layout(p: Tensor) -> tuple[int, ...] | None:
+    """How a param's elements lie: None where contiguous, else its strides."""
+    return None if p.is_contiguous() else p.stride()
+
+
+def _flat(p: Tensor) -> bool:
+    """Whether a flat pass over ``p``'s memory meets each of its elements once: contiguous,
+    or channels_last (a CNN's conv weights after ``model.to(memory_format=...)``)."""
+    return p.is_contiguous() or (
+        (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+        or (p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def _laid_out_as(t: Tensor, p: Tensor) -> bool:
+    """Whether ``t``'s elements lie in memory as those of ``p`` (a :func:`_flat` param) do:
+    then a flat pass over both meets the same element of each at the same offset."""
+    if p.is_contiguous():
+        return t.is_contiguous()
+    return t.shape == p.shape and t.stride() == p.stride()
 
 
 def drop_kernel_plans(optimizer: Any) -> None:
@@ -280,7 +304,10 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``, and the C
     kernel's ``scales1``/``scales2`` of 8-bit moments): local shards of DTensors, real views of
     complex tensors; or None unless every one is what the kernel reads: its dtype, on the
-    params' device, contiguous, of its param's size (a scale per block of 8-bit codes)."""
+    params' device, of its param's size (a scale per block of 8-bit codes), the params
+    :func:`_flat` (contiguous where the moments are 8-bit: their blocks follow the elements'
+    order) and the others laid out as their param (:func:`_laid_out_as`; scales
+    contiguous)."""
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
@@ -340,9 +367,12 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
             ok = all(t.dtype == want and t.device == device
                      and t.is_contiguous() and t.numel() == quantize.blocks(n)
                      for t, n in zip(values, sizes))
+        elif role == "params":
+            ok = all(t.dtype == want and t.device == device
+                     and (t.is_contiguous() if eight_bit else _flat(t)) for t in values)
         else:
-            ok = all(t.dtype == want and t.device == device and t.is_contiguous()
-                     and t.numel() == n for t, n in zip(values, sizes))
+            ok = all(t.dtype == want and t.device == device and t.numel() == n
+                     and _laid_out_as(t, p) for t, n, p in zip(values, sizes, tensors["params"]))
         if not ok:
             return None
     return tensors

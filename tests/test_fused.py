@@ -455,6 +455,43 @@ def test_a_gradient_in_another_dtype_after_the_first_of_its_bucket_is_upcast(pat
     assert max_relative_error(final(torch.float64), final(torch.float32)) < 1e-12
 
 
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_channels_last_conv_weights_are_stepped_by_the_kernel(state_dtype, monkeypatch):
+    """A CNN moved to channels_last (``model.to(memory_format=torch.channels_last)``, the usual
+    CPU layout): its conv weights, their gradients and moments lie densely in one order, so the
+    kernel's flat pass serves them. It required contiguous tensors: one such weight sent the
+    whole group to the eager path, silently (3x slower in the review's model). 8-bit moments
+    quantize blocks in the elements' order: the kernel takes those of contiguous params only,
+    and a group with a channels_last one steps on the eager path (still right). Against the
+    per-tensor path, float64, 1e-12."""
+    import qhfast.kernels.cpu as cpu
+
+    runs = []
+    run = cpu.Plan.run
+    monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+
+    def final(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(32, 16, 3), torch.nn.Flatten(),
+                                    torch.nn.Linear(16 * 4 * 4, 8)).double()
+        model.to(memory_format=torch.channels_last)
+        optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype=state_dtype, **options)
+        runs.clear()
+        for t in range(3):
+            optimizer.zero_grad()
+            inputs = torch.randn(4, 16, 8, 8, dtype=torch.float64)
+            model(inputs.to(memory_format=torch.channels_last)).square().mean().backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], len(runs)
+
+    expected, _ = final(foreach=False)
+    actual, runs_made = final()
+    assert not all(p.is_contiguous() for p in expected)
+    assert max_relative_error(expected, actual) < 1e-12
+    assert runs_made == (3 if state_dtype is None else 0)  # one kernel call a step, or none
+
+
 def test_a_loaded_checkpoint_keeps_the_kernel_serving():
     """State of another layout or scale dtype in a checkpoint (a model whose weight was a
     transposed view; scales saved in fp16) is loaded as the kernel reads it: moments

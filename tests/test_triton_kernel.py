@@ -127,6 +127,35 @@ def test_the_triton_kernel_equals_the_c_kernel_bit_for_bit(name, dtype, monkeypa
         _assert_bitwise(expected, actual)
 
 
+@pytest.mark.parametrize("dtype,options", [(torch.float32, {}),
+                                           (torch.bfloat16, dict(low_precision="stochastic"))])
+def test_channels_last_params_equal_the_c_kernels_bit_for_bit(dtype, options, monkeypatch):
+    """Conv weights in channels_last (a flat run of elements in another order than the
+    shape's): both kernels take them, their gradients and state laid out alike, and agree bit
+    for bit, random draws included (an element's draw follows its place in memory)."""
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(2, 3, 4, 5, generator=generator).to(dtype)
+                  .contiguous(memory_format=torch.channels_last).requires_grad_(),
+                  torch.randn(7, generator=generator).to(dtype).requires_grad_()]
+        optimizer = SETTINGS["QHAdam"](params, fused=True, **options)
+        torch.manual_seed(0)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(dtype).contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            optimizer.step()
+        return params, optimizer
+
+    _use_triton(monkeypatch, False)
+    expected = run()
+    _use_triton(monkeypatch, True)
+    actual = run()
+    assert _backend(expected[1]) == "cpu" and _backend(actual[1]) == "triton"
+    assert not expected[0][0].is_contiguous()
+    _assert_bitwise(expected, actual)
+
+
 @pytest.mark.parametrize("name,dtype,options,sizes", [
     ("QHAdam", torch.float32, {}, ((44, 100), (33, 1000), (20, 512), 100)),
     ("QHAdamW", torch.bfloat16, dict(low_precision="stochastic"), ((44, 100), 100)),

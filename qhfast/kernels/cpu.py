@@ -161,8 +161,8 @@ def _load_from(directory: Path, compiler: tuple[str, ...], defines: list[str]) -
 def _warn_unbuilt(cause: str) -> None:
     _warn("build", f"qhfast could not build its CPU kernel ({cause}), so CPU steps run several "
                    "times slower: on the eager path by default, through torch.compile with "
-                   "fused=True. Install a C compiler or set CC to one; QHFAST_CPU_KERNEL=0 "
-                   "turns the kernel off, and this warning with it.")
+                   "fused=True (which needs a C++ compiler too). Install a C compiler or set CC "
+                   "to one; QHFAST_CPU_KERNEL=0 turns the kernel off, and this warning with it.")
 
 
 def _key(compiler: tuple[str, ...], options: list[str]) -> str:
@@ -436,7 +436,9 @@ class Plan:
     role (``params``, ``grads``, ``firsts``, ``seconds``, ``extras``: the fp32 master or the
     16-bit compensation, ``weights1``/``weights2``: QHAdam's normalizers, 0-d fp64 or fp32 on
     the CPU; ``scales1``/``scales2``: the moments' block scales where they are 8-bit codes),
-    contiguous CPU tensors the kernel trusts; the gradients' are refilled each step."""
+    CPU tensors the kernel trusts, each read as one flat run of elements (contiguous, or a
+    channels_last param with its gradient and state laid out alike); the gradients' are
+    refilled each step."""
 
     def __init__(self, library: ctypes.CDLL, kind: str, tensors: dict[str, list[Tensor | None]],
                  random: bool, code_maps: tuple | None = None) -> None:
@@ -447,8 +449,8 @@ class Plan:
         self.maps = None if code_maps is None else _CodeMaps(code_maps)
 
     def point_to_grads(self, grads: list[Tensor]) -> None:
-        """Point the call at the step's gradients (contiguous, of the params' sizes and dtype:
-        checked by the caller)."""
+        """Point the call at the step's gradients (laid out as their params, of the params'
+        sizes and dtype: checked by the caller)."""
         self.pointers["grads"] = _Pointers(grads)
 
     def run(self, hyper: dict[str, float], *, decay: int, maximize: bool,

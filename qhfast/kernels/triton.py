@@ -72,7 +72,8 @@ class Plan:
     """One bucket's kernel launches.
 
     ``tensors`` maps each of :data:`ROLES` to one entry per tensor (None where a role is unused:
-    QHM has no second moment nor normalizers, fp32 parameters no extras), all contiguous, on
+    QHM has no second moment nor normalizers, fp32 parameters no extras), each one flat run of
+    elements (contiguous, or a channels_last param with its gradient and state alike), on
     one device, of one size per tensor (normalizers: one element). ``kind`` is ``"qhadam"`` or
     ``"qhm"``; ``mode`` the ``low_precision`` mode of 16-bit parameters (ignored otherwise).
     The moments' dtype says whether they are bf16 or 8-bit codes (uint8: ``code_maps`` are the
