@@ -545,3 +545,19 @@ def test_functional_qhm_refuses_an_unknown_weight_decay_type_and_takes_empty_lis
     assert torch.equal(p, torch.ones(3)) and torch.equal(buffer, torch.zeros(3))
     qhm([], [], [], lr=0.1, momentum=0.9, nu=0.7)
     qhadam([], [], [], [], [], [], lr=0.1, betas=(0.9, 0.999), nus=(0.7, 1.0), eps=1e-8)
+
+
+def test_what_the_readme_says_is_not_taken_or_not_run():
+    """amsgrad is not a QHAdam option (TypeError, as for any unexpected keyword); QHAdamW is a
+    QHAdam; step hooks do not run for steps made inside backward (there is no step() call)."""
+    with pytest.raises(TypeError, match="amsgrad"):
+        qhfast.QHAdam([_param()], amsgrad=True)
+    assert isinstance(qhfast.QHAdamW([_param()]), qhfast.QHAdam)
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = qhfast.QHAdam([p])
+    ran = []
+    optimizer.register_step_pre_hook(lambda *args: ran.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: ran.append("post"))
+    with qhfast.step_in_backward(optimizer):
+        (p * p).sum().backward()
+    assert not torch.equal(p.detach(), torch.ones(3)) and ran == []
