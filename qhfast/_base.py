@@ -1071,9 +1071,9 @@ class QHOptimizer(Optimizer):
     def _restore_value(self, p: Tensor, key: str, value: Any, group: dict[str, Any]) -> Any:
         """A saved state entry on ``p``'s device, its own copy; dtypes are then set by
         :meth:`_reconcile_precision` (torch's base class would cast them to ``p``'s). Scales
-        are fp32 (the kernels read no other), and tensors shaped like a contiguous ``p`` are
-        made contiguous (the kernels read contiguous ones only), whatever the saving model's
-        layout was."""
+        are fp32 (the kernels read no other), and tensors shaped like ``p`` are laid out as it
+        is where the kernels read them so (contiguous, or channels_last but for 8-bit codes),
+        whatever the saving model's layout was."""
         if key in self._counter_keys:
             return self._new_counter(p, group, _as_float(value))
         if not isinstance(value, Tensor):
@@ -1081,10 +1081,18 @@ class QHOptimizer(Optimizer):
         if key.endswith(quantize.SCALE_SUFFIX):
             return value.to(device=p.device, dtype=torch.float32, copy=True)
         value = value.to(device=p.device, copy=True)
-        if isinstance(p, DTensor) or isinstance(value, DTensor) or value.is_contiguous():
+        if isinstance(p, DTensor) or isinstance(value, DTensor):
             return value
         like = torch.view_as_real(p) if value.dtype == torch.uint8 and p.is_complex() else p
-        return value.contiguous() if value.shape == like.shape and like.is_contiguous() else value
+        if value.shape != like.shape:
+            return value
+        if like.is_contiguous():
+            return value.contiguous()
+        for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if (like.dim() == dim and value.dtype != torch.uint8
+                    and like.is_contiguous(memory_format=layout)):
+                return value.contiguous(memory_format=layout)
+        return value
 
 
 def _counter_kind(p: Tensor, group: dict[str, Any]) -> tuple[torch.dtype, torch.device]:

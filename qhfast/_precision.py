@@ -284,9 +284,16 @@ def sync_masters(params: list[Tensor], states: list[dict[str, Any]],
         seen[id(p)] = where  # a kernel's write of the parameter changes none of them
         local, master = _local(p), _local(master)
         # what the last step left, rounded to nearest (the cast), and converted as a model's
-        # .half() or .bfloat16() converts it where the dtype changed since
-        left = master.to(local.dtype if last is None else last[-1]).to(local.dtype)
-        torch.where(local != left, local.to(torch.float32), master, out=master)
+        # .half() or .bfloat16() converts it where the dtype changed since; not known for a
+        # param this optimizer has not stepped (a loaded checkpoint): either 16-bit dtype
+        if last is not None:
+            written = local != master.to(last[-1]).to(local.dtype)
+        else:
+            written = local != master.to(local.dtype)
+            other = {torch.bfloat16: torch.float16, torch.float16: torch.bfloat16}.get(local.dtype)
+            if other is not None:
+                written &= local != master.to(other).to(local.dtype)
+        torch.where(written, local.to(torch.float32), master, out=master)
 
 
 def _fingerprint(p: Tensor) -> tuple:

@@ -492,6 +492,35 @@ def test_channels_last_conv_weights_are_stepped_by_the_kernel(state_dtype, monke
     assert runs_made == (3 if state_dtype is None else 0)  # one kernel call a step, or none
 
 
+def test_a_checkpoint_of_a_contiguous_model_loads_into_a_channels_last_one_for_the_kernel(
+        monkeypatch):
+    """Moments saved from a contiguous model and loaded into the same model in channels_last
+    are laid out as its params, so the kernel still serves them (they stayed contiguous, and
+    every step of the group took the eager path)."""
+    import qhfast.kernels.cpu as cpu
+
+    runs = []
+    run = cpu.Plan.run
+    monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 2))
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters())
+    model(torch.randn(2, 4, 6, 6)).square().mean().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    model.to(memory_format=torch.channels_last)
+    loaded = OPTIMIZERS["QHAdam"](model.parameters())
+    loaded.load_state_dict(saved)
+    weight = model[0].weight
+    assert not weight.is_contiguous()
+    assert loaded.state[weight]["exp_avg"].stride() == weight.stride()
+    runs.clear()
+    model(torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)).square().mean().backward()
+    loaded.step()
+    assert runs == [1]
+
+
 def test_a_loaded_checkpoint_keeps_the_kernel_serving():
     """State of another layout or scale dtype in a checkpoint (a model whose weight was a
     transposed view; scales saved in fp16) is loaded as the kernel reads it: moments

@@ -868,6 +868,31 @@ def test_a_bf16_model_converted_to_fp16_keeps_its_masters(path):
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("before,after", [(torch.bfloat16, torch.float16),
+                                          (torch.float16, torch.bfloat16)], ids=["bf16", "fp16"])
+def test_a_checkpoint_loaded_into_a_model_converted_between_16_bit_dtypes_keeps_its_masters(
+        path, before, after):
+    """A checkpoint of a bf16 model loaded into the same model converted to fp16 (or back): the
+    optimizer that loads it has not stepped the params, so it cannot know their last dtype,
+    and took the conversion's double rounding for outside writes (every master replaced by its
+    param's value, one ulp off). lr = 0: the masters must stay as saved."""
+    torch.manual_seed(0)
+    p = torch.randn(64, 64).to(before).requires_grad_()
+    optimizer = qhfast.QHAdamW([p], lr=1e-2, **path)
+    for t in range(3):
+        p.grad = torch.randn(64, 64).to(before)
+        optimizer.step()
+    saved = optimizer.state_dict()
+    q = torch.nn.Parameter(p.detach().to(after))
+    loaded = qhfast.QHAdamW([q], lr=0.0, **path)
+    loaded.load_state_dict(saved)
+    loaded.param_groups[0]["lr"] = 0.0
+    q.grad = torch.randn(64, 64).to(after)
+    loaded.step()
+    assert torch.equal(loaded.state[q]["master_param"], optimizer.state[p]["master_param"])
+
+
+@pytest.mark.parametrize("path", EAGER_PATHS)
 def test_float64_params_with_bf16_moments_step_on_the_eager_paths(path):
     """fp64 params with bf16 moments, as the C kernel rounds them (to fp32, then at random to
     bf16): the eager rounding viewed the fp64 bits as int32 and raised. After one step the
