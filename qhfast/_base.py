@@ -31,7 +31,7 @@ from . import _differentiable as differentiable
 from . import _fused
 from . import _precision as precision
 from . import _quantize as quantize
-from ._tensors import AmpArgs, DTensor, Partial, capturing
+from ._tensors import AmpArgs, DTensor, Partial, capturing, flat_format
 from ._tensors import buckets as _buckets
 from ._tensors import local as _local
 from ._precision import compute_dtype
@@ -1084,15 +1084,11 @@ class QHOptimizer(Optimizer):
         if isinstance(p, DTensor) or isinstance(value, DTensor):
             return value
         like = torch.view_as_real(p) if value.dtype == torch.uint8 and p.is_complex() else p
-        if value.shape != like.shape:
+        layout = flat_format(like)
+        if value.shape != like.shape or layout is None or (
+                value.dtype == torch.uint8 and layout is not torch.contiguous_format):
             return value
-        if like.is_contiguous():
-            return value.contiguous()
-        for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-            if (like.dim() == dim and value.dtype != torch.uint8
-                    and like.is_contiguous(memory_format=layout)):
-                return value.contiguous(memory_format=layout)
-        return value
+        return value.contiguous(memory_format=layout)
 
 
 def _counter_kind(p: Tensor, group: dict[str, Any]) -> tuple[torch.dtype, torch.device]:

@@ -200,16 +200,9 @@ def _layout(p: Tensor) -> tuple[int, ...] | None:
     return None if p.is_contiguous() else p.stride()
 
 
-def _flat(p: Tensor) -> bool:
-    """Whether a flat pass over ``p``'s memory meets each of its elements once: contiguous,
-    or channels_last (a CNN's conv weights after ``model.to(memory_format=...)``)."""
-    return p.is_contiguous() or (
-        (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
-        or (p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)))
-
-
 def _laid_out_as(t: Tensor, p: Tensor) -> bool:
-    """Whether ``t``'s elements lie in memory as those of ``p`` (a :func:`_flat` param) do:
+    """Whether ``t``'s elements lie in memory as those of ``p`` (a param with a
+    ``_tensors.flat_format``) do:
     then a flat pass over both meets the same element of each at the same offset."""
     if p.is_contiguous():
         return t.is_contiguous()
@@ -304,9 +297,9 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     """The bucket's tensors by the kernels' roles (``kernels.triton.ROLES``, and the C
     kernel's ``scales1``/``scales2`` of 8-bit moments): local shards of DTensors, real views of
     complex tensors; or None unless every one is what the kernel reads: its dtype, on the
-    params' device, of its param's size (a scale per block of 8-bit codes), the params
-    :func:`_flat` (contiguous where the moments are 8-bit: their blocks follow the elements'
-    order) and the others laid out as their param (:func:`_laid_out_as`; scales
+    params' device, of its param's size (a scale per block of 8-bit codes), the params one
+    dense run (``_tensors.flat_format``; contiguous where the moments are 8-bit: their blocks
+    follow the elements' order) and the others laid out as their param (:func:`_laid_out_as`; scales
     contiguous)."""
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
@@ -369,7 +362,8 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
                      for t, n in zip(values, sizes))
         elif role == "params":
             ok = all(t.dtype == want and t.device == device
-                     and (t.is_contiguous() if eight_bit else _flat(t)) for t in values)
+                     and (t.is_contiguous() if eight_bit else
+                          _tensors.flat_format(t) is not None) for t in values)
         else:
             ok = all(t.dtype == want and t.device == device and t.numel() == n
                      and _laid_out_as(t, p) for t, n, p in zip(values, sizes, tensors["params"]))

@@ -58,6 +58,19 @@ def buckets(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], 
     return by_kind
 
 
+def flat_format(t: Tensor) -> torch.memory_format | None:
+    """The memory format in which ``t``'s elements lie as one dense run, which a flat pass
+    (the kernels') meets once each: contiguous, or channels_last (4-D) / channels_last_3d
+    (5-D), a CNN's conv weights after ``model.to(memory_format=...)``; None for another
+    layout."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == dim and t.is_contiguous(memory_format=layout):
+            return layout
+    return None
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

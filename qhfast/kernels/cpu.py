@@ -105,15 +105,15 @@ def _load(variant: tuple) -> ctypes.CDLL | None:
     try:
         library = _load_from(cache, compiler, defines)
     except _FAILURES as error:
+        if cache == _private:
+            _warn_unbuilt(_cause(error))
+            return None
         # the cache may be what failed (a full disk, a file system that runs no code): a
         # private directory next; where the kernel fails there too, the cache was not the cause
         try:
-            library = _load_from(_private_dir(), compiler, defines) if cache != _private else None
+            library = _load_from(_private_dir(), compiler, defines)
         except _FAILURES as again:
-            error = again
-            library = None
-        if library is None:
-            _warn_unbuilt(_cause(error))
+            _warn_unbuilt(_cause(again))
             return None
         _warn_private(cache, f"a kernel could not be built or loaded in it ({_cause(error)})")
     global builds
