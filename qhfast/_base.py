@@ -255,10 +255,7 @@ def prepare_grads(
         else:
             grads = torch._foreach_mul(grads, factor)
             owned = True
-    if found_inf is not None:
-        if not owned:
-            grads = [g.clone() for g in grads]
-            owned = True
+    if found_inf is not None:  # (factor is a tensor then: grads are copies)
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
     if weight_decay != 0.0:
@@ -501,10 +498,11 @@ class QHOptimizer(Optimizer):
 
     def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
         """Raise TypeError/ValueError unless ``group``'s options can update ``p``."""
-        if not (p.is_floating_point() or p.dtype in COMPLEX_DTYPES):
+        if p.dtype not in PARAM_DTYPES:
             raise TypeError(
-                f"{type(self).__name__} only optimizes floating-point tensors (real, or "
-                f"complex64/complex128), got a parameter of dtype {p.dtype}"
+                f"{type(self).__name__} only optimizes floating-point tensors of dtype "
+                "float16, bfloat16, float32 or float64 (or complex64/complex128), got a "
+                f"parameter of dtype {p.dtype}"
             )
         if group["differentiable"] and p.dtype in precision.LOW_PRECISION_DTYPES:
             raise ValueError(
@@ -679,8 +677,11 @@ class QHOptimizer(Optimizer):
             torch.compiler.is_compiling() or capturing())
         if masters:
             precision.sync_masters(params, states, self._stepped_params)
-        if _fused.kernel_step(self, index, group, params, states, amp):
+        left = _fused.kernel_step(self, index, group, params, states, amp)
+        if not left:
             return
+        if len(left) != len(params):  # a kernel stepped the others
+            params, states = left, [self.state[p] for p in left]
         if (group["fused"] and not torch.compiler.is_compiling()
                 and _fused.traceable_grads(params)):
             _fused.compiled_group_step(self, group, params, amp)
@@ -755,7 +756,8 @@ class QHOptimizer(Optimizer):
         if group["state_dtype"] is not None:
             problems.append(f"state_dtype={group['state_dtype']!r}")
         if p.dtype not in (torch.float32, torch.float64) or isinstance(p, DTensor):
-            problems.append(f"a {type(p).__name__} parameter of dtype {p.dtype}")
+            problems.append(f"a {'DTensor ' if isinstance(p, DTensor) else ''}parameter of "
+                            f"dtype {p.dtype}")
         if problems:
             raise RuntimeError(
                 f"{name} takes sparse gradients (as torch.optim.SGD) for float32/float64 "
@@ -1166,6 +1168,8 @@ def _check_distributed_grad(p: Tensor, name: str) -> None:
 
 #: the complex dtypes qhfast optimizes (as real pairs; torch has no complex bf16)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+#: the dtypes qhfast optimizes (not float8: torch has no arithmetic for it)
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, *COMPLEX_DTYPES)
 
 
 def _view_as_real(

@@ -55,34 +55,36 @@ TRITON_ON_CPU = "QHFAST_TRITON_ON_CPU"
 
 
 def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
-                states: list[dict[str, Any]], amp: Any) -> bool:
-    """Step ``params`` (those of ``group``, ``param_groups[index]``, with a gradient; their
-    state ``states``, made) with a kernel and return True, or return False (nothing done) where
-    none serves: a traced step (under torch.compile the step is compiled anyway), a group that
-    asked for another path, tensors a kernel does not take, no compiler or no Triton."""
-    if torch.compiler.is_compiling() or group["differentiable"]:
-        return False
-    backend = _backend(group, params[0])
-    if backend is None:
-        return False
-    plans = _bucket_plans(optimizer, index, group, params, states, backend)
-    if plans is None:
-        return False
+                states: list[dict[str, Any]], amp: Any) -> list[Tensor]:
+    """Step with a kernel what of ``params`` one serves (those of ``group``,
+    ``param_groups[index]``, with a gradient; their state ``states``, made) and return the
+    params left for another path: all of them where no kernel serves the group (a traced step,
+    which is compiled anyway; a group that asked for another path; no compiler or no Triton),
+    else those of the buckets a kernel does not take (another device, tensors it does not
+    read), each bucket's own choice, so that one odd tensor does not send its whole group to a
+    slower path."""
+    if (torch.compiler.is_compiling() or group["differentiable"]
+            or _backend(group, params[0]) is None):
+        return params
+    buckets, left = _bucket_plans(optimizer, index, group, params, states)
+    if not buckets:
+        return left
     hyper, decay = optimizer._kernel_hyperparameters(group)
-    if backend == "triton":
-        for plan in plans:
-            plan.kernel.run(hyper, decay=decay, maximize=group["maximize"],
-                            grad_scale=amp.grad_scale, found_inf=amp.found_inf)
-        return True
-    if amp.found_inf is not None and float(amp.found_inf) != 0.0:
-        return True  # a skipped step changes nothing (on the CPU the value is read for free)
-    scale = None if amp.grad_scale is None else float(amp.grad_scale)
-    values = {name: float(value) for name, value in hyper.items()}
-    threads = torch.get_num_threads()
-    for plan in plans:
-        plan.kernel.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
-                        threads=threads)
-    return True
+    values = None
+    for bucket in buckets:
+        if bucket.backend == "triton":
+            bucket.kernel.run(hyper, decay=decay, maximize=group["maximize"],
+                              grad_scale=amp.grad_scale, found_inf=amp.found_inf)
+            continue
+        if amp.found_inf is not None and float(amp.found_inf) != 0.0:
+            continue  # a skipped step changes nothing (on the CPU the value is read for free)
+        if values is None:
+            values = {name: float(value) for name, value in hyper.items()}
+            scale = None if amp.grad_scale is None else float(amp.grad_scale)
+            threads = torch.get_num_threads()
+        bucket.kernel.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
+                          threads=threads)
+    return left
 
 
 def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
@@ -122,8 +124,8 @@ class _BucketPlan:
     """A bucket's kernel plan (a ``kernels.cpu.Plan`` or ``kernels.triton.Plan``) and the
     params it was made for, as given (DTensors or not)."""
 
-    def __init__(self, kernel: Any, params: list[Tensor], local: bool) -> None:
-        self.kernel, self.params, self.local = kernel, params, local
+    def __init__(self, backend: str, kernel: Any, params: list[Tensor], local: bool) -> None:
+        self.backend, self.kernel, self.params, self.local = backend, kernel, params, local
         views = [_tensors.local(p) if local else p for p in params]
         self.numels = [_elements(p) for p in views]
         self.layouts = [_layout(p) for p in views]
@@ -151,21 +153,30 @@ class _BucketPlan:
 
 
 class _GroupPlan:
-    """A group's bucket plans and what they were made from. A step reuses them while it gets
-    the same backend, the same params (with gradients), the same state tensors (by identity:
-    qhfast makes the plans again whenever it makes or replaces state, and a user's replacement
-    changes an identity) and the same parameter storage; only the gradients are checked and
-    pointed to again. Anything else makes a new plan, checking every tensor."""
+    """A group's bucket plans, the params no kernel takes (``refused``), and what they were
+    made from. A step reuses them while it gets the same choice of paths (:func:`_paths`), the
+    same params (with gradients), the same state tensors (by identity: qhfast makes the plans
+    again whenever it makes or replaces state, and a user's replacement changes an identity)
+    and the same parameter storage; only the gradients are checked and pointed to again.
+    Anything else makes a new plan, checking every tensor."""
 
-    def __init__(self, backend: str, params: list[Tensor], states: list[dict[str, Any]],
-                 keys: tuple[str, ...], buckets: list[_BucketPlan]) -> None:
-        self.backend, self.params, self.keys, self.buckets = backend, params, keys, buckets
+    def __init__(self, paths: tuple, params: list[Tensor], states: list[dict[str, Any]],
+                 keys: tuple[str, ...], buckets: list[_BucketPlan],
+                 refused: list[Tensor]) -> None:
+        self.paths, self.params, self.keys = paths, params, keys
+        self.buckets, self.refused = buckets, refused
         self.state_tensors = _state_tensors(states, keys)
-        self.local = any(bucket.local for bucket in buckets)  # DTensors: their shards' storage
+        self.local = any(isinstance(p, _tensors.DTensor) for p in params)  # their shards' storage
         self.param_pointers = _param_pointers(params, self.local)
 
-    def serves(self, backend: str, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
-        return (backend == self.backend and len(params) == len(self.params)
+    @property
+    def backend(self) -> str | None:
+        """The backends of its buckets ("cpu", "triton", or both joined by "+"), None where
+        there are none."""
+        return "+".join(sorted({bucket.backend for bucket in self.buckets})) or None
+
+    def serves(self, paths: tuple, params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+        return (paths == self.paths and len(params) == len(self.params)
                 and all(map(operator.is_, params, self.params))
                 and all(all(map(operator.is_, new, old)) for new, old
                         in zip(_state_tensors(states, self.keys), self.state_tensors))
@@ -220,52 +231,65 @@ def drop_kernel_plans(optimizer: Any) -> None:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _paths(group: dict[str, Any]) -> tuple:
+    """What decides which backend serves each bucket of ``group`` besides its device: the
+    group's flags and whether the Triton kernel serves CPU tensors."""
+    return group["fused"], group["foreach"], group["capturable"], _triton_on_cpu()
+
+
 def _bucket_plans(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
-                  states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
-    """The bucket plans of the group's step (``param_groups[index]``), pointed at the
-    gradients, or None if the kernel does not serve this group: from the group's plan when it
-    still serves, else made afresh with every tensor checked."""
+                  states: list[dict[str, Any]]) -> tuple[list[_BucketPlan], list[Tensor]]:
+    """The bucket plans of the group's step (``param_groups[index]``) that serve it, pointed
+    at the gradients, and the params left for another path, in their order: those of buckets
+    no kernel takes, and of buckets whose gradients this step are not what the kernel reads.
+    From the group's plan when it still serves, else made afresh with every tensor
+    checked."""
     plans = _PLANS.setdefault(optimizer, {})
     # a param of a larger group stepped alone (inside backward, qhfast._in_backward) keeps a
     # plan of its own: one per group would be made again for each param at every backward
     alone = len(params) == 1 and len(group["params"]) > 1
     plan_key = (index, id(params[0])) if alone else index
     plan = plans.get(plan_key)
-    if plan is None or not plan.serves(backend, params, states):
-        buckets = _new_bucket_plans(optimizer, group, params, states, backend)
-        if buckets is None:
-            plans.pop(plan_key, None)
-            return None
+    paths = _paths(group)
+    if plan is None or not plan.serves(paths, params, states):
+        buckets, refused = _new_bucket_plans(optimizer, group, params, states)
         keys = (*optimizer._buffer_keys, *optimizer._counter_keys, MASTER_KEY, COMPENSATION_KEY,
                 *(key + quantize.SCALE_SUFFIX for key in optimizer._buffer_keys))
-        plan = plans[plan_key] = _GroupPlan(backend, params, states, keys, buckets)
+        plan = plans[plan_key] = _GroupPlan(paths, params, states, keys, buckets, refused)
+    served = [bucket for bucket in plan.buckets if bucket.point_to_grads()]
+    if len(served) == len(plan.buckets) and not plan.refused:
+        return served, []
+    left = {id(p) for p in plan.refused}
     for bucket in plan.buckets:
-        if not bucket.point_to_grads():
-            return None
-    return plan.buckets
+        if bucket not in served:
+            left.update(map(id, bucket.params))
+    return served, [p for p in params if id(p) in left]
 
 
 def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor],
-                      states: list[dict[str, Any]], backend: str) -> list[_BucketPlan] | None:
+                      states: list[dict[str, Any]]) -> tuple[list[_BucketPlan], list[Tensor]]:
+    """The plans of the buckets a kernel serves, each by the backend of its device, and the
+    params of the others."""
     state_of = dict(zip(map(id, params), states))
-    buckets = []
+    buckets, refused = [], []
     for bucket in _by_state_dtype(_tensors.buckets(params).values(), state_of,
                                   optimizer._buffer_keys[0]):
-        tensors = _bucket_tensors(optimizer, group, bucket, [state_of[id(p)] for p in bucket],
-                                  backend)
-        if tensors is None:
-            return None
-        if backend == "triton":
+        backend = _backend(group, bucket[0])
+        tensors = None if backend is None else _bucket_tensors(
+            optimizer, group, bucket, [state_of[id(p)] for p in bucket], backend)
+        kernel = None
+        if tensors is not None and backend == "triton":
             kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"],
                                   _code_maps(tensors))
-        else:
+        elif tensors is not None:
             kernel = _cpu.plan(optimizer._kernel, tensors, group["low_precision"],
                                _code_maps(tensors))
-            if kernel is None:
-                return None
+        if kernel is None:
+            refused += bucket
+            continue
         local = any(isinstance(p, _tensors.DTensor) for p in bucket)
-        buckets.append(_BucketPlan(kernel, bucket, local))
-    return buckets
+        buckets.append(_BucketPlan(backend, kernel, bucket, local))
+    return buckets, refused
 
 
 def _by_state_dtype(buckets: Any, state_of: dict[int, dict[str, Any]],
@@ -299,13 +323,13 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     complex tensors; or None unless every one is what the kernel reads: its dtype, on the
     params' device, of its param's size (a scale per block of 8-bit codes), the params one
     dense run (``_tensors.flat_format``; contiguous where the moments are 8-bit: their blocks
-    follow the elements' order) and the others laid out as their param (:func:`_laid_out_as`; scales
-    contiguous)."""
+    follow the elements' order) and the others laid out as their param (:func:`_laid_out_as`;
+    scales contiguous). The gradients are not checked here: each step checks and points to
+    its own (:meth:`_BucketPlan.point_to_grads`), so that one the kernel does not read makes
+    its bucket take another path for that step only (a lazy one: its param stands in)."""
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
     view = _tensors.local if local else (lambda t: t)
     params = [view(p) for p in bucket]
-    if any(_lazy(view(p.grad)) for p in bucket):
-        return None
     device, dtype = params[0].device, params[0].dtype
     low = dtype in LOW_PRECISION_DTYPES
     mode = group["low_precision"]
@@ -314,7 +338,7 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     counters = optimizer._counter_keys
     tensors: dict[str, list] = {
         "params": params,
-        "grads": [view(p.grad) for p in bucket],
+        "grads": [q if _lazy(view(p.grad)) else view(p.grad) for p, q in zip(bucket, params)],
         "firsts": [view(s[keys[0]]) for s in states],
         "seconds": [view(s[keys[1]]) for s in states] if len(keys) > 1 else [None] * len(bucket),
         "extras": [view(s[extra_key]) for s in states] if extra_key else [None] * len(bucket),
@@ -344,13 +368,13 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     if counters and counter_dtype not in (torch.float64, torch.float32):
         return None
     counter_device = device if backend == "triton" else torch.device("cpu")
-    expected = {"params": dtype, "grads": dtype, "firsts": buffer_dtype,
+    expected = {"params": dtype, "firsts": buffer_dtype,
                 "seconds": buffer_dtype, "extras": torch.float32 if mode == "master" else dtype,
                 "weights1": counter_dtype, "weights2": counter_dtype,
                 "scales1": torch.float32, "scales2": torch.float32}
     sizes = [p.numel() for p in tensors["params"]]
     for role, values in tensors.items():
-        if values[0] is None:
+        if values[0] is None or role == "grads":
             continue
         want = expected[role]
         if role.startswith("weights"):
@@ -364,12 +388,22 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
             ok = all(t.dtype == want and t.device == device
                      and (t.is_contiguous() if eight_bit else
                           _tensors.flat_format(t) is not None) for t in values)
+            if not ok and eight_bit and all(_tensors.flat_format(t) for t in values):
+                _warn_8bit_layout(type(optimizer).__name__)
         else:
             ok = all(t.dtype == want and t.device == device and t.numel() == n
                      and _laid_out_as(t, p) for t, n, p in zip(values, sizes, tensors["params"]))
         if not ok:
             return None
     return tensors
+
+
+def _warn_8bit_layout(name: str) -> None:
+    _cpu._warn(("8bit-layout", name), (
+        f"{name} steps the params that are not contiguous (channels_last) and have "
+        "state_dtype='8bit' moments on its eager path, many times slower than its kernels, "
+        "which quantize blocks in the elements' order and take contiguous params only; keep "
+        "such a model contiguous, or use state_dtype=torch.bfloat16"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,9 +93,13 @@ def run(
 
 
 def max_relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    """max over tensors of ‖expected - actual‖∞ / ‖expected‖∞."""
+    """max over tensors of ‖expected - actual‖∞ / ‖expected‖∞ (complex tensors: over their
+    real and imaginary parts)."""
+    def real(t: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(t.resolve_conj()).double() if t.is_complex() else t.double()
+
     return max(
-        ((e.double() - a.double()).abs().max() / e.double().abs().max()).item()
+        ((real(e) - real(a)).abs().max() / real(e).abs().max()).item()
         for e, a in zip(expected, actual, strict=True)
     )
 

@@ -90,7 +90,12 @@ class TestConstructorErrors(expecttest.TestCase):
     def test_params(self):
         make = lambda p: lambda: qhfast.QHAdam([p])  # noqa: E731
         self.assertExpectedInline(
-            _message(make(torch.zeros(3, dtype=torch.complex32, requires_grad=True)), TypeError), """QHAdam only optimizes floating-point tensors (real, or complex64/complex128), got a parameter of dtype torch.complex32"""
+            _message(make(torch.zeros(3, dtype=torch.complex32, requires_grad=True)), TypeError), """QHAdam only optimizes floating-point tensors of dtype float16, bfloat16, float32 or float64 (or complex64/complex128), got a parameter of dtype torch.complex32"""
+        )
+        # float8 is floating point, but torch has no arithmetic for it: the first step raised
+        # torch's NotImplementedError after making state and advancing the counters
+        self.assertExpectedInline(
+            _message(make(torch.nn.Parameter(torch.zeros(3).to(torch.float8_e4m3fn))), TypeError), """QHAdam only optimizes floating-point tensors of dtype float16, bfloat16, float32 or float64 (or complex64/complex128), got a parameter of dtype torch.float8_e4m3fn"""
         )
         self.assertExpectedInline(
             _message(lambda: qhfast.QHAdam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], state_dtype=torch.bfloat16)), """Invalid state_dtype value: torch.bfloat16 for a torch.complex64 parameter (state_dtype must be None or "8bit": torch has no complex bf16)"""

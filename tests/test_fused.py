@@ -8,6 +8,9 @@ graphs (4 tensors), a few seconds each.
 """
 
 import gc
+import subprocess
+import sys
+import textwrap
 import warnings
 import weakref
 
@@ -461,14 +464,16 @@ def test_channels_last_conv_weights_are_stepped_by_the_kernel(state_dtype, monke
     CPU layout): its conv weights, their gradients and moments lie densely in one order, so the
     kernel's flat pass serves them. It required contiguous tensors: one such weight sent the
     whole group to the eager path, silently (3x slower in the review's model). 8-bit moments
-    quantize blocks in the elements' order: the kernel takes those of contiguous params only,
-    and a group with a channels_last one steps on the eager path (still right). Against the
+    quantize blocks in the elements' order: the kernel takes those of contiguous params only;
+    the conv weights' bucket steps on the eager path (still right), with a warning, and the
+    rest of the group on the kernel (the whole group went eager, silently). Against the
     per-tensor path, float64, 1e-12."""
     import qhfast.kernels.cpu as cpu
 
     runs = []
     run = cpu.Plan.run
-    monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+    monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(self.n) or run(self, *a, **k))
+    monkeypatch.setattr(cpu, "_warned", set())
 
     def final(**options):
         torch.manual_seed(0)
@@ -483,13 +488,82 @@ def test_channels_last_conv_weights_are_stepped_by_the_kernel(state_dtype, monke
             inputs = torch.randn(4, 16, 8, 8, dtype=torch.float64)
             model(inputs.to(memory_format=torch.channels_last)).square().mean().backward()
             optimizer.step()
-        return [p.detach().clone() for p in model.parameters()], len(runs)
+        return [p.detach().clone() for p in model.parameters()], list(runs)
 
     expected, _ = final(foreach=False)
-    actual, runs_made = final()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual, runs_made = final()
+    layout_warnings = [w for w in caught if "not contiguous (channels_last)" in str(w.message)]
     assert not all(p.is_contiguous() for p in expected)
     assert max_relative_error(expected, actual) < 1e-12
-    assert runs_made == (3 if state_dtype is None else 0)  # one kernel call a step, or none
+    # one kernel call a step: all 6 tensors, or the 4 whose moments are not 8-bit codes (the
+    # biases and the linear weight, under 4096 elements)
+    assert runs_made == [6 if state_dtype is None else 4] * 3
+    assert len(layout_warnings) == (0 if state_dtype is None else 1)
+
+
+def test_a_bucket_the_kernel_does_not_take_steps_apart_from_the_rest_of_its_group(monkeypatch):
+    """A group's buckets (by device, dtype and moments' format) each take their own path: a
+    gradient the kernel does not read (a lazy negation, ``torch._neg_view``) sends its bucket
+    to the eager path for that step while the rest of the group stays on the kernel, and the
+    next step takes the kernel again (the whole group went eager). Against the per-tensor
+    path with the gradients materialized, float64, 1e-12."""
+    import qhfast.kernels.cpu as cpu
+
+    runs = []
+    run = cpu.Plan.run
+    monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(self.n) or run(self, *a, **k))
+
+    def final(lazy, **options):
+        torch.manual_seed(0)
+        params = [torch.randn(32, dtype=torch.float64).requires_grad_(),
+                  torch.randn(4, 8, dtype=torch.complex128).requires_grad_(),
+                  torch.randn(16, dtype=torch.float64).requires_grad_()]
+        optimizer = OPTIMIZERS["QHAdam"](params, **options)
+        runs.clear()
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if t == 1:  # the complex param's gradient as a lazy conjugate
+                params[1].grad = lazy(params[1].grad.conj().resolve_conj())
+            optimizer.step()
+        return [p.detach().clone() for p in params], list(runs)
+
+    expected, _ = final(torch.conj_physical, foreach=False)
+    actual, runs_made = final(torch.conj)
+    assert max_relative_error(expected, actual) < 1e-12
+    # the float64 bucket (2 tensors) and the complex one (1) each step; at step 1 only the
+    # float64 one takes the kernel
+    assert runs_made == [2, 1, 2, 2, 1]
+
+
+def test_a_group_with_params_on_two_devices_steps_each_on_its_own_path():
+    """A group holding a CPU param and one on another device (a meta tensor here; a GPU in a
+    model with CPU-offloaded layers): the C kernel was chosen by the first param for every
+    bucket and was handed the other device's pointers (a segmentation fault). Each bucket now
+    takes its own device's path. In a subprocess, so that a crash fails this test alone;
+    against the per-tensor path, float64, 1e-12."""
+    script = textwrap.dedent("""
+        import torch, qhfast
+        def final(**options):
+            torch.manual_seed(0)
+            a = torch.randn(64, dtype=torch.float64, requires_grad=True)
+            b = torch.randn(64, dtype=torch.float64, device="meta", requires_grad=True)
+            optimizer = qhfast.QHAdam([a, b], **options)
+            for t in range(3):
+                a.grad = torch.randn(64, dtype=torch.float64)
+                b.grad = torch.randn(64, dtype=torch.float64, device="meta")
+                optimizer.step()
+            assert b.device.type == "meta" and optimizer.state[b]["exp_avg"].is_meta
+            return a.detach()
+        kernel, per_tensor = final(), final(foreach=False)
+        print(((kernel - per_tensor).abs().max() / per_tensor.abs().max()).item())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 1e-12
 
 
 def test_a_checkpoint_of_a_contiguous_model_loads_into_a_channels_last_one_for_the_kernel(
@@ -543,7 +617,7 @@ def test_a_loaded_checkpoint_keeps_the_kernel_serving():
         assert all(state[k].dtype == torch.float32 for k in state if k.endswith("_scale"))
         q.grad = torch.randn(64, 64)
         loaded.step()
-        assert 0 in qhfast._fused._PLANS[loaded]  # the kernel served it
+        assert qhfast._fused._PLANS[loaded][0].backend == "cpu"  # the kernel served it
 
 def test_without_a_compiler_the_kernel_warns_once_and_the_steps_take_other_paths(monkeypatch,
                                                                               tmp_path):
