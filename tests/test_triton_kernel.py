@@ -236,20 +236,25 @@ def test_float64_follows_the_per_tensor_path(name, options):
     assert max_relative_error(expected, actual) < 1e-12
 
 
-def test_float32_is_within_a_few_ulps_of_the_per_tensor_path():
+@pytest.mark.parametrize("capturable", [False, True])
+def test_float32_is_within_a_few_ulps_of_the_per_tensor_path(capturable):
     """fp32 after 10 steps within 1e-6 relative (a few ulps: the per-tensor path divides
     each term, the kernel the sum, and torch's vectorized sqrt is not correctly rounded;
-    measured 1.8e-7)."""
+    measured 1.8e-7). With capturable=True the normalizers are fp32 tensors on the params'
+    device, as on a GPU (the kernel's fp32 counter arithmetic; the other tests count in
+    float64)."""
     finals = []
-    for fused in (False, True):
+    for options in ({"foreach": False}, {"fused": True, "capturable": capturable}):
         problem = Problem()
         params = problem.params(torch.float32)
-        optimizer = qhfast.QHAdam(params, nus=(0.7, 0.9), **({"fused": True} if fused else
-                                                            {"foreach": False}))
+        optimizer = qhfast.QHAdam(params, nus=(0.7, 0.9), **options)
         for t in range(10):
             problem.set_grads(params, t)
             optimizer.step()
         finals.append([p.detach() for p in params])
+    assert _backend(optimizer) == "triton"
+    counter = optimizer.state[params[0]]["beta1_weight"].dtype
+    assert counter == (torch.float32 if capturable else torch.float64)
     assert max_relative_error(*finals) < 1e-6
 
 
