@@ -58,9 +58,14 @@ def quality_rows() -> list[str]:
 def time_rows(rounds: int = 5, tensors: int = 8, numel: int = 1 << 20) -> list[str]:
     """QHAdam and QHM on ``tensors`` tensors of ``numel`` fp32 parameters, fp32 against 8-bit
     moments on the C kernel (the default) and 8-bit moments on the eager foreach path, each
-    the best of ``rounds`` steps, interleaved; glibc's mmap threshold fixed (as ``perf``)."""
-    def make(cls, state, **options):
-        params = [torch.randn(numel // 1024, 1024, requires_grad=True) for _ in range(tensors)]
+    the best of ``rounds`` steps, interleaved; glibc's mmap threshold fixed (as ``perf``).
+    "channels_last": the parameters shaped as conv weights (numel/1024, 64, 4, 4) in that
+    layout, whose 8-bit moments the C kernel steps through contiguous copies."""
+    def make(cls, state, channels_last=False, **options):
+        shape = (numel // 1024, 64, 4, 4) if channels_last else (numel // 1024, 1024)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        params = [torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+                  for _ in range(tensors)]
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer = cls(params, state_dtype=state, **options)
@@ -71,9 +76,13 @@ def time_rows(rounds: int = 5, tensors: int = 8, numel: int = 1 << 20) -> list[s
     contenders = {
         ("QHAdam", "fp32 moments (C kernel)"): make(qhfast.QHAdam, None),
         ("QHAdam", "8-bit moments (C kernel)"): make(qhfast.QHAdam, "8bit"),
+        ("QHAdam", "8-bit moments, channels_last (C kernel)"): make(qhfast.QHAdam, "8bit",
+                                                                    channels_last=True),
         ("QHAdam", "8-bit moments (eager foreach)"): make(qhfast.QHAdam, "8bit", foreach=True),
         ("QHM", "fp32 momentum (C kernel)"): make(qhfast.QHM, None, **qhm),
         ("QHM", "8-bit momentum (C kernel)"): make(qhfast.QHM, "8bit", **qhm),
+        ("QHM", "8-bit momentum, channels_last (C kernel)"): make(qhfast.QHM, "8bit",
+                                                                  channels_last=True, **qhm),
         ("QHM", "8-bit momentum (eager foreach)"): make(qhfast.QHM, "8bit", foreach=True, **qhm),
     }
     best = dict.fromkeys(contenders, float("inf"))

@@ -866,7 +866,9 @@ class QHOptimizer(Optimizer):
         dtype = precision.buffer_dtype(p, group)
         # 8-bit codes of a complex parameter: one per part of its real view
         shaped_like = torch.view_as_real(p) if dtype == torch.uint8 and p.is_complex() else p
-        like = torch.zeros_like(shaped_like, dtype=dtype, memory_format=torch.preserve_format)
+        # (8-bit codes in the elements' order, as their blocks: contiguous)
+        like = torch.zeros_like(shaped_like, dtype=dtype, memory_format=(
+            torch.contiguous_format if dtype == torch.uint8 else torch.preserve_format))
         self._init_param_state(state, like, group)
         for key in self._buffer_keys:
             if state[key].dtype == torch.uint8:  # 8-bit codes: their block scales

@@ -73,7 +73,7 @@ def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[
     values = None
     for bucket in buckets:
         if bucket.backend == "triton":
-            bucket.kernel.run(hyper, decay=decay, maximize=group["maximize"],
+            bucket.run(hyper, decay=decay, maximize=group["maximize"],
                               grad_scale=amp.grad_scale, found_inf=amp.found_inf)
             continue
         if amp.found_inf is not None and float(amp.found_inf) != 0.0:
@@ -82,7 +82,7 @@ def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[
             values = {name: float(value) for name, value in hyper.items()}
             scale = None if amp.grad_scale is None else float(amp.grad_scale)
             threads = torch.get_num_threads()
-        bucket.kernel.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
+        bucket.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
                           threads=threads)
     return left
 
@@ -120,12 +120,20 @@ def _triton_on_cpu() -> bool:
 # --------------------------------------------------------------------------------------------
 # plans
 
+#: the roles a staged bucket (:meth:`_BucketPlan.run`) copies in and out, besides the gradients
+_STAGED_ROLES = ("params", "firsts", "seconds", "extras")
+
+
 class _BucketPlan:
     """A bucket's kernel plan (a ``kernels.cpu.Plan`` or ``kernels.triton.Plan``) and the
-    params it was made for, as given (DTensors or not)."""
+    params it was made for, as given (DTensors or not). ``staged``: where the C kernel steps
+    contiguous copies (:meth:`run`), the bucket's tensors of :data:`_STAGED_ROLES` as the
+    kernel takes them."""
 
-    def __init__(self, backend: str, kernel: Any, params: list[Tensor], local: bool) -> None:
+    def __init__(self, backend: str, kernel: Any, params: list[Tensor], local: bool,
+                 staged: dict[str, list] | None = None) -> None:
         self.backend, self.kernel, self.params, self.local = backend, kernel, params, local
+        self.staged, self.grads = staged, []
         views = [_tensors.local(p) if local else p for p in params]
         self.numels = [_elements(p) for p in views]
         self.layouts = [_layout(p) for p in views]
@@ -149,7 +157,31 @@ class _BucketPlan:
                     or not (g.is_contiguous() if layout is None else g.stride() == layout)):
                 return False
         self.kernel.point_to_grads(grads)
+        if self.staged is not None:
+            self.grads = grads  # for run(), which lets them go
         return True
+
+    def run(self, *args: Any, **options: Any) -> None:
+        """The bucket's kernel call (its plan's ``run``). A bucket of 8-bit moments with
+        params that are not contiguous (channels_last conv weights) is staged: their codes'
+        blocks follow the elements' order and the params' memory another, so the C kernel
+        steps contiguous copies of the params, gradients and extras (masters,
+        compensations; codes laid out as their params, from an older state), which are then
+        copied back: three more passes over those tensors, against an eager step many times
+        slower."""
+        if self.staged is None:
+            self.kernel.run(*args, **options)
+            return
+        copies = {role: [t.contiguous() for t in self.staged[role]]
+                  for role in _STAGED_ROLES if self.staged[role][0] is not None}
+        grads, self.grads = self.grads, []  # (the plan keeps no gradient alive)
+        for role, tensors in (*copies.items(), ("grads", [g.contiguous() for g in grads])):
+            self.kernel.point_to(role, tensors)
+        self.kernel.run(*args, **options)
+        for role, tensors in copies.items():
+            for original, copy in zip(self.staged[role], tensors):
+                if copy is not original:
+                    original.copy_(copy)
 
 
 class _GroupPlan:
@@ -278,6 +310,10 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
         tensors = None if backend is None else _bucket_tensors(
             optimizer, group, bucket, [state_of[id(p)] for p in bucket], backend)
         kernel = None
+        staged = None
+        if tensors is not None and tensors["firsts"][0].dtype == torch.uint8 and not all(
+                p.is_contiguous() for p in tensors["params"]):
+            staged = {role: tensors[role] for role in _STAGED_ROLES}
         if tensors is not None and backend == "triton":
             kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"],
                                   _code_maps(tensors))
@@ -288,7 +324,7 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
             refused += bucket
             continue
         local = any(isinstance(p, _tensors.DTensor) for p in bucket)
-        buckets.append(_BucketPlan(backend, kernel, bucket, local))
+        buckets.append(_BucketPlan(backend, kernel, bucket, local, staged))
     return buckets, refused
 
 
@@ -324,7 +360,9 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
     params' device, of its param's size (a scale per block of 8-bit codes), the params one
     dense run (``_tensors.flat_format``; contiguous where the moments are 8-bit: their blocks
     follow the elements' order) and the others laid out as their param (:func:`_laid_out_as`;
-    scales contiguous). The gradients are not checked here: each step checks and points to
+    scales contiguous; 8-bit codes contiguous or laid out as their param: the C kernel steps
+    channels_last params with 8-bit moments through contiguous copies,
+    :meth:`_BucketPlan.run`; the Triton kernel takes contiguous ones only). The gradients are not checked here: each step checks and points to
     its own (:meth:`_BucketPlan.point_to_grads`), so that one the kernel does not read makes
     its bucket take another path for that step only (a lazy one: its param stands in)."""
     local = any(isinstance(p, _tensors.DTensor) for p in bucket)
@@ -386,24 +424,28 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
                      for t, n in zip(values, sizes))
         elif role == "params":
             ok = all(t.dtype == want and t.device == device
-                     and (t.is_contiguous() if eight_bit else
-                          _tensors.flat_format(t) is not None) for t in values)
-            if not ok and eight_bit and all(_tensors.flat_format(t) for t in values):
-                _warn_8bit_layout(type(optimizer).__name__)
+                     and _tensors.flat_format(t) is not None for t in values)
+        elif eight_bit and role in ("firsts", "seconds"):  # codes: in the elements' order
+            ok = all(t.dtype == want and t.device == device and t.numel() == n
+                     and (t.is_contiguous() or _laid_out_as(t, p))
+                     for t, n, p in zip(values, sizes, tensors["params"]))
         else:
             ok = all(t.dtype == want and t.device == device and t.numel() == n
                      and _laid_out_as(t, p) for t, n, p in zip(values, sizes, tensors["params"]))
         if not ok:
             return None
+    if eight_bit and backend != "cpu" and not all(p.is_contiguous() for p in tensors["params"]):
+        _warn_8bit_layout(type(optimizer).__name__)
+        return None
     return tensors
 
 
 def _warn_8bit_layout(name: str) -> None:
     _cpu._warn(("8bit-layout", name), (
         f"{name} steps the params that are not contiguous (channels_last) and have "
-        "state_dtype='8bit' moments on its eager path, many times slower than its kernels, "
-        "which quantize blocks in the elements' order and take contiguous params only; keep "
-        "such a model contiguous, or use state_dtype=torch.bfloat16"))
+        "state_dtype='8bit' moments on its eager path, many times slower than its Triton "
+        "kernel, which quantizes blocks in the elements' order and takes contiguous params "
+        "only; keep such a model contiguous, or use state_dtype=torch.bfloat16"))
 
 
 # --------------------------------------------------------------------------------------------

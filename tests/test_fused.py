@@ -458,49 +458,100 @@ def test_a_gradient_in_another_dtype_after_the_first_of_its_bucket_is_upcast(pat
     assert max_relative_error(final(torch.float64), final(torch.float32)) < 1e-12
 
 
-@pytest.mark.parametrize("state_dtype", [None, "8bit"])
-def test_channels_last_conv_weights_are_stepped_by_the_kernel(state_dtype, monkeypatch):
-    """A CNN moved to channels_last (``model.to(memory_format=torch.channels_last)``, the usual
-    CPU layout): its conv weights, their gradients and moments lie densely in one order, so the
-    kernel's flat pass serves them. It required contiguous tensors: one such weight sent the
-    whole group to the eager path, silently (3x slower in the review's model). 8-bit moments
-    quantize blocks in the elements' order: the kernel takes those of contiguous params only;
-    the conv weights' bucket steps on the eager path (still right), with a warning, and the
-    rest of the group on the kernel (the whole group went eager, silently). Against the
-    per-tensor path, float64, 1e-12."""
+def _conv_model(layout: torch.memory_format, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 16, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 4 * 4, 8)).to(dtype)
+    return model.to(memory_format=layout)
+
+
+def _train_conv(model, optimizer, layout, dtype, steps=3) -> None:
+    torch.manual_seed(1)
+    for t in range(steps):
+        optimizer.zero_grad()
+        inputs = torch.randn(4, 16, 8, 8, dtype=dtype).to(memory_format=layout)
+        model(inputs).float().square().mean().backward()
+        optimizer.step()
+
+
+def _kernel_runs(monkeypatch) -> list[int]:
+    """The C kernel's calls, by the number of tensors each stepped."""
     import qhfast.kernels.cpu as cpu
 
     runs = []
     run = cpu.Plan.run
     monkeypatch.setattr(cpu.Plan, "run", lambda self, *a, **k: runs.append(self.n) or run(self, *a, **k))
-    monkeypatch.setattr(cpu, "_warned", set())
+    return runs
 
-    def final(**options):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
-                                    torch.nn.Conv2d(32, 16, 3), torch.nn.Flatten(),
-                                    torch.nn.Linear(16 * 4 * 4, 8)).double()
-        model.to(memory_format=torch.channels_last)
-        optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype=state_dtype, **options)
+
+def test_channels_last_conv_weights_are_stepped_by_the_kernel(monkeypatch):
+    """A CNN moved to channels_last (``model.to(memory_format=torch.channels_last)``, the usual
+    CPU layout): its conv weights, their gradients and moments lie densely in one order, so the
+    kernel's flat pass serves them. It required contiguous tensors: one such weight sent the
+    whole group to the eager path, silently (3x slower in the review's model). Against the
+    per-tensor path, float64, 1e-12."""
+    runs = _kernel_runs(monkeypatch)
+    layout = torch.channels_last
+    finals = []
+    for options in ({"foreach": False}, {}):
+        model = _conv_model(layout, torch.float64)
+        optimizer = OPTIMIZERS["QHAdam"](model.parameters(), **options)
         runs.clear()
-        for t in range(3):
-            optimizer.zero_grad()
-            inputs = torch.randn(4, 16, 8, 8, dtype=torch.float64)
-            model(inputs.to(memory_format=torch.channels_last)).square().mean().backward()
-            optimizer.step()
-        return [p.detach().clone() for p in model.parameters()], list(runs)
+        _train_conv(model, optimizer, layout, torch.float64)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert not all(p.is_contiguous() for p in finals[0])
+    assert max_relative_error(*finals) < 1e-12
+    assert runs == [6] * 3  # one kernel call a step, all 6 tensors
 
-    expected, _ = final(foreach=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        actual, runs_made = final()
-    layout_warnings = [w for w in caught if "not contiguous (channels_last)" in str(w.message)]
-    assert not all(p.is_contiguous() for p in expected)
-    assert max_relative_error(expected, actual) < 1e-12
-    # one kernel call a step: all 6 tensors, or the 4 whose moments are not 8-bit codes (the
-    # biases and the linear weight, under 4096 elements)
-    assert runs_made == [6 if state_dtype is None else 4] * 3
-    assert len(layout_warnings) == (0 if state_dtype is None else 1)
+
+@pytest.mark.parametrize("dtype,options", [
+    (torch.float32, {}),
+    (torch.bfloat16, dict(low_precision="kahan")),
+    (torch.bfloat16, dict(low_precision="master")),
+    (torch.float16, dict(low_precision="stochastic")),
+], ids=["fp32", "bf16-kahan", "bf16-master", "fp16-stochastic"])
+def test_8bit_moments_of_channels_last_params_step_on_the_kernel_as_a_contiguous_model(
+        dtype, options, monkeypatch):
+    """8-bit moments quantize blocks in the elements' order, and a channels_last weight lies
+    in memory in another: the C kernel steps contiguous copies of such params, their
+    gradients and extras (Kahan compensations, masters), copied back (they went to the eager
+    path, 50-200x slower, and before each bucket took its own path the whole group with
+    them). The same model kept contiguous, on the kernel, with the same gradients: bit for
+    bit (params, codes, scales, extras), random draws included, which follow each element's
+    index."""
+    runs = _kernel_runs(monkeypatch)
+    finals = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _conv_model(layout, dtype)
+        assert model[0].weight.is_contiguous() == (layout is torch.contiguous_format)
+        optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype="8bit", **options)
+        runs.clear()
+        generator = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning of a slower path
+            for t in range(3):  # the same gradients (a backward's sums follow the layout)
+                for p in model.parameters():
+                    grad = torch.randn(p.shape, generator=generator).to(dtype)
+                    p.grad = grad.contiguous(memory_format=qhfast._tensors.flat_format(p))
+                optimizer.step()
+        finals[layout] = [(p.detach().contiguous(), {key: value.contiguous() for key, value
+                                                      in optimizer.state[p].items()})
+                          for p in model.parameters()]
+        # two calls a step: the conv weights' 8-bit moments, the rest's in the compute dtype
+        assert sorted(runs) == [2, 2, 2, 4, 4, 4], runs
+        grad = weakref.ref(model[0].weight.grad)
+        optimizer.zero_grad()
+        assert grad() is None  # the plan keeps no gradient alive
+    weight = finals[torch.channels_last][0]
+    assert weight[1]["exp_avg"].dtype == torch.uint8
+    for (p, state), (q, other) in zip(finals[torch.contiguous_format],
+                                       finals[torch.channels_last]):
+        assert torch.equal(p.view(torch.uint8), q.view(torch.uint8))
+        assert state.keys() == other.keys()
+        for key in state:
+            assert torch.equal(state[key].reshape(-1).view(torch.uint8),
+                               other[key].reshape(-1).view(torch.uint8)), key
 
 
 def test_a_bucket_the_kernel_does_not_take_steps_apart_from_the_rest_of_its_group(monkeypatch):

@@ -451,7 +451,12 @@ class Plan:
     def point_to_grads(self, grads: list[Tensor]) -> None:
         """Point the call at the step's gradients (laid out as their params, of the params'
         sizes and dtype: checked by the caller)."""
-        self.pointers["grads"] = _Pointers(grads)
+        self.point_to("grads", grads)
+
+    def point_to(self, role: str, tensors: list[Tensor]) -> None:
+        """Point the call's ``role`` at ``tensors`` (laid out as the params, of their sizes
+        and dtypes: checked by the caller)."""
+        self.pointers[role] = _Pointers(tensors)
 
     def run(self, hyper: dict[str, float], *, decay: int, maximize: bool,
             grad_scale: float | None, threads: int) -> None:
