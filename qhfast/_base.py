@@ -677,18 +677,19 @@ class QHOptimizer(Optimizer):
             torch.compiler.is_compiling() or capturing())
         if masters:
             precision.sync_masters(params, states, self._stepped_params)
-        left = _fused.kernel_step(self, index, group, params, states, amp)
-        if not left:
-            return
-        if len(left) != len(params):  # a kernel stepped the others
-            params, states = left, [self.state[p] for p in left]
-        if (group["fused"] and not torch.compiler.is_compiling()
-                and _fused.traceable_grads(params)):
-            _fused.compiled_group_step(self, group, params, amp)
-        else:
-            self._step_group(group, params, amp)
-        if masters:
-            precision.mark_stepped(params, states, self._stepped_params)
+        buckets, left = _fused.kernel_buckets(self, index, group, params, states)
+        if left:  # first: where it raises (a compile), nothing has changed
+            if len(left) != len(params):  # a kernel steps the others
+                states = [self.state[p] for p in left]
+            if (group["fused"] and not torch.compiler.is_compiling()
+                    and _fused.traceable_grads(left)):
+                _fused.compiled_group_step(self, group, left, amp)
+            else:
+                self._step_group(group, left, amp)
+            if masters:
+                precision.mark_stepped(left, states, self._stepped_params)
+        if buckets:
+            _fused.run_kernels(self, group, buckets, amp)
 
     def _params_with_grads(self, group: dict[str, Any], index: int | None = None
                            ) -> tuple[list[Tensor], list[Tensor]]:

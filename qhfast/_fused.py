@@ -1,7 +1,8 @@
 """``fused=True``: each param group's update in one pass over memory, and the choice of path.
 
-Three implementations, picked per param group at its step (:func:`kernel_step`, then
-:func:`compiled_group_step`):
+Three implementations, picked for each bucket of a param group (its params of one device,
+dtype and moments' format) at its step (:func:`kernel_buckets`, then
+:func:`compiled_group_step` or the eager step for what no kernel takes):
 
 * **the Triton kernel** (``kernels/triton.py``): ``fused=True`` groups on CUDA, in every
   precision mode, with ``capturable`` or not: one launch per bucket over a chunk table of its
@@ -43,8 +44,8 @@ from ._precision import COMPENSATION_KEY, LOW_PRECISION_DTYPES, MASTER_KEY
 from .kernels import cpu as _cpu
 from .kernels import triton as _triton
 
-__all__ = ["kernel_step", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS", "CPU_KERNEL",
-           "TRITON_ON_CPU"]
+__all__ = ["kernel_buckets", "run_kernels", "compiled_group_step", "FUSED_INDUCTOR_OPTIONS",
+           "CPU_KERNEL", "TRITON_ON_CPU"]
 
 #: whether CPU groups use the C kernel (False: the compiled group step everywhere);
 #: ``QHFAST_CPU_KERNEL=0`` in the environment turns it off
@@ -54,27 +55,31 @@ CPU_KERNEL = os.environ.get("QHFAST_CPU_KERNEL", "1") != "0"
 TRITON_ON_CPU = "QHFAST_TRITON_ON_CPU"
 
 
-def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
-                states: list[dict[str, Any]], amp: Any) -> list[Tensor]:
-    """Step with a kernel what of ``params`` one serves (those of ``group``,
-    ``param_groups[index]``, with a gradient; their state ``states``, made) and return the
-    params left for another path: all of them where no kernel serves the group (a traced step,
-    which is compiled anyway; a group that asked for another path; no compiler or no Triton),
-    else those of the buckets a kernel does not take (another device, tensors it does not
-    read), each bucket's own choice, so that one odd tensor does not send its whole group to a
-    slower path."""
+def kernel_buckets(optimizer: Any, index: int, group: dict[str, Any], params: list[Tensor],
+                   states: list[dict[str, Any]]) -> tuple[list["_BucketPlan"], list[Tensor]]:
+    """Which of ``params`` (those of ``group``, ``param_groups[index]``, with a gradient; their
+    state ``states``, made) a kernel steps: the bucket plans to run (:func:`run_kernels`), and
+    the params left for another path. All are left where no kernel serves the group (a traced
+    step, which is compiled anyway; a group that asked for another path; no compiler or no
+    Triton); else those a kernel does not take (on another device, or tensors it does not
+    read: each param's own case, so that one odd tensor does not send its group or its
+    bucket to a slower path). The caller steps the left ones first: if that raises, nothing
+    has changed."""
     if (torch.compiler.is_compiling() or group["differentiable"]
-            or _backend(group, params[0]) is None):
-        return params
-    buckets, left = _bucket_plans(optimizer, index, group, params, states)
-    if not buckets:
-        return left
+            or not _served_anywhere(group, params)):
+        return [], params
+    return _bucket_plans(optimizer, index, group, params, states)
+
+
+def run_kernels(optimizer: Any, group: dict[str, Any], buckets: list["_BucketPlan"],
+                amp: Any) -> None:
+    """One step of each bucket plan of ``group`` (:func:`kernel_buckets`)."""
     hyper, decay = optimizer._kernel_hyperparameters(group)
     values = None
     for bucket in buckets:
         if bucket.backend == "triton":
             bucket.run(hyper, decay=decay, maximize=group["maximize"],
-                              grad_scale=amp.grad_scale, found_inf=amp.found_inf)
+                       grad_scale=amp.grad_scale, found_inf=amp.found_inf)
             continue
         if amp.found_inf is not None and float(amp.found_inf) != 0.0:
             continue  # a skipped step changes nothing (on the CPU the value is read for free)
@@ -83,8 +88,16 @@ def kernel_step(optimizer: Any, index: int, group: dict[str, Any], params: list[
             scale = None if amp.grad_scale is None else float(amp.grad_scale)
             threads = torch.get_num_threads()
         bucket.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
-                          threads=threads)
-    return left
+                   threads=threads)
+
+
+def _served_anywhere(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether a kernel may serve some of ``params``: one of their devices has a backend
+    (:func:`_backend`) under the group's options."""
+    if _backend(group, params[0]) is not None:
+        return True
+    first = params[0].device
+    return any(p.device != first and _backend(group, p) is not None for p in params)
 
 
 def compiled_group_step(optimizer: Any, group: dict[str, Any], params: list[Tensor],
@@ -309,6 +322,15 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
         backend = _backend(group, bucket[0])
         tensors = None if backend is None else _bucket_tensors(
             optimizer, group, bucket, [state_of[id(p)] for p in bucket], backend)
+        if tensors is None and backend is not None and len(bucket) > 1:
+            # the params the kernel takes, as a bucket of their own, the others refused
+            fits = {id(p) for p in bucket if _bucket_tensors(
+                optimizer, group, [p], [state_of[id(p)]], backend) is not None}
+            if fits:
+                refused += [p for p in bucket if id(p) not in fits]
+                bucket = [p for p in bucket if id(p) in fits]
+                tensors = _bucket_tensors(optimizer, group, bucket,
+                                          [state_of[id(p)] for p in bucket], backend)
         kernel = None
         staged = None
         if tensors is not None and tensors["firsts"][0].dtype == torch.uint8 and not all(

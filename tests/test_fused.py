@@ -589,32 +589,84 @@ def test_a_bucket_the_kernel_does_not_take_steps_apart_from_the_rest_of_its_grou
     assert runs_made == [2, 1, 2, 2, 1]
 
 
-def test_a_group_with_params_on_two_devices_steps_each_on_its_own_path():
+def test_a_param_the_kernel_does_not_take_leaves_its_bucket_on_the_kernel(monkeypatch):
+    """A param that is not one dense run (a strided view made a Parameter) steps on the eager
+    path alone: its bucket's other params (its dtype) stay on the kernel (the whole bucket
+    went eager, 4x slower in the review's case). Against the per-tensor path, float64,
+    1e-12."""
+    runs = _kernel_runs(monkeypatch)
+
+    def final(**options):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 32, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(16, 32, dtype=torch.float64)[:, ::2]),
+                  torch.nn.Parameter(torch.randn(32, dtype=torch.float64))]
+        assert not params[1].is_contiguous()
+        optimizer = OPTIMIZERS["QHAdam"](params, **options)
+        runs.clear()
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=torch.float64)
+            optimizer.step()
+        return [p.detach().clone() for p in params], list(runs)
+
+    (expected, _), (actual, runs_made) = final(foreach=False), final()
+    assert max_relative_error(expected, actual) < 1e-12
+    assert runs_made == [2] * 3  # the two dense params, at every step
+
+
+def test_a_step_whose_other_path_raises_changes_nothing(monkeypatch):
+    """A fused=True group split between the kernel and the compiled group step (a param the
+    kernel does not take): the compiled step runs first, so that where it raises (no C++
+    compiler for inductor, say) the kernel has not updated the rest of the group yet (it had:
+    a retry stepped those twice)."""
+    def failing_compile(*args):
+        raise RuntimeError("no working C++ compiler (a stand-in for inductor's error)")
+
+    monkeypatch.setattr(qhfast._fused, "compiled_group_step", failing_compile)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)),
+              torch.nn.Parameter(torch.randn(16, 32, dtype=torch.float64)[:, ::2])]
+    optimizer = OPTIMIZERS["QHAdam"](params, fused=True)
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="no working C"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(not torch.is_tensor(v) or not v.any() for state in optimizer.state.values()
+               for v in state.values())
+
+
+@pytest.mark.parametrize("meta_first", [False, True], ids=["cpu_first", "meta_first"])
+def test_a_group_with_params_on_two_devices_steps_each_on_its_own_path(meta_first):
     """A group holding a CPU param and one on another device (a meta tensor here; a GPU in a
     model with CPU-offloaded layers): the C kernel was chosen by the first param for every
-    bucket and was handed the other device's pointers (a segmentation fault). Each bucket now
-    takes its own device's path. In a subprocess, so that a crash fails this test alone;
-    against the per-tensor path, float64, 1e-12."""
-    script = textwrap.dedent("""
+    bucket and was handed the other device's pointers (a segmentation fault), or, with the
+    other device's param first, none was (the CPU params went eager). Each bucket now takes
+    its own device's path. In a subprocess, so that a crash fails this test alone; against
+    the per-tensor path, float64, 1e-12."""
+    script = textwrap.dedent(f"""
         import torch, qhfast
         def final(**options):
             torch.manual_seed(0)
             a = torch.randn(64, dtype=torch.float64, requires_grad=True)
             b = torch.randn(64, dtype=torch.float64, device="meta", requires_grad=True)
-            optimizer = qhfast.QHAdam([a, b], **options)
+            optimizer = qhfast.QHAdam([b, a] if {meta_first} else [a, b], **options)
             for t in range(3):
                 a.grad = torch.randn(64, dtype=torch.float64)
                 b.grad = torch.randn(64, dtype=torch.float64, device="meta")
                 optimizer.step()
             assert b.device.type == "meta" and optimizer.state[b]["exp_avg"].is_meta
-            return a.detach()
-        kernel, per_tensor = final(), final(foreach=False)
-        print(((kernel - per_tensor).abs().max() / per_tensor.abs().max()).item())
+            return a.detach(), qhfast._fused._PLANS.get(optimizer, {{0: None}})[0]
+        (kernel, plan), (per_tensor, _) = final(), final(foreach=False)
+        print(((kernel - per_tensor).abs().max() / per_tensor.abs().max()).item(), plan.backend)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) < 1e-12
+    error, backend = done.stdout.split()
+    assert float(error) < 1e-12 and backend == "cpu"
 
 
 def test_a_checkpoint_of_a_contiguous_model_loads_into_a_channels_last_one_for_the_kernel(
