@@ -566,3 +566,14 @@ def test_what_the_readme_says_is_not_taken_or_not_run():
     with qhfast.step_in_backward(optimizer):
         (p * p).sum().backward()
     assert not torch.equal(p.detach(), torch.ones(3)) and ran == []
+
+
+def test_a_sparse_gradient_of_a_16_bit_param_names_its_dtype():
+    """QHM takes sparse gradients for fp32/fp64 params only; the message read "a Parameter
+    parameter of dtype ..." (the class's name)."""
+    p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16))
+    optimizer = qhfast.QHM([p], lr=0.1, momentum=0.9, nu=0.7)
+    p.grad = torch.ones(4, 3, dtype=torch.bfloat16).to_sparse()
+    with pytest.raises(RuntimeError, match=r"; got a parameter of dtype torch\.bfloat16$"):
+        optimizer.step()
+    assert not p.any() and not optimizer.state
