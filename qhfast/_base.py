@@ -689,7 +689,10 @@ class QHOptimizer(Optimizer):
             if masters:
                 precision.mark_stepped(left, states, self._stepped_params)
         if buckets:
-            _fused.run_kernels(self, group, buckets, amp)
+            copied = _fused.run_kernels(self, group, buckets, amp)
+            if masters and copied:  # their copy-back is the step's write, not an outside one
+                precision.mark_stepped(copied, [self.state[p] for p in copied],
+                                       self._stepped_params)
 
     def _params_with_grads(self, group: dict[str, Any], index: int | None = None
                            ) -> tuple[list[Tensor], list[Tensor]]:

@@ -72,10 +72,12 @@ def kernel_buckets(optimizer: Any, index: int, group: dict[str, Any], params: li
 
 
 def run_kernels(optimizer: Any, group: dict[str, Any], buckets: list["_BucketPlan"],
-                amp: Any) -> None:
-    """One step of each bucket plan of ``group`` (:func:`kernel_buckets`)."""
+                amp: Any) -> list[Tensor]:
+    """One step of each bucket plan of ``group`` (:func:`kernel_buckets`); returns the params
+    written back from contiguous copies (:meth:`_BucketPlan.run`), which counts as an
+    in-place write in their ``_version``."""
     hyper, decay = optimizer._kernel_hyperparameters(group)
-    values = None
+    values, copied = None, []
     for bucket in buckets:
         if bucket.backend == "triton":
             bucket.run(hyper, decay=decay, maximize=group["maximize"],
@@ -89,6 +91,9 @@ def run_kernels(optimizer: Any, group: dict[str, Any], buckets: list["_BucketPla
             threads = torch.get_num_threads()
         bucket.run(values, decay=decay, maximize=group["maximize"], grad_scale=scale,
                    threads=threads)
+        if bucket.staged is not None:
+            copied += bucket.params
+    return copied
 
 
 def _served_anywhere(group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -149,7 +154,7 @@ class _BucketPlan:
     def __init__(self, backend: str, kernel: Any, params: list[Tensor], local: bool,
                  staged: dict[str, list] | None = None) -> None:
         self.backend, self.kernel, self.params, self.local = backend, kernel, params, local
-        self.staged, self.grads = staged, []
+        self.staged = staged
         views = [_tensors.local(p) if local else p for p in params]
         self.numels = [_elements(p) for p in views]
         self.layouts = [_layout(p) for p in views]
@@ -173,8 +178,6 @@ class _BucketPlan:
                     or not (g.is_contiguous() if layout is None else g.stride() == layout)):
                 return False
         self.kernel.point_to_grads(grads)
-        if self.staged is not None:
-            self.grads = grads  # for run(), which lets them go
         return True
 
     def run(self, *args: Any, **options: Any) -> None:
@@ -190,7 +193,8 @@ class _BucketPlan:
             return
         copies = {role: [t.contiguous() for t in self.staged[role]]
                   for role in _STAGED_ROLES if self.staged[role][0] is not None}
-        grads, self.grads = self.grads, []  # (the plan keeps no gradient alive)
+        # the gradients point_to_grads checked (not kept: the plan keeps no gradient alive)
+        grads = [_tensors.local(p.grad) if self.local else p.grad for p in self.params]
         for role, tensors in (*copies.items(), ("grads", [g.contiguous() for g in grads])):
             self.kernel.point_to(role, tensors)
         self.kernel.run(*args, **options)
@@ -337,7 +341,7 @@ def _new_bucket_plans(optimizer: Any, group: dict[str, Any], params: list[Tensor
         kernel = None
         staged = None
         if tensors is not None and tensors["firsts"][0].dtype == torch.uint8 and not all(
-                p.is_contiguous() for p in tensors["params"]):
+                t is None or t.is_contiguous() for role in _STAGED_ROLES for t in tensors[role]):
             staged = {role: tensors[role] for role in _STAGED_ROLES}
         if tensors is not None and backend == "triton":
             kernel = _triton.Plan(optimizer._kernel, tensors, group["low_precision"],
@@ -450,16 +454,16 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
         elif role == "params":
             ok = all(t.dtype == want and t.device == device
                      and _tensors.flat_format(t) is not None for t in values)
-        elif eight_bit and role in ("firsts", "seconds"):  # codes: in the elements' order
-            ok = all(t.dtype == want and t.device == device and t.numel() == n
-                     and (t.is_contiguous() or _laid_out_as(t, p))
-                     for t, n, p in zip(values, sizes, tensors["params"]))
+        elif eight_bit and role in _STAGED_ROLES:  # any layout: staged where not contiguous
+            ok = all(t.dtype == want and t.device == device and t.shape == p.shape
+                     for t, p in zip(values, tensors["params"]))
         else:
             ok = all(t.dtype == want and t.device == device and t.numel() == n
                      and _laid_out_as(t, p) for t, n, p in zip(values, sizes, tensors["params"]))
         if not ok:
             return None
-    if eight_bit and backend != "cpu" and not all(p.is_contiguous() for p in tensors["params"]):
+    if eight_bit and backend != "cpu" and not all(
+            t is None or t.is_contiguous() for role in _STAGED_ROLES for t in tensors[role]):
         _warn_8bit_layout(type(optimizer).__name__)
         return None
     return tensors
@@ -468,7 +472,7 @@ def _bucket_tensors(optimizer: Any, group: dict[str, Any], bucket: list[Tensor],
 def _warn_8bit_layout(name: str) -> None:
     _cpu._warn(("8bit-layout", name), (
         f"{name} steps the params that are not contiguous (channels_last) and have "
-        "state_dtype='8bit' moments on its eager path, many times slower than its Triton "
+        "state_dtype='8bit' moments with its compiled group step, slower than its Triton "
         "kernel, which quantizes blocks in the elements' order and takes contiguous params "
         "only; keep such a model contiguous, or use state_dtype=torch.bfloat16"))
 

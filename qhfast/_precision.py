@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import _quantize as quantize
-from ._tensors import DTensor, shard_like
+from ._tensors import DTensor, flat_format, shard_like
 from ._tensors import local as _local
 
 __all__ = [
@@ -474,5 +474,7 @@ def _convert_buffer(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dty
         state[key], state[scale_key] = quantize.quantize(value, nonnegative, stochastic=False)
     elif dtype.is_complex:
         state[key] = torch.view_as_complex(value.to(_REAL_PARTS[dtype]).contiguous())
-    else:
-        state[key] = value.to(dtype)
+    else:  # laid out as the param (channels_last: dequantized codes come contiguous)
+        layout = flat_format(p)
+        value = value.to(dtype)
+        state[key] = value if layout is None else value.contiguous(memory_format=layout)

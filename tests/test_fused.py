@@ -554,6 +554,84 @@ def test_8bit_moments_of_channels_last_params_step_on_the_kernel_as_a_contiguous
                                other[key].reshape(-1).view(torch.uint8)), key
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
+                       b.detach().contiguous().reshape(-1).view(torch.uint8))
+
+
+def test_staged_8bit_steps_treat_outside_writes_and_layout_changes_as_a_contiguous_model(
+        monkeypatch):
+    """bf16 "master" params with 8-bit moments, a contiguous model against the same model
+    in channels_last, the same gradients, bit for bit: (1) a write torch does not count
+    (``p.data.mul_``) is not taken into the master on either (the staged copy-back counted as
+    one, so the channels_last model took it, and re-checked every master at every step);
+    (2) ``model.to(memory_format=torch.channels_last)`` after a step leaves the masters
+    contiguous, which the staged kernel takes (the weight went to the eager path for good)."""
+    runs = _kernel_runs(monkeypatch)
+    finals = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _conv_model(torch.contiguous_format, torch.bfloat16)
+        optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype="8bit",
+                                         low_precision="master")
+        generator = torch.Generator().manual_seed(1)
+        for t in range(4):
+            if t == 1:
+                model.to(memory_format=layout)
+            if t == 2:
+                model[0].weight.data.mul_(0.5)  # not counted in _version: not taken
+            runs.clear()
+            for p in model.parameters():
+                grad = torch.randn(p.shape, generator=generator).bfloat16()
+                p.grad = grad.contiguous(memory_format=qhfast._tensors.flat_format(p))
+            optimizer.step()
+            assert sorted(runs) == [2, 4], (t, runs)  # both buckets on the kernel
+        finals[layout] = [(p, optimizer.state[p]) for p in model.parameters()]
+    assert not finals[torch.channels_last][0][0].is_contiguous()
+    for (p, state), (q, other) in zip(*finals.values()):
+        assert _same_bits(p, q)
+        assert all(_same_bits(state[key], other[key]) for key in state)
+
+
+def test_staged_8bit_gradients_are_not_kept_by_a_skipped_step(monkeypatch):
+    """fused=True on the CPU with GradScaler: a skipped step (an inf gradient) left the
+    staged bucket's gradients held by its plan, so zero_grad() freed none of them."""
+    model = _conv_model(torch.channels_last, torch.float32)
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype="8bit", fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    for t in range(2):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 16, 8, 8)).square().mean()).backward()
+        if t == 1:
+            model[0].weight.grad[0, 0, 0, 0] = float("inf")
+        weight = model[0].weight.detach().clone()
+        grad = weakref.ref(model[0].weight.grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        gc.collect()
+        assert grad() is None
+    assert torch.equal(model[0].weight, weight)  # (the skipped step changed nothing)
+    assert qhfast._fused._PLANS[optimizer][0].buckets[0].staged is not None
+
+
+def test_8bit_moments_converted_to_fp32_are_laid_out_as_channels_last_params(monkeypatch):
+    """An 8-bit checkpoint loaded with state_dtype=None: the dequantized moments came
+    contiguous for a channels_last param, which the kernel does not take (the param stepped
+    on the eager path from then on). They are laid out as the param."""
+    runs = _kernel_runs(monkeypatch)
+    model = _conv_model(torch.channels_last, torch.float32)
+    optimizer = OPTIMIZERS["QHAdam"](model.parameters(), state_dtype="8bit")
+    _train_conv(model, optimizer, torch.channels_last, torch.float32, steps=1)
+    loaded = OPTIMIZERS["QHAdam"](model.parameters())
+    loaded.load_state_dict(optimizer.state_dict())
+    runs.clear()
+    _train_conv(model, loaded, torch.channels_last, torch.float32, steps=1)
+    weight = model[0].weight
+    assert loaded.state[weight]["exp_avg"].dtype == torch.float32
+    assert loaded.state[weight]["exp_avg"].stride() == weight.stride()
+    assert runs == [6]
+
+
 def test_a_bucket_the_kernel_does_not_take_steps_apart_from_the_rest_of_its_group(monkeypatch):
     """A group's buckets (by device, dtype and moments' format) each take their own path: a
     gradient the kernel does not read (a lazy negation, ``torch._neg_view``) sends its bucket
